@@ -1,0 +1,1199 @@
+"""The one module the five scripts share (each imports only it, torch, torchvision and numpy), so
+that all five evaluate, augment and log the same way.
+
+- Metrics: Hungarian matching in numpy, clustering accuracy, NMI and ARI (scikit-learn's, to the
+  bit), segmentation confusion matrices and mIoU. `kmeans`: greedy k-means++ and chunked Lloyd.
+- Data: whole data sets as uint8 tensors (N, 3, H, W), the synthetic `shapes` and `shapes-seg`
+  that need no files, segmentation sets as (image, label map) pairs.
+- Augmentation on the device, batched, random parameters per sample: weak (flip + translate),
+  strong (RandAugment + Cutout), photometric (colour jitter, grayscale, blur), geometric (random
+  resized crop + flip, applied alike to images, label maps and feature maps).
+- Run plumbing: command line from a dataclass, out-dir rules, device, logger, atomic checkpoints,
+  results.json, pictures. `python common.py` benchmarks this device."""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import hashlib
+import inspect
+import json
+import math
+import os
+import random
+import sys
+import textwrap
+import time
+import typing
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+class ConfigError(ValueError):
+    """Bad input from the user; the message says what was wrong and what to do."""
+
+
+# --- Data set facts: task, classes, native size, normalisation statistics -------------------------
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    task: str  # "classify" or "segment"
+    num_classes: int | None  # None: read from the folder
+    image_size: int | None  # native side; None: as the files are
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CIFAR100_STATS = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+DATASETS = {
+    "cifar10": DatasetInfo("classify", 10, 32, (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
+    "cifar100": DatasetInfo("classify", 100, 32, *CIFAR100_STATS),
+    "cifar100-20": DatasetInfo("classify", 20, 32, *CIFAR100_STATS),
+    "stl10": DatasetInfo("classify", 10, 96, (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
+    "mnist": DatasetInfo("classify", 10, 28, (0.1307,) * 3, (0.3081,) * 3),
+    "svhn": DatasetInfo("classify", 10, 32, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+    "imagefolder": DatasetInfo("classify", None, 32, IMAGENET_MEAN, IMAGENET_STD),
+    # the synthetic sets' statistics, measured on their training splits
+    "shapes": DatasetInfo("classify", 10, 32, (0.5015, 0.5028, 0.5048), (0.3179, 0.3173, 0.3141)),
+    "camvid": DatasetInfo("segment", 11, None, IMAGENET_MEAN, IMAGENET_STD),
+    "voc": DatasetInfo("segment", 21, None, IMAGENET_MEAN, IMAGENET_STD),
+    "cityscapes": DatasetInfo("segment", 19, None, IMAGENET_MEAN, IMAGENET_STD),
+    "cityscapes27": DatasetInfo("segment", 27, None, IMAGENET_MEAN, IMAGENET_STD),
+    "cocostuff27": DatasetInfo("segment", 27, None, IMAGENET_MEAN, IMAGENET_STD),
+    "segfolder": DatasetInfo("segment", None, None, IMAGENET_MEAN, IMAGENET_STD),
+    "shapes-seg": DatasetInfo("segment", 5, 64, (0.4989, 0.4953, 0.4982), (0.2397, 0.2391, 0.2409)),
+}
+
+
+def dataset_info(name: str, task: str | None = None) -> DatasetInfo:
+    """The facts of data set `name`, checking that it exists (and serves `task`, when given)."""
+    known = [n for n, info in DATASETS.items() if task in (None, info.task)]
+    if name not in known:
+        kind = {"classify": "classification ", "segment": "segmentation "}.get(task, "")
+        raise ConfigError(f"{name!r} is not a known {kind}data set; choose one of: {', '.join(known)}")
+    return DATASETS[name]
+
+
+# --- Metrics: Hungarian matching, clustering accuracy, NMI, ARI, segmentation scores --------------
+def linear_sum_assignment(cost) -> tuple[np.ndarray, np.ndarray]:
+    """Minimum-cost assignment with scipy's contract: (row_ind, col_ind), rows sorted, min(n_rows,
+    n_cols) pairs. The Hungarian algorithm as shortest augmenting paths with dual potentials
+    (Jonker-Volgenant, O(n^2 m)): rows join one at a time; a Dijkstra-like search over reduced
+    costs, vectorised over columns, finds the cheapest path to a free column."""
+    cost = np.asarray(cost, dtype=np.float64)
+    if cost.ndim != 2 or not np.isfinite(cost).all():
+        raise ValueError(f"cost must be a finite 2-d matrix (shape {cost.shape})")
+    transposed = cost.shape[0] > cost.shape[1]
+    cost = cost.T if transposed else cost  # the search needs rows <= columns
+    n, m = cost.shape
+    u, v = np.zeros(n + 1), np.zeros(m + 1)  # dual potentials; index 0 is a virtual row/column
+    row_of = np.zeros(m + 1, dtype=np.int64)  # 1-based row matched to column j; 0 = free
+    way = np.zeros(m + 1, dtype=np.int64)  # previous column on the shortest path
+    for i in range(1, n + 1):
+        row_of[0], j0 = i, 0
+        min_reduced, used = np.full(m + 1, np.inf), np.zeros(m + 1, dtype=bool)
+        while j0 == 0 or row_of[j0] != 0:  # until the path reaches a free column
+            used[j0] = True
+            i0 = row_of[j0]
+            reduced = cost[i0 - 1] - u[i0] - v[1:]
+            better = ~used[1:] & (reduced < min_reduced[1:])
+            min_reduced[1:][better], way[1:][better] = reduced[better], j0
+            candidates = np.where(used, np.inf, min_reduced)
+            j1 = int(candidates.argmin())
+            delta = candidates[j1]
+            u[row_of[used]] += delta
+            v[used] -= delta
+            min_reduced[~used] -= delta
+            j0 = j1
+        while j0:  # flip the matching along the path
+            row_of[j0] = row_of[way[j0]]
+            j0 = way[j0]
+    cols = np.nonzero(row_of[1:])[0]
+    rows = row_of[1:][cols] - 1
+    rows, cols = (cols, rows) if transposed else (rows, cols)
+    order = np.argsort(rows)
+    return rows[order], cols[order]
+
+
+def _contingency(y_true, y_pred) -> np.ndarray:
+    """(n_classes, n_clusters) counts over the label values that occur (numpy or torch input)."""
+    y_true, y_pred = (np.asarray(y.cpu() if isinstance(y, torch.Tensor) else y).reshape(-1) for y in (y_true, y_pred))
+    if len(y_true) != len(y_pred):
+        raise ValueError(f"label arrays differ in length: {len(y_true)} vs {len(y_pred)}")
+    _, t = np.unique(y_true, return_inverse=True)
+    _, p = np.unique(y_pred, return_inverse=True)
+    shape = (t.max() + 1, p.max() + 1) if len(t) else (0, 0)
+    return np.bincount(t * shape[1] + p, minlength=shape[0] * shape[1]).reshape(shape)
+
+
+def cluster_accuracy(y_true, y_pred) -> float:
+    """Accuracy under the best one-to-one matching of clusters to classes (Hungarian algorithm
+    on the contingency matrix); samples of unmatched clusters count as wrong."""
+    counts = _contingency(y_true, y_pred)
+    rows, cols = linear_sum_assignment(-counts)
+    return float(counts[rows, cols].sum() / max(counts.sum(), 1))
+
+
+def _entropy(counts: np.ndarray) -> float:  # scikit-learn's arithmetic, so results agree bit for bit
+    pi = counts[counts > 0].astype(np.float64)
+    return 0.0 if pi.size <= 1 else float(-np.sum((pi / pi.sum()) * (np.log(pi) - math.log(pi.sum()))))
+
+
+def nmi(y_true, y_pred, average: str = "arithmetic") -> float:
+    """Normalised mutual information, scikit-learn's normalized_mutual_info_score to the last
+    bit: MI over the arithmetic (its default) or geometric (SPICE's code) mean of the two
+    entropies; two single-cluster labelings score 1, MI = 0 scores 0."""
+    counts = _contingency(y_true, y_pred)
+    if counts.shape[0] == counts.shape[1] <= 1:
+        return 1.0
+    if min(counts.shape) == 1:  # one side a single cluster: no information
+        return 0.0
+    rows, cols = np.nonzero(counts)
+    values, pi, pj = counts[rows, cols].astype(np.float64), counts.sum(1), counts.sum(0)
+    log_outer = -np.log(pi[rows].astype(np.int64) * pj[cols].astype(np.int64)) + math.log(pi.sum()) + math.log(pj.sum())
+    p = values / values.sum()
+    mi = p * (np.log(values) - math.log(values.sum())) + p * log_outer  # MI terms, in sklearn's order
+    mi = float(np.clip(np.where(np.abs(mi) < np.finfo(np.float64).eps, 0.0, mi).sum(), 0.0, None))
+    if mi == 0:
+        return 0.0
+    h_true, h_pred = _entropy(pi), _entropy(pj)
+    means = {"arithmetic": (h_true + h_pred) / 2, "geometric": math.sqrt(h_true * h_pred)}
+    if average not in means:
+        raise ValueError(f"average must be one of {list(means)}, got {average!r}")
+    return float(mi / max(means[average], np.finfo(np.float64).eps))
+
+
+def ari(y_true, y_pred) -> float:
+    """Adjusted Rand index as scikit-learn's adjusted_rand_score, from the pair confusion
+    matrix in Python integers (no overflow on large sets)."""
+    counts = _contingency(y_true, y_pred).astype(object)
+    n, sum_squares = int(counts.sum()), int((counts ** 2).sum())
+    tp = sum_squares - n
+    fp = int((counts @ counts.sum(0)).sum()) - sum_squares
+    fn = int((counts.T @ counts.sum(1)).sum()) - sum_squares
+    tn = n * n - fp - fn - sum_squares
+    if fn == 0 and fp == 0:
+        return 1.0
+    return 2.0 * (tp * tn - fn * fp) / ((tp + fn) * (fn + tn) + (tp + fp) * (fp + tn))
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                     ignore_index: int = 255, num_clusters: int | None = None) -> torch.Tensor:
+    """(num_classes, num_clusters) pixel counts (rows: true class, columns: prediction) on the
+    tensors' device, `ignore_index` targets left out; num_clusters defaults to num_classes."""
+    k = num_clusters or num_classes
+    keep = target.reshape(-1) != ignore_index
+    t, p = target.reshape(-1)[keep].long(), pred.reshape(-1)[keep].long()
+    if t.numel() and (t.min() < 0 or t.max() >= num_classes or p.min() < 0 or p.max() >= k):
+        raise ValueError(f"targets must lie in [0, {num_classes}) or be {ignore_index}, predictions in [0, {k})")
+    return torch.bincount(t * k + p, minlength=num_classes * k).reshape(num_classes, k)
+
+
+def segmentation_scores(conf, hungarian: bool = False) -> dict:
+    """mIoU, pixel accuracy and per-class IoU from a (classes, clusters) confusion matrix. With
+    `hungarian=True` clusters are first matched one-to-one to classes (maximum overlap); pixels
+    of unmatched clusters count as wrong; `match[k]` is cluster k's class (-1: none). Classes
+    absent from truth and prediction are left out of the mean."""
+    conf = torch.as_tensor(conf).detach().cpu().double()
+    num_classes, num_clusters = conf.shape
+    if not hungarian and num_classes != num_clusters:
+        raise ValueError("a non-square confusion matrix needs hungarian=True")
+    clusters, classes = linear_sum_assignment(-conf.T.numpy()) if hungarian else (np.arange(num_classes),) * 2
+    matched = torch.zeros(num_classes, num_classes, dtype=torch.float64)
+    matched[:, torch.from_numpy(classes)] = conf[:, torch.from_numpy(clusters)]
+    match = dict(zip(clusters.tolist(), classes.tolist()))
+    match = [match.get(k, -1) for k in range(num_clusters)]
+    tp = matched.diag()
+    union = conf.sum(1) + matched.sum(0) - tp
+    iou = torch.where(union > 0, tp / union.clamp_min(1), float("nan"))
+    return {"miou": float(iou.nanmean()) if (union > 0).any() else 0.0,
+            "pixel_acc": float(tp.sum() / conf.sum().clamp_min(1)), "iou": iou.tolist(), "match": match}
+
+
+# --- k-means in torch: greedy k-means++ seeding, Lloyd iterations in chunks -----------------------
+def _nearest(x, centroids, metric, chunk_size=None):
+    """Nearest centroid of every row of x and the distance to it (squared Euclidean, or
+    1 - cosine for normalised rows), in blocks of ~16M distances (64 MB) whatever N and K."""
+    labels, dist = torch.empty(len(x), dtype=torch.long, device=x.device), torch.empty(len(x), device=x.device)
+    c_sq = (centroids * centroids).sum(1)
+    step = chunk_size or max(1, (1 << 24) // len(centroids))
+    for s in range(0, len(x), step):
+        xs = x[s:s + step]
+        if metric == "cosine":
+            best, labels[s:s + step] = (xs @ centroids.T).max(1)  # (chunk, K) -> (chunk,)
+            dist[s:s + step] = 1 - best
+        else:  # |x - c|^2 = |x|^2 - 2 x.c + |c|^2; the argmin needs no |x|^2; one fused addmm
+            best, labels[s:s + step] = torch.addmm(c_sq, xs, centroids.T, alpha=-2).min(1)
+            dist[s:s + step] = (best + (xs * xs).sum(1)).clamp_min(0)
+    return labels, dist
+
+
+def assign_to_centroids(x: torch.Tensor, centroids: torch.Tensor, metric: str = "euclidean",
+                        chunk_size: int | None = None) -> torch.Tensor:
+    """Labels of new points under given centroids (both L2-normalised for cosine)."""
+    x, centroids = x.float(), centroids.float()
+    if metric == "cosine":
+        x, centroids = F.normalize(x, dim=1), F.normalize(centroids, dim=1)
+    return _nearest(x, centroids, metric, chunk_size)[0]
+
+
+def _kmeans_plusplus(x, k, generator):
+    """Greedy k-means++ as scikit-learn does it: each new centre is the best of 2 + ln(k)
+    candidates drawn with probability proportional to D(x)^2, the best being the one that
+    lowers the potential (total squared distance to the nearest centre) the most."""
+    n, trials = len(x), 2 + int(math.log(k))
+    x_sq = (x * x).sum(1)
+
+    def sq_dist(idx):  # (len(idx), N)
+        return torch.addmm(x_sq[idx, None], x[idx], x.T, alpha=-2).add_(x_sq[None]).clamp_min_(0)
+
+    chosen = [torch.randint(n, (1,), generator=generator, device=x.device)]
+    closest = sq_dist(chosen[0])[0]
+    potential = closest.sum()
+    for _ in range(1, k):
+        draws = torch.rand(trials, generator=generator, device=x.device, dtype=torch.float64) * potential
+        candidates = torch.searchsorted(torch.cumsum(closest.double(), 0), draws).clamp_(max=n - 1)
+        dist = torch.minimum(closest[None], sq_dist(candidates))  # (trials, N)
+        best = dist.sum(1).argmin()
+        potential, closest = dist[best].sum(), dist[best]
+        chosen.append(candidates[best, None])
+    return x[torch.cat(chosen)].clone()
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int = 100, metric: str = "euclidean", seed: int = 0,
+           tol: float = 1e-4, n_init: int = 1, chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-means on the rows of x (N, D) on x's device -> centroids (k, D), labels (N,).
+
+    Greedy k-means++ seeding, then Lloyd iterations until the centres move less than `tol` x
+    the mean feature variance (scikit-learn's rule) or `iters` run out; the best of `n_init`
+    restarts (lowest inertia) wins. Distances in blocks (N x K never in memory), cluster sums by
+    index_add_, empty clusters re-seeded at the worst-served points. `metric="cosine"`:
+    spherical k-means on L2-normalised rows and centres."""
+    if metric not in ("euclidean", "cosine"):
+        raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
+    if not 1 <= k <= len(x):
+        raise ValueError(f"k-means with {k} clusters needs between 1 and {len(x)} (N) clusters")
+    x = F.normalize(x.float(), dim=1) if metric == "cosine" else x.float()
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    tol = tol * float(x.var(0).mean()) if len(x) > 1 else 0.0
+    best = None
+    for _ in range(n_init):
+        centroids = _kmeans_plusplus(x, k, generator)
+        for _ in range(iters):
+            labels, dist = _nearest(x, centroids, metric, chunk_size)
+            counts = torch.bincount(labels, minlength=k)
+            new = torch.zeros_like(centroids).index_add_(0, labels, x) / counts.clamp_min(1)[:, None]
+            empty = torch.nonzero(counts == 0).squeeze(1)
+            new[empty] = x[dist.topk(len(empty)).indices]  # re-seed empty clusters
+            new = F.normalize(new, dim=1) if metric == "cosine" else new
+            shift, centroids = float(((new - centroids) ** 2).sum()), new
+            if shift <= tol:
+                break
+        labels, dist = _nearest(x, centroids, metric, chunk_size)
+        if best is None or float(dist.double().sum()) < best[0]:
+            best = (float(dist.double().sum()), centroids, labels)
+    return best[1], best[2]
+
+
+# --- Classification data: whole data sets as uint8 tensors ----------------------------------------
+@dataclasses.dataclass
+class ImageSet:
+    images: torch.Tensor  # (N, 3, H, W) uint8
+    labels: torch.Tensor  # (N,) int64; -1 where unknown (STL-10's unlabeled split)
+    classes: list[str]
+    split: str  # the split read ("val" where an image folder has no "test")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+# The 20 CIFAR-100 super-classes of the clustering literature, each with its 5 classes.
+CIFAR100_SUPERCLASSES = {
+    "aquatic_mammals": "beaver dolphin otter seal whale", "fish": "aquarium_fish flatfish ray shark trout",
+    "flowers": "orchid poppy rose sunflower tulip", "food_containers": "bottle bowl can cup plate",
+    "fruit_and_vegetables": "apple mushroom orange pear sweet_pepper",
+    "household_electrical_devices": "clock keyboard lamp telephone television",
+    "household_furniture": "bed chair couch table wardrobe",
+    "insects": "bee beetle butterfly caterpillar cockroach", "large_carnivores": "bear leopard lion tiger wolf",
+    "large_man-made_outdoor_things": "bridge castle house road skyscraper",
+    "large_natural_outdoor_scenes": "cloud forest mountain plain sea",
+    "large_omnivores_and_herbivores": "camel cattle chimpanzee elephant kangaroo",
+    "medium_mammals": "fox porcupine possum raccoon skunk", "people": "baby boy girl man woman",
+    "non-insect_invertebrates": "crab lobster snail spider worm", "reptiles": "crocodile dinosaur lizard snake turtle",
+    "small_mammals": "hamster mouse rabbit shrew squirrel",
+    "trees": "maple_tree oak_tree palm_tree pine_tree willow_tree",
+    "vehicles_1": "bicycle bus motorcycle pickup_truck train", "vehicles_2": "lawn_mower rocket streetcar tank tractor",
+}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+_OFFLINE_HINT = "or try the script offline on --dataset shapes"
+
+
+def resolve_split(root: Path, split: str) -> str:  # folders evaluate on `test`, or on `val` where there is no `test`
+    return "val" if split == "test" and not (root / "test").is_dir() and (root / "val").is_dir() else split
+
+
+def _read_image(path: Path, size: int | None = None) -> torch.Tensor:
+    """An image file as uint8 (3, H, W) RGB (grayscale, RGBA converted); with `size`, shorter
+    side resized to it and the centre cropped to a square."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if size is not None and im.size != (size, size):
+                scale = size / min(im.size)
+                w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))
+                left, top = (w - size) // 2, (h - size) // 2
+                im = im.resize((w, h), Image.BILINEAR).crop((left, top, left + size, top + size))
+            return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read image {path}: {e}. Replace or delete the file and rerun.") from None
+
+
+def load_image_folder(root, split: str = "train", image_size: int = 32, cache_dir=None) -> ImageSet:
+    """`<root>/<split>/<class>/<image>` as uint8 tensors at image_size. Decoded once, then cached
+    as a tensor file in `cache_dir` (default ~/.cache/unlabelled-refs, never in the data folder)
+    under a key of the folder, the size and every file's name, size and mtime."""
+    split = resolve_split(Path(root), split)
+    folder = Path(root) / split
+    if not folder.is_dir():
+        raise ConfigError(f"image folder {folder} not found: expected <data-dir>/{split}/<class>/<image> "
+                          f"(evaluation reads 'test', or 'val' where there is no 'test'), {_OFFLINE_HINT}")
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    files = [(p, c) for c, name in enumerate(classes) for p in sorted((folder / name).iterdir())
+             if p.suffix.lower() in IMAGE_EXTENSIONS]
+    if not files:
+        raise ConfigError(f"no images under {folder}: expected {folder}/<class>/<image>.<jpg, png, ...>")
+    key = hashlib.sha1(f"{folder.resolve()}|{image_size}".encode())
+    for p, _ in files:
+        key.update(f"|{p.relative_to(folder)}|{p.stat().st_size}|{p.stat().st_mtime_ns}".encode())
+    cache_dir = Path(cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "unlabelled-refs")
+    cache = cache_dir / f"imagefolder-{key.hexdigest()[:20]}.pt"
+    if cache.exists():
+        data = torch.load(cache, weights_only=True)
+    else:
+        print(f"decoding {len(files)} images from {folder} (once; cached in {cache})", flush=True)
+        data = {"images": torch.stack([_read_image(p, image_size) for p, _ in files]),
+                "labels": torch.tensor([c for _, c in files])}
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(cache, data)
+    return ImageSet(data["images"], data["labels"], classes, split)
+
+
+def _torchvision_set(name: str, root: Path, split: str, download: bool) -> ImageSet:
+    from torchvision import datasets
+    kind = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100, "cifar100-20": datasets.CIFAR100,
+            "mnist": datasets.MNIST, "svhn": datasets.SVHN, "stl10": datasets.STL10}[name]
+    where = {"split": split} if name in ("svhn", "stl10") else {"train": split == "train"}
+    try:
+        ds = kind(root, download=download, **where)
+    except RuntimeError as e:
+        how = "the download failed (offline?)" if download else "rerun with --download to fetch it"
+        raise ConfigError(f"{name} not found under {root.resolve()} ({e}); {how}, or pass --data-dir with the "
+                          f"folder holding it (an image-folder copy <data-dir>/{split}/<class>/<image> works too), "
+                          f"{_OFFLINE_HINT}") from None
+    images = torch.as_tensor(np.asarray(ds.data))
+    if images.ndim == 3:  # MNIST (N, 28, 28): grayscale repeated to RGB, as for image folders
+        images = images[:, None].expand(-1, 3, -1, -1).contiguous()
+    elif images.shape[-1] == 3:  # CIFAR stores (N, H, W, 3)
+        images = images.permute(0, 3, 1, 2).contiguous()
+    labels = torch.as_tensor(np.asarray(ds.targets if hasattr(ds, "targets") else ds.labels), dtype=torch.long)
+    return ImageSet(images, labels, list(getattr(ds, "classes", map(str, range(10)))), split)
+
+
+def load_dataset(name: str, split: str = "train", data_dir=None, download: bool = False,
+                 image_size: int | None = None, cache_dir=None) -> ImageSet:
+    """A classification data set as uint8 tensors; splits "train", "test" (and stl10's
+    "unlabeled"). torchvision's sets read `data_dir` (default ./data), downloading only when
+    asked; an image-folder copy (`<data_dir>/<split>/<class>/`) is read as such."""
+    info = dataset_info(name, "classify")
+    size = image_size or info.image_size
+    if name == "shapes":
+        images, labels = make_shapes(5000 if split == "train" else 1000, seed=int(split != "train"), size=size)
+        return ImageSet(images, labels, list(SHAPE_NAMES), split)
+    if name == "imagefolder" and data_dir is None:
+        raise ConfigError(f"--dataset imagefolder needs --data-dir: a folder of train/<class>/<image>, {_OFFLINE_HINT}")
+    root = Path(data_dir or "data")
+    if name == "imagefolder" or (root / resolve_split(root, split)).is_dir():
+        data = load_image_folder(root, split, size, cache_dir)
+        if name not in ("imagefolder", "cifar100-20") and len(data.classes) != info.num_classes:
+            raise ConfigError(f"{root / data.split}: {len(data.classes)} class folders, {name} has {info.num_classes}")
+    else:
+        data = _torchvision_set(name, root, split, download)
+    if name == "cifar100-20":  # fine classes -> their super-class, matched by name
+        coarse = {fine: c for c, group in enumerate(CIFAR100_SUPERCLASSES.values()) for fine in group.split()}
+        lut = torch.tensor([coarse[fine] for fine in data.classes])
+        data = ImageSet(data.images, lut[data.labels], list(CIFAR100_SUPERCLASSES), data.split)
+    return data
+
+
+# --- Segmentation data: (image, label map) pairs, decoded and resized on demand or held in memory ---
+CAMVID_CLASSES = ("sky", "building", "pole", "road", "pavement", "tree", "sign_symbol", "fence",
+                  "car", "pedestrian", "bicyclist")  # label 11 (void) -> 255
+VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+               "tvmonitor")
+# Cityscapes label ids 7..33 are PiCIE's 27 classes (ids 0-6 ignored); CITYSCAPES_19_IDS are the
+# ids of the usual 19 training classes, in trainId order.
+CITYSCAPES_27 = ("road", "sidewalk", "parking", "rail_track", "building", "wall", "fence", "guard_rail", "bridge",
+                 "tunnel", "pole", "polegroup", "traffic_light", "traffic_sign", "vegetation", "terrain", "sky",
+                 "person", "rider", "car", "truck", "bus", "caravan", "trailer", "train", "motorcycle", "bicycle")
+CITYSCAPES_19_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
+# COCO-Stuff-27: the 182 fine ids of the stuffthingmaps PNGs grouped by COCO-Stuff supercategory
+# (12 "things" then 15 "stuff", IIC's order, which PiCIE's fine_to_coarse file follows).
+COCOSTUFF_27 = {
+    "electronic": "71-76", "appliance": "77-82", "food-things": "51-60", "furniture-things": "61-70",
+    "indoor": "83-90", "kitchen": "43-50", "accessory": "25-32", "animal": "15-24", "outdoor": "9-14",
+    "person": "0", "sports": "33-42", "vehicle": "1-8",
+    "ceiling": "101-102", "floor": "100 113-117", "food-stuff": "120-121 152 169",
+    "furniture-stuff": "97 106-107 109 111 122 129 132 155 160 164", "rawmaterial": "99 131 138 142",
+    "textile": "91-92 103-104 108 130 136 140 151 166-167", "wall": "170-176", "window": "179-180",
+    "building": "94-95 127 150 157 165", "ground": "110 124-125 135 139 143-144 146 148 153 158",
+    "plant": "93 96 118 123 128 133 141 162 168", "sky": "105 156", "solid": "126 134 149 159 161 181",
+    "structural": "98 112 137 145 163", "water": "119 147 154 177-178",
+}
+
+
+def _lut(mapping: dict[int, int] | int) -> torch.Tensor:  # raw label -> class (n: identity below n); else 255
+    mapping = {i: i for i in range(mapping)} if isinstance(mapping, int) else mapping
+    lut = torch.full((256,), 255, dtype=torch.long)
+    lut[list(mapping)] = torch.tensor(list(mapping.values()))
+    return lut
+
+
+def _cocostuff_lut() -> torch.Tensor:  # COCOSTUFF_27's spans of fine ids -> their coarse index
+    spans = [(c, span.partition("-")) for c, group in enumerate(COCOSTUFF_27.values()) for span in group.split()]
+    return _lut({fine: c for c, (lo, _, hi) in spans for fine in range(int(lo), int(hi or lo) + 1)})
+
+
+class SegmentationSet(torch.utils.data.Dataset):
+    """(image uint8 (3, H, W), label int64 (H, W), 255 = ignore) pairs, held in memory or read
+    from `pairs` of files: decoded, raw labels mapped through `lut`, shorter side resized to
+    `image_size` (labels nearest). Large sets stream through a DataLoader with
+    `collate_fn=pad_collate`; `tensors()` decodes a small one whole."""
+
+    def __init__(self, classes, split, pairs=(), lut=None, image_size=None, images=None, labels=None):
+        self.classes, self.split, self.pairs, self.lut = list(classes), split, list(pairs), lut
+        self.image_size, self.images, self.labels = image_size, images, labels
+        self.num_classes = len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.images) if self.images is not None else len(self.pairs)
+
+    def __getitem__(self, i):
+        if self.images is not None:
+            return self.images[i], self.labels[i]
+        from torchvision.transforms.functional import InterpolationMode, resize
+        image = _read_image(self.pairs[i][0])
+        if self.pairs[i][1] is None:  # an unlabelled split (Cityscapes' train_extra)
+            label = torch.full(image.shape[1:], 255, dtype=torch.long)
+        else:
+            label = self.lut[_read_label(self.pairs[i][1]).long()]
+            if label.shape != image.shape[1:]:
+                raise ConfigError(f"label map {self.pairs[i][1]}: {tuple(label.shape)}, its image {tuple(image.shape)}")
+        if self.image_size:
+            image = resize(image, self.image_size, antialias=True)
+            label = resize(label[None], self.image_size, InterpolationMode.NEAREST)[0]
+        return image, label
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole set as (N, 3, H, W) uint8 and (N, H, W) int64, decoded once."""
+        if self.images is None:
+            print(f"decoding {len(self.pairs)} image/label pairs ({self.split})", flush=True)
+            images, labels = zip(*(self[i] for i in range(len(self.pairs))))
+            if len({im.shape for im in images}) > 1:
+                raise ConfigError("images differ in size after resizing: stream them through a "
+                                  "DataLoader with collate_fn=common.pad_collate instead")
+            self.images, self.labels = torch.stack(images), torch.stack(labels)
+        return self.images, self.labels
+
+
+def pad_collate(batch):  # stack (image, label) pairs of different sizes: images padded with 0, labels with 255
+    h, w = max(im.shape[1] for im, _ in batch), max(im.shape[2] for im, _ in batch)
+    return (torch.stack([F.pad(im, (0, w - im.shape[2], 0, h - im.shape[1])) for im, _ in batch]),
+            torch.stack([F.pad(lb, (0, w - lb.shape[1], 0, h - lb.shape[0]), value=255) for _, lb in batch]))
+
+
+def _read_label(path: Path) -> torch.Tensor:  # a one-channel label map (palette or gray) as uint8 (H, W)
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            raw = np.array(im, dtype=np.uint8)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read label map {path}: {e}. Replace or delete the file and rerun.") from None
+    if raw.ndim != 2:
+        raise ConfigError(f"label map {path} has {raw.shape[-1]} channels; expected one class index per pixel")
+    return torch.from_numpy(raw)
+
+
+def _pairs_by_stem(image_dir: Path, label_dir: Path) -> list:
+    """Every image with the .png label map of the same stem, whatever the image's extension."""
+    if not image_dir.is_dir():
+        raise ConfigError(f"folder {image_dir} not found")
+    images = [p for p in sorted(image_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS]
+    pairs = [(p, label_dir / f"{p.stem}.png") for p in images]
+    for image, label in pairs:
+        if not label.exists():
+            raise ConfigError(f"image {image} has no label map {label}")
+    if not pairs:
+        raise ConfigError(f"no images in {image_dir}")
+    return pairs
+
+
+def _read_lines(path: Path) -> list[str]:
+    if not path.exists():
+        raise ConfigError(f"list file {path} not found")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def _seg_pairs(name: str, root: Path, split: str):
+    """(pairs, lut, classes) of one split stored under root, in each data set's own layout."""
+    if name == "camvid":  # SegNet's: <split>/<stem>.<ext> and <split>annot/<stem>.png
+        return _pairs_by_stem(root / split, root / f"{split}annot"), _lut(11), CAMVID_CLASSES
+    if name == "voc":  # VOCdevkit/VOC2012 with its ImageSets/Segmentation lists
+        base = root / "VOCdevkit" / "VOC2012" if (root / "VOCdevkit").is_dir() else root
+        lists, labels = base / "ImageSets" / "Segmentation", base / "SegmentationClass"
+        if split == "train" and (lists / "train_aug.txt").exists() and (base / "SegmentationClassAug").is_dir():
+            split, labels = "train_aug", base / "SegmentationClassAug"  # + SBD: 10,582 images, as CPS
+        elif split == "train":
+            print(f"voc: no SegmentationClassAug + train_aug.txt in {base}: training on VOC's 1,464 images", flush=True)
+        ids = [Path(line.split()[0]).stem for line in _read_lines(lists / f"{split}.txt")]  # ids or paths
+        return [(base / "JPEGImages" / f"{i}.jpg", labels / f"{i}.png") for i in ids], _lut(21), VOC_CLASSES
+    if name in ("cityscapes", "cityscapes27"):  # leftImg8bit/<split>/<city>/, gtFine/<split>/<city>/
+        images = sorted((root / "leftImg8bit" / split).glob("*/*_leftImg8bit.png"))
+        if not images:
+            raise ConfigError(f"no images in {root / 'leftImg8bit' / split}/<city>/*_leftImg8bit.png")
+        gt = root / "gtFine" / split
+        label = {p: gt / p.parent.name / p.name.replace("leftImg8bit", "gtFine_labelIds") for p in images}
+        pairs = [(p, None if split == "train_extra" else label[p]) for p in images]  # train_extra has no labels
+        if name == "cityscapes27":
+            return pairs, _lut({i: i - 7 for i in range(7, 34)}), CITYSCAPES_27
+        return pairs, _lut(dict(zip(CITYSCAPES_19_IDS, range(19)))), [CITYSCAPES_27[i - 7] for i in CITYSCAPES_19_IDS]
+    if name == "cocostuff27":  # images/, annotations/ (stuffthingmaps) and IIC's curated lists
+        ids = _read_lines(root / "curated" / f"{split}2017" / "Coco164kFull_Stuff_Coarse_7.txt")
+        images, labels = root / "images" / f"{split}2017", root / "annotations" / f"{split}2017"
+        return [(images / f"{i}.jpg", labels / f"{i}.png") for i in ids], _cocostuff_lut(), list(COCOSTUFF_27)
+    # segfolder: <split>/images/*, <split>/masks/<stem>.png, optional classes.txt ("<index> <name>")
+    pairs = _pairs_by_stem(root / split / "images", root / split / "masks")
+    if (root / "classes.txt").exists():
+        entries = sorted((int(i), n) for i, n in (line.split(maxsplit=1) for line in _read_lines(root / "classes.txt")))
+        return pairs, _lut(len(entries)), [n for _, n in entries]
+    largest = max(int(lb[lb != 255].max(initial=0)) for lb in (_read_label(p).numpy() for _, p in pairs))
+    return pairs, _lut(largest + 1), [str(c) for c in range(largest + 1)]  # no names: classes up to the largest seen
+
+
+def load_segmentation(name: str, split: str = "train", data_dir=None, download: bool = False,
+                      image_size: int | None = None) -> SegmentationSet:
+    """A segmentation data set read from `data_dir` (camvid, voc, cityscapes, cityscapes27,
+    cocostuff27, segfolder; layouts in `_seg_pairs`) or generated (shapes-seg); shorter side
+    resized to `image_size` (None: as stored); split "a+b" joins two splits."""
+    info = dataset_info(name, "segment")
+    if name == "shapes-seg":
+        images, labels = make_shapes_seg(1000 if split == "train" else 200, seed=int(split != "train"),
+                                         size=image_size or info.image_size)
+        return SegmentationSet(SHAPES_SEG_CLASSES, split, images=images, labels=labels)
+    if name == "segfolder" and data_dir is None:
+        raise ConfigError(f"--dataset segfolder needs --data-dir (with train/images, train/masks), {_OFFLINE_HINT}-seg")
+    root = Path(data_dir or Path("data") / name)
+    if name == "voc" and download:
+        from torchvision.datasets import VOCSegmentation
+        VOCSegmentation(root, year="2012", image_set="trainval", download=True)
+    if not root.is_dir():
+        raise ConfigError(f"{name} not found at {root.resolve()}: pass --data-dir with its folder "
+                          f"(layouts: common._seg_pairs), {_OFFLINE_HINT}-seg")
+    split = resolve_split(root, split) if name == "segfolder" else split
+    parts = [_seg_pairs(name, root, part) for part in split.split("+")]
+    return SegmentationSet(parts[0][2], split, [p for part in parts for p in part[0]], parts[0][1], image_size)
+
+
+# --- Synthetic data sets: generated from a seed, no files -----------------------------------------
+# The ten `shapes` classes: inside tests in the shape's own coordinates (u, v), radius about 1,
+# r = |(u, v)|, box = max(|u|, |v|). Every class stays itself under rotation.
+SHAPES = {
+    "circle": lambda u, v, r, box: r < 0.8,
+    "square": lambda u, v, r, box: box < 0.7,
+    "triangle": lambda u, v, r, box: (v > -0.5) & (v < 1 - math.sqrt(3) * u.abs()),
+    "plus": lambda u, v, r, box: (torch.minimum(u.abs(), v.abs()) < 0.3) & (box < 0.9),
+    "ring": lambda u, v, r, box: (r > 0.5) & (r < 0.9),
+    "star": lambda u, v, r, box: r < 0.55 + 0.4 * torch.cos(5 * torch.atan2(v, u)),
+    "crescent": lambda u, v, r, box: (r < 0.85) & ((u - 0.45) ** 2 + v * v > 0.49),
+    "half_disc": lambda u, v, r, box: (u * u + (v + 0.35) ** 2 < 0.81) & (v > -0.35),
+    "frame": lambda u, v, r, box: (box < 0.8) & (box > 0.45),
+    "ellipse": lambda u, v, r, box: (u / 0.9) ** 2 + (v / 0.4) ** 2 < 1,
+}
+SHAPE_NAMES = tuple(SHAPES)
+SHAPES_SEG_CLASSES = ("background", "speckle", "stripes", "checks", "dots")
+
+
+def _two_tone(n, g):
+    """Two colours per sample, one dark and one light in random order: a shape always stands out
+    from its background, and its colour says nothing about its class."""
+    dark, light = torch.rand(n, 3, generator=g) * 0.4, 0.6 + torch.rand(n, 3, generator=g) * 0.4
+    swap = torch.rand(n, 1, generator=g) < 0.5
+    return torch.where(swap, light, dark), torch.where(swap, dark, light)
+
+
+def _smooth_noise(n, size, g):  # (n, size, size) in [0, 1], varying over a quarter of the image
+    return F.interpolate(torch.rand(n, 1, 4, 4, generator=g), size=(size, size), mode="bicubic")[:, 0].clamp(0, 1)
+
+
+def make_shapes(n: int, seed: int = 0, size: int = 32, num_classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """`shapes`: n images (n, 3, size, size) of one shape each, classes balanced, with random
+    colour, size, position and rotation on a textured background (stripes of random frequency
+    and angle mixed with smooth noise). Colours are random (one dark, one light), so they carry
+    no class information and k-means on raw pixels is near chance."""
+    g = torch.Generator().manual_seed(seed)
+    labels = (torch.arange(n) % num_classes)[torch.randperm(n, generator=g)]
+    fg, bg = _two_tone(n, g)
+    bg2 = (bg + (torch.rand(n, 3, generator=g) - 0.5) * 0.3).clamp(0, 1)  # second background tone
+    y, x = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    angle, freq, phase, mix = torch.rand(4, n, 1, 1, generator=g)
+    across = x * torch.cos(math.pi * angle) + y * torch.sin(math.pi * angle)  # position across the stripes
+    stripes = 0.5 + 0.5 * torch.sin((2 + 4 * freq) * math.pi * across + 2 * math.pi * phase)  # 2-6 periods
+    texture = mix * stripes + (1 - mix) * _smooth_noise(n, size, g)
+    images = bg[:, :, None, None] + (bg2 - bg)[:, :, None, None] * texture[:, None]
+    y, x = torch.meshgrid(torch.linspace(-1, 1, 2 * size), torch.linspace(-1, 1, 2 * size), indexing="ij")
+    centre, scale = (torch.rand(n, 2, generator=g) - 0.5) * 0.7, 0.45 + 0.3 * torch.rand(n, generator=g)
+    theta = 2 * math.pi * torch.rand(n, generator=g)
+    mask = torch.zeros(n, 1, 2 * size, 2 * size)  # drawn at twice the size, then averaged: anti-aliased
+    for k in range(num_classes):
+        i = torch.nonzero(labels == k).squeeze(1)
+        x0, y0 = ((grid - centre[i, d, None, None]) / scale[i, None, None] for d, grid in enumerate((x, y)))
+        c, s = torch.cos(theta[i])[:, None, None], torch.sin(theta[i])[:, None, None]
+        u, v = c * x0 + s * y0, s * x0 - c * y0  # rotated; v points up
+        mask[i, 0] = SHAPES[SHAPE_NAMES[k]](u, v, torch.sqrt(u * u + v * v), torch.maximum(u.abs(), v.abs())).float()
+    mask = F.avg_pool2d(mask, 2)
+    images = images * (1 - mask) + fg[:, :, None, None] * mask + 0.03 * torch.randn(n, 3, size, size, generator=g)
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8), labels
+
+
+def make_shapes_seg(n: int, seed: int = 0, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """`shapes-seg`: n images (n, 3, size, size) with 1-4 regions each and label maps (n, size,
+    size). A region's class is its texture (speckle, stripes, checks, dots; random period and
+    angle), never its colour or outline (disc, square or diamond at random); class 0 is the
+    smooth, mottled background."""
+    g = torch.Generator().manual_seed(seed)
+    y, x = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    c1, c2 = _two_tone(n, g)
+    images = c1[:, :, None, None] + (c2 - c1)[:, :, None, None] * 0.5 * _smooth_noise(n, size, g)[:, None]
+    labels = torch.zeros(n, size, size, dtype=torch.long)
+    for p_present in (1.0, 0.9, 0.7, 0.5):  # later regions paint over earlier ones
+        present = torch.rand(n, generator=g) < p_present
+        cls = torch.randint(1, 5, (n,), generator=g)
+        cx, cy = (torch.rand(n, 2, generator=g) * size).unbind(1)
+        r = (size * (0.15 + 0.15 * torch.rand(n, generator=g)))[:, None, None]
+        dx, dy = (x - cx[:, None, None]).abs(), (y - cy[:, None, None]).abs()
+        outline = torch.stack([dx ** 2 + dy ** 2 < r ** 2, torch.maximum(dx, dy) < 0.8 * r, dx + dy < r], 1)
+        kind = torch.randint(0, 3, (n, 1, 1, 1), generator=g).expand(-1, 1, size, size)
+        inside = outline.gather(1, kind)[:, 0] & present[:, None, None]
+        period, a = 5 + 4 * torch.rand(n, 1, 1, generator=g), math.pi * torch.rand(n, 1, 1, generator=g)
+        pu, pv = (x * torch.cos(a) + y * torch.sin(a)) / period, (-x * torch.sin(a) + y * torch.cos(a)) / period
+        fu, fv = pu - pu.floor(), pv - pv.floor()  # position within a period, in [0, 1)
+        speckle = F.interpolate(torch.rand(n, 1, size // 2, size // 2, generator=g), scale_factor=2)[:, 0].round()
+        stripes, checks = (fu < 0.5).float(), ((pu.floor() + pv.floor()) % 2).float()
+        dots = ((fu - 0.5) ** 2 + (fv - 0.5) ** 2 < 0.09).float()
+        pattern = torch.stack([speckle, stripes, checks, dots], 1)[torch.arange(n), cls - 1]  # (n, size, size)
+        a1, a2 = _two_tone(n, g)
+        region = a1[:, :, None, None] + (a2 - a1)[:, :, None, None] * pattern[:, None]
+        images = torch.where(inside[:, None], region, images)
+        labels = torch.where(inside, cls[:, None, None], labels)
+    images = images + 0.03 * torch.randn(n, 3, size, size, generator=g)
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8), labels
+
+
+# --- Augmentation on the device: batched, independent random parameters for every sample ----------
+# Each function takes a batch (B, C, H, W), uint8 in [0, 255] or float in [0, 1], on any device,
+# returns the same dtype, and draws from `generator` (a torch.Generator on the batch's device)
+# when given. Per-sample choices are (B, ...) tensors; Python loops run over op kinds only.
+def _rand(shape, generator, device) -> torch.Tensor:
+    return torch.rand(shape, generator=generator, device=device)
+def _to_float(x: torch.Tensor) -> torch.Tensor:  # a copy in [0, 1], so ops may write into it
+    return x.float().div_(255) if x.dtype == torch.uint8 else x.to(torch.float32, copy=True)
+def _restore(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # back to the input's dtype
+    return y.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8) if dtype == torch.uint8 else y.clamp_(0, 1).to(dtype)
+
+
+def weak_augment(x: torch.Tensor, flip: bool = True, translate: float = 0.125,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """FixMatch's weak view: horizontal flip (p = 0.5) and a translation by up to `translate` of
+    the size (4 px at 32 px) filled by reflection, i.e. a random crop of the reflect-padded
+    image; done as one gather of per-sample reflected indices, exact in any dtype."""
+    b, c, h, w = x.shape
+    py, px = round(translate * h), round(translate * w)
+    oy = torch.randint(-py, py + 1, (b, 1), generator=generator, device=x.device)
+    ox = torch.randint(-px, px + 1, (b, 1), generator=generator, device=x.device)
+    cols = torch.arange(w, device=x.device).expand(b, w)
+    if flip:
+        cols = torch.where(_rand((b, 1), generator, x.device) < 0.5, w - 1 - cols, cols)
+    reflect = lambda i, n: torch.where(i.abs() > n - 1, 2 * (n - 1) - i.abs(), i.abs())  # noqa: E731
+    rows = reflect(oy + torch.arange(h, device=x.device), h)  # (B, H) source rows
+    cols = reflect(ox + cols, w)  # (B, W) source columns
+    index = (rows[:, :, None] * w + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
+    return x.reshape(b, c, h * w).gather(2, index).view(b, c, h, w)
+
+
+def cutout(x: torch.Tensor, size: float = 16, random_size: bool = False,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """A grey square of side `size` px (uniform in [0, size] with random_size) per sample,
+    centred anywhere and clipped at the border."""
+    b, _, h, w = x.shape
+    side = size * (_rand(b, generator, x.device) if random_size else torch.ones(b, device=x.device))
+    cy, cx = _rand(b, generator, x.device) * h, _rand(b, generator, x.device) * w
+    inside = lambda n, c: (torch.arange(n, device=x.device) + 0.5 - c[:, None]).abs() < side[:, None] / 2  # noqa: E731
+    mask = (inside(h, cy)[:, :, None] & inside(w, cx)[:, None, :])[:, None].to(x.dtype)  # (B, 1, H, W)
+    grey = 128 if x.dtype == torch.uint8 else 0.5
+    return x * (1 - mask) + grey * mask  # arithmetic, not torch.where: several times faster on CPU
+
+
+def _grayscale(x):  # ITU-R 601 luma, as PIL's convert("L")
+    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+def _blend(degenerate, x, factor):  # PIL's ImageEnhance: degenerate + f (x - degenerate)
+    return (degenerate + factor.view(-1, 1, 1, 1) * (x - degenerate)).clamp_(0, 1)
+
+
+GEOMETRIC_OPS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
+
+
+def _geometric(x, kind, m, fill=0.5):
+    """Rotate (m degrees), shear (m) or translate (m of the size) each sample by its own op
+    (`kind` indexes GEOMETRIC_OPS) about the centre, in one resampling; outside -> grey. (PIL
+    shears about the top-left corner; the paper does not say which.)"""
+    h, w = x.shape[-2:]
+    a = torch.deg2rad(m) * (kind == 0)  # rotation in pixel space, written in normalised coords
+    theta = torch.zeros(len(x), 2, 3, device=x.device)
+    theta[:, 0, 0], theta[:, 1, 1] = torch.cos(a), torch.cos(a)
+    theta[:, 0, 1] = (-torch.sin(a) + m * (kind == 1)) * h / w
+    theta[:, 1, 0] = (torch.sin(a) + m * (kind == 2)) * w / h
+    theta[:, 0, 2], theta[:, 1, 2] = 2 * m * (kind == 3), 2 * m * (kind == 4)
+    return _warp(x, theta, "bilinear", fill)
+
+
+def _warp(x, theta, mode, fill, size=None):
+    """Sample x (B, C, H, W) at theta @ (output coords), normalised coords (align_corners=False),
+    outside -> fill. The grid is built by broadcasting: F.affine_grid's bmm is far slower on CPU."""
+    h, w = size or x.shape[-2:]
+    ys = (2 * torch.arange(h, device=x.device, dtype=x.dtype) + 1) / h - 1
+    xs = (2 * torch.arange(w, device=x.device, dtype=x.dtype) + 1) / w - 1
+    t = theta.to(x.dtype)[:, :, :, None, None]  # (B, 2, 3, 1, 1)
+    grid = t[:, :, 0] * xs[None, None, None, :] + t[:, :, 1] * ys[None, None, :, None] + t[:, :, 2]
+    grid = grid.permute(0, 2, 3, 1)  # (B, H, W, 2) as (x, y)
+    return F.grid_sample(x - fill, grid, mode=mode, padding_mode="zeros", align_corners=False) + fill
+
+
+def _autocontrast(x, m):  # per sample and channel, stretch min..max to 0..1; flat channels kept
+    lo, hi = x.amin((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)
+    return torch.where(hi > lo, (x - lo) / (hi - lo).clamp_min(1e-8), x)
+
+
+def _equalize(x, m):
+    """PIL's ImageOps.equalize, all B x C channels at once: 256-bin histograms, then
+    lut[i] = (step // 2 + #pixels below i) // step, step = (#pixels - last bin's count) // 255."""
+    b, c, h, w = x.shape
+    q = (x * 255).round().long().view(b * c, h * w)
+    hist = torch.zeros(b * c, 256, dtype=torch.long, device=x.device).scatter_add_(1, q, torch.ones_like(q))
+    last = torch.where(hist > 0, torch.arange(256, device=x.device), -1).amax(1, keepdim=True)
+    step = (h * w - hist.gather(1, last)) // 255  # (B*C, 1)
+    below = hist.cumsum(1) - hist
+    lut = ((step // 2 + below) // step.clamp_min(1)).clamp_(max=255)
+    lut = torch.where(step > 0, lut, torch.arange(256, device=x.device))
+    return (lut.gather(1, q).float() / 255).view(b, c, h, w)
+
+
+def _sharpness(x, m):  # degenerate: PIL's SMOOTH [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13, border pixels kept
+    smooth = x.clone()
+    smooth[..., 1:-1, 1:-1] = (9 * F.avg_pool2d(x, 3, stride=1) + 4 * x[..., 1:-1, 1:-1]) / 13
+    return _blend(smooth, x, m)
+
+
+def _posterize(x, m):  # keep the top m bits of each 8-bit value
+    shift = (8 - m.floor().long()).view(-1, 1, 1, 1)
+    return (((x * 255).round().long() >> shift) << shift).float() / 255
+
+
+# The FixMatch paper's RandAugment table (Sohn et al. 2020, Table 12): (op, magnitude range),
+# each drawn op applied with probability 0.5 (the official code) at a uniform random magnitude.
+# The PyTorch ports differ from the paper and from each other in ranges and probabilities
+# (torchvision's RandAugment uses one fixed magnitude); we follow the paper.
+RANDAUGMENT_OPS = (
+    ("identity", 0, 0), ("autocontrast", 0, 0), ("equalize", 0, 0),
+    ("rotate", -30, 30),  # degrees
+    ("solarize", 0, 1),  # threshold: values >= it are inverted
+    # enhancement factors (1: the image, 0: the degenerate image)
+    ("color", 0.05, 0.95), ("contrast", 0.05, 0.95), ("brightness", 0.05, 0.95), ("sharpness", 0.05, 0.95),
+    ("shear_x", -0.3, 0.3), ("shear_y", -0.3, 0.3),
+    ("translate_x", -0.3, 0.3), ("translate_y", -0.3, 0.3),  # fractions of the image size
+    ("posterize", 4, 9),  # bits: the floor of U[4, 9), i.e. 4..8
+)
+_RANDAUGMENT_FNS = {  # the non-geometric ops; the geometric ones run together in _geometric
+    "autocontrast": _autocontrast, "equalize": _equalize, "sharpness": _sharpness, "posterize": _posterize,
+    "solarize": lambda x, m: torch.where(x >= m.view(-1, 1, 1, 1), 1 - x, x),
+    "color": lambda x, m: _blend(_grayscale(x), x, m),
+    "contrast": lambda x, m: _blend((_grayscale(x).mean((1, 2, 3), keepdim=True) * 255).round() / 255, x, m),
+    "brightness": lambda x, m: _blend(torch.zeros_like(x), x, m),
+}
+
+
+def randaugment(x: torch.Tensor, num_ops: int = 2, prob: float = 0.5,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per sample, `num_ops` ops drawn from RANDAUGMENT_OPS with replacement, each applied with
+    probability `prob` at a random magnitude; samples that drew the same op run together."""
+    dtype, x = x.dtype, _to_float(x)
+    ops = torch.randint(len(RANDAUGMENT_OPS), (len(x), num_ops), generator=generator, device=x.device)
+    applied = _rand((len(x), num_ops), generator, x.device) < prob
+    level = _rand((len(x), num_ops), generator, x.device)
+    table = torch.tensor([(lo, hi, GEOMETRIC_OPS.index(name) if name in GEOMETRIC_OPS else -1)
+                          for name, lo, hi in RANDAUGMENT_OPS], device=x.device)[ops]  # (B, num_ops, 3)
+    magnitude, geometric = table[..., 0] + (table[..., 1] - table[..., 0]) * level, table[..., 2].long()
+    for slot in range(num_ops):
+        idx = torch.nonzero(applied[:, slot] & (geometric[:, slot] >= 0)).squeeze(1)
+        if len(idx):  # all geometric ops of this slot in one resampling
+            x[idx] = _geometric(x[idx], geometric[idx, slot], magnitude[idx, slot])
+        for k, name in enumerate(op[0] for op in RANDAUGMENT_OPS):
+            if name in _RANDAUGMENT_FNS:
+                idx = torch.nonzero((ops[:, slot] == k) & applied[:, slot]).squeeze(1)
+                if len(idx):
+                    x[idx] = _RANDAUGMENT_FNS[name](x[idx], magnitude[idx, slot])
+    return _restore(x, dtype)
+
+
+def strong_augment(x: torch.Tensor, num_ops: int = 2, prob: float = 0.5, cutout_size: float = 16,
+                   random_cutout: bool = False, flip: bool = True,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """FixMatch's strong view: the weak view, then RandAugment (2 ops, p = 0.5 each), then a
+    16 px Cutout. SPICE uses 4 ops and a Cutout of random side up to 16 (random_cutout=True)."""
+    x = weak_augment(x, flip=flip, generator=generator)
+    x = randaugment(x, num_ops, prob, generator)
+    return cutout(x, cutout_size, random_cutout, generator)
+
+
+def _adjust_hue(x, shift):  # rotate the hue of RGB images by `shift` (a fraction of a turn) through HSV
+    r, g, b = x.unbind(1)
+    val, delta = x.amax(1), x.amax(1) - x.amin(1)
+    rc, gc, bc = ((val - c) / delta.clamp_min(1e-8) for c in (r, g, b))
+    hue = torch.where(val == r, bc - gc, torch.where(val == g, 2 + rc - bc, 4 + gc - rc)) * (delta > 0) / 6
+    hue = (hue + shift.view(-1, 1, 1)) % 1
+    sat = delta / val.clamp_min(1e-8)
+    sector, f = (hue * 6).floor(), hue * 6 - (hue * 6).floor()
+    p, q, t = val * (1 - sat), val * (1 - sat * f), val * (1 - sat * (1 - f))
+    table = torch.stack([torch.stack(c, 1) for c in ((val, t, p), (q, val, p), (p, val, t),
+                                                     (p, q, val), (t, p, val), (val, p, q))], 1)
+    return table.gather(1, (sector.long() % 6)[:, None, None].expand(-1, 1, 3, -1, -1))[:, 0]
+
+
+def _gaussian_blur(x, sigma):
+    """Separable Gaussian blur, one sigma per sample (half-width 3 sigma), reflect padding, as a
+    grouped convolution over all B x C channels."""
+    b, c, h, w = x.shape
+    half = max(1, min(math.ceil(3 * float(sigma.max())), h - 1, w - 1))
+    t = torch.arange(-half, half + 1, device=x.device, dtype=x.dtype)
+    kernel = torch.exp(-t[None] ** 2 / (2 * sigma[:, None] ** 2))
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (B*C, K)
+    y = F.pad(x.reshape(1, b * c, h, w), (half, half, half, half), mode="reflect")
+    y = F.conv2d(y, kernel[:, None, None, :], groups=b * c)
+    y = F.conv2d(y, kernel[:, None, :, None], groups=b * c)
+    return y.view(b, c, h, w)
+
+
+def draw_photometric(n: int, brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.4,
+                     hue: float = 0.1, jitter_p: float = 0.8, jitter_each: bool = False,
+                     random_order: bool = True, grayscale_p: float = 0.2, blur_p: float = 0.5,
+                     blur_sigma: tuple[float, float] = (0.1, 2.0), generator=None, device=None) -> dict:
+    """Photometric parameters for n images, MoCo v2's by default: colour jitter with probability
+    jitter_p (factors 1 +/- strength, hue shift +/- hue; `jitter_each`: one coin per op, as
+    PiCIE), ops in random order (torchvision's ColorJitter), grayscale, Gaussian blur. Drawn
+    apart from `apply_photometric` so a method can fix them per image (PiCIE: once an epoch)."""
+    r = lambda *shape: _rand(shape, generator, device)  # noqa: E731
+    coin = r(n) < jitter_p
+    on = (lambda: r(n) < jitter_p) if jitter_each else (lambda: coin)
+    params = {name: torch.where(on(), 1 + s * (2 * r(n) - 1), 1.0)
+              for name, s in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation))}
+    params["hue"] = torch.where(on(), hue * (2 * r(n) - 1), 0.0)
+    params["order"] = r(n, 4).argsort(1) if random_order else torch.arange(4, device=device).expand(n, 4)
+    params["grayscale"] = r(n) < grayscale_p
+    params["sigma"] = torch.where(r(n) < blur_p, blur_sigma[0] + (blur_sigma[1] - blur_sigma[0]) * r(n), 0.0)
+    return params
+
+
+_JITTER = (("brightness", _RANDAUGMENT_FNS["brightness"]),  # torchvision's ColorJitter, in its order
+           ("contrast", lambda x, f: _blend(_grayscale(x).mean((1, 2, 3), keepdim=True), x, f)),
+           ("saturation", _RANDAUGMENT_FNS["color"]), ("hue", _adjust_hue))
+
+
+def apply_photometric(x: torch.Tensor, params: dict) -> torch.Tensor:
+    """Colour jitter in each image's order, then grayscale, then blur (MoCo v2's order)."""
+    dtype, x = x.dtype, _to_float(x)
+    for slot in range(4):
+        for k, (name, fn) in enumerate(_JITTER):
+            idx = torch.nonzero(params["order"][:, slot] == k).squeeze(1)
+            if len(idx):
+                x[idx] = fn(x[idx], params[name][idx])
+    x = torch.where(params["grayscale"].view(-1, 1, 1, 1), _grayscale(x).expand_as(x), x)
+    idx = torch.nonzero(params["sigma"] > 0).squeeze(1)
+    if len(idx):
+        x[idx] = _gaussian_blur(x[idx], params["sigma"][idx])
+    return _restore(x, dtype)
+
+
+def photometric_augment(x: torch.Tensor, generator=None, **kwargs) -> torch.Tensor:
+    """MoCo v2: jitter (0.4, 0.4, 0.4, 0.1) p = 0.8, grayscale p = 0.2, blur sigma 0.1-2 p = 0.5."""
+    return apply_photometric(x, draw_photometric(len(x), generator=generator, device=x.device, **kwargs))
+
+
+def draw_crops(n: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_p: float = 0.5,
+               aspect: float = 1.0, generator=None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random resized crops as torchvision draws them (area fraction in `scale`, log-uniform
+    ratio in `ratio`, the first of 10 tries that fits, else the whole image) for images of
+    width / height = `aspect`: boxes (n, 4) = (x0, y0, w, h) in fractions, and flips (n,)."""
+    area = scale[0] + (scale[1] - scale[0]) * _rand((n, 10), generator, device)
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * _rand((n, 10), generator, device)
+    w = torch.sqrt(area * log_r.exp() / aspect)
+    h = torch.sqrt(area / log_r.exp() * aspect)
+    fits = (w <= 1) & (h <= 1)
+    first, ok = fits.float().argmax(1, keepdim=True), fits.any(1)
+    w, h = (torch.where(ok, side.gather(1, first)[:, 0], 1.0) for side in (w, h))
+    x0, y0 = _rand(n, generator, device) * (1 - w), _rand(n, generator, device) * (1 - h)
+    return torch.stack([x0, y0, w, h], 1), _rand(n, generator, device) < flip_p
+
+
+def resized_crop(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size,
+                 mode: str = "bilinear", fill: float = 0.0) -> torch.Tensor:
+    """Crop each sample to its box (x0, y0, w, h in fractions, may reach outside: `fill`), flip
+    where `flip`, resize to `size`, as one affine resampling: the same boxes move images
+    (bilinear), label maps (B, H, W) (mode="nearest", fill=255) and feature maps alike."""
+    labels = x.ndim == 3
+    xf = (x[:, None] if labels else x).float()
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    x0, y0, w, h = boxes.float().unbind(1)
+    zero = torch.zeros_like(w)
+    theta = torch.stack([torch.stack([torch.where(flip, -w, w), zero, 2 * x0 + w - 1], 1),
+                         torch.stack([zero, h, 2 * y0 + h - 1], 1)], 1)  # (B, 2, 3)
+    out = _warp(xf, theta, mode, fill, size)
+    out = out[:, 0] if labels else out
+    return out.to(x.dtype) if x.is_floating_point() else out.round().to(x.dtype)
+
+
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (or float in [0, 1]) images -> float, standardised per channel."""
+    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    mean, std = (torch.as_tensor(v, dtype=x.dtype, device=x.device).view(1, -1, 1, 1) for v in (mean, std))
+    return (x - mean) / std
+
+
+# --- Run plumbing: command line, out dir, device, logging, checkpoints, results, pictures ---------
+# The flags every script shares (DESIGN.md, Runs), in this order. Where the help is given, each
+# script's Args must use exactly it; the others are method-specific (tests check both).
+SHARED_ARGS = {
+    "dataset": "data set name", "data_dir": "folder holding the data set (default: ./data for torchvision's sets)",
+    "out_dir": "run folder (default: runs/<script>-<dataset>-<seed>)",
+    "download": "download the data set with torchvision if it is missing",
+    "seed": "random seed (labelled split, initialisation, augmentation)", "device": "auto, cpu, cuda or cuda:N",
+    "batch_size": None, "eval_every": None, "resume": "continue the run in --out-dir from its checkpoint",
+    "amp": "bfloat16 autocast on CUDA (ignored on the CPU)", "compile": "torch.compile the network(s)",
+}
+
+
+def _field_help(cls) -> dict[str, str]:  # the string under each dataclass field is its help (as CleanRL)
+    body = [node for klass in reversed(cls.__mro__) if dataclasses.is_dataclass(klass)
+            for node in ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body]
+    return {field.target.id: " ".join(doc.value.value.split()) for field, doc in zip(body, body[1:])
+            if isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)}
+
+
+def _number(text: str) -> float:  # a float flag that also takes fractions such as 1/8
+    try:
+        return float(Fraction(text)) if "/" in text else float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"expected a number or a fraction such as 1/8, got {text!r}") from None
+
+
+def parse_args(cls, argv=None, dataset_defaults: dict | None = None, description: str | None = None):
+    """An instance of the dataclass `cls` from the command line: every field is a flag
+    (`num_labeled` -> `--num-labeled`) whose help is the string under the field; booleans are
+    `--x/--no-x`; float fields accept fractions (`1/8`); Literal fields list their choices.
+    `dataset_defaults[name]` overrides the class defaults for data set `name`; flags given on
+    the command line override both."""
+    hints, helps = typing.get_type_hints(cls), _field_help(cls)
+    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(cls)}
+    for name, default in defaults.items():
+        kind, flag = hints[name], "--" + name.replace("_", "-")
+        options = [a for a in typing.get_args(kind) if a is not type(None)]
+        if typing.get_origin(kind) is not typing.Literal and len(options) == 1:  # X | None
+            kind = options[0]
+        text = f"{helps.get(name, '')} (default: {default})"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
+        elif typing.get_origin(kind) is typing.Literal:
+            parser.add_argument(flag, choices=options, type=type(options[0]), help=text)
+        else:
+            parser.add_argument(flag, type=_number if kind is float else kind, help=text, metavar=kind.__name__.upper())
+    given = vars(parser.parse_args(argv))
+    dataset = given.get("dataset", defaults.get("dataset"))
+    return cls(**{**defaults, **(dataset_defaults or {}).get(dataset, {}), **given})
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def select_device(name: str = "auto") -> torch.device:  # auto (CUDA if there is one), cpu, cuda, cuda:N
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA GPUs here; use --device cpu")
+    return device
+
+
+def prepare_out_dir(out_dir, resume: bool = False, args=None) -> Path:
+    """Create the run folder and write args.json. A new or empty folder is fine; one holding a
+    checkpoint or results is refused unless `resume` (which needs the checkpoint)."""
+    out = Path(out_dir)
+    previous = [n for n in ("checkpoint.pt", "results.json") if (out / n).exists()]
+    if resume and not (out / "checkpoint.pt").exists():
+        raise ConfigError(f"--resume: no checkpoint at {out / 'checkpoint.pt'}; run without --resume to start")
+    if previous and not resume:
+        raise ConfigError(f"{out} already holds a run ({', '.join(previous)}): pass --resume to continue it, "
+                          f"or choose another --out-dir")
+    out.mkdir(parents=True, exist_ok=True)
+    if args is not None:
+        _atomic_write(out / "args.json", json.dumps(_plain(dataclasses.asdict(args)), indent=2).encode())
+    return out
+
+
+def _plain(value):  # tensors, numpy values, paths -> plain Python values, by a JSON round trip
+    return json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
+
+
+class Logger:
+    """One `key=value` line per call on stdout, the same record appended to <out_dir>/log.jsonl;
+    with `images` done since the last call, the throughput; with `total` steps, the ETA."""
+
+    def __init__(self, out_dir, total: int | None = None, start: int = 0):
+        self.path, self.total, self.start = Path(out_dir) / "log.jsonl", total, start
+        self.t0 = self.t_last = time.perf_counter()
+
+    def log(self, step: int, metrics: dict, images: int = 0) -> dict:
+        now = time.perf_counter()
+        record = {"step": step, **_plain(metrics)}
+        if images:
+            record["perf/img_per_s"] = images / max(now - self.t_last, 1e-9)
+        record["perf/elapsed_s"] = now - self.t0
+        if self.total and step > self.start:
+            record["perf/eta_s"] = (now - self.t0) / (step - self.start) * (self.total - step)
+        self.t_last = now
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()), flush=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        return record
+
+
+def _atomic_write(path: Path, data) -> None:
+    """Write a temporary file beside `path`, flush it to disk, rename it over `path`: a crash at
+    any moment leaves the old file or the new one, never half of one."""
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            if isinstance(data, bytes):
+                f.write(data)
+            else:
+                torch.save(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_checkpoint(path, state: dict) -> None:  # torch.save, atomically
+    _atomic_write(path, state)
+def load_checkpoint(path, map_location="cpu") -> dict:  # tensors and plain values only: no code runs
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def write_results(out_dir, results: dict) -> dict:
+    """results.json, atomically. Accuracy-like figures (acc, nmi, ari, miou, pixel_acc and keys
+    ending in them) must be fractions in [0, 1]: a percentage is refused, not stored."""
+    results = _plain(results)
+    for key, value in results.items():
+        fraction = key.split("_")[-1] in ("acc", "nmi", "ari", "miou") or key == "pixel_acc"
+        if fraction and isinstance(value, float) and not 0.0 <= value <= 1.0:
+            raise ValueError(f"results[{key!r}] = {value} is not a fraction in [0, 1]")
+    _atomic_write(Path(out_dir) / "results.json", json.dumps(results, indent=2).encode())
+    return results
+
+
+def colorize(labels: torch.Tensor) -> torch.Tensor:
+    """Label maps (B, H, W) -> images (B, 3, H, W) in [0, 1] in Pascal VOC's palette, where bits
+    0, 3, 6 of the class index set R's high bits, 1, 4, 7 G's and 2, 5 B's (255: void)."""
+    i = torch.arange(256)
+    palette = torch.stack([sum(((i >> (3 * b + ch)) & 1) << (7 - b) for b in range(3)) for ch in range(3)], 1)
+    return palette.to(labels.device)[labels.long().clamp(0, 255)].permute(0, 3, 1, 2).float() / 255
+
+
+def save_cluster_grid(path, images: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor | None = None,
+                      per_row: int = 10, num_clusters: int | None = None) -> None:
+    """One row per cluster: its `per_row` images of highest `scores` (confidence), blank where a
+    cluster has fewer. PNG via torchvision's save_image."""
+    from torchvision.utils import save_image
+    images, labels = _to_float(images.cpu()), labels.cpu()
+    scores = torch.zeros(len(labels)) if scores is None else scores.cpu()
+    grid = torch.zeros(num_clusters or int(labels.max()) + 1, per_row, *images.shape[1:])
+    for c in range(len(grid)):
+        idx = torch.nonzero(labels == c).squeeze(1)
+        idx = idx[scores[idx].argsort(descending=True, stable=True)][:per_row]
+        grid[c, :len(idx)] = images[idx]
+    save_image(grid.flatten(0, 1), path, nrow=per_row, padding=1)
+
+
+def save_segmentation_rows(path, images: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor) -> None:
+    """Rows of image | ground truth | prediction (all the same size), labels in the VOC palette. PNG."""
+    from torchvision.utils import save_image
+    rows = torch.stack([_to_float(images.cpu()), colorize(targets.cpu()), colorize(preds.cpu())], 1)
+    save_image(rows.flatten(0, 1), path, nrow=3, padding=2)
+
+
+# --- Self-benchmark: python common.py -------------------------------------------------------------
+def benchmark(device: str = "auto") -> dict:
+    """Augmentation throughput (batches of 512 at 32x32), k-means (100,000 x 64, K = 100, 20
+    iterations with the seeding) and Hungarian (1000 x 1000) times on one device."""
+    dev = select_device(device)
+    g = torch.Generator(device=dev).manual_seed(0)
+    batch = torch.randint(0, 256, (512, 3, 32, 32), dtype=torch.uint8, generator=g, device=dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def seconds(fn, reps):
+        fn()  # warm-up
+        sync()
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync()
+        return (time.perf_counter() - start) / reps
+
+    points = torch.randn(100_000, 64, generator=torch.Generator().manual_seed(0)).to(dev)
+    cost = np.random.default_rng(0).random((1000, 1000))
+    return {"device": str(dev),
+            "weak_aug_img_per_s": 512 / seconds(lambda: weak_augment(batch, generator=g), 50),
+            "strong_aug_img_per_s": 512 / seconds(lambda: strong_augment(batch, generator=g), 20),
+            "kmeans_s": seconds(lambda: kmeans(points, 100, iters=20, tol=0.0), 1),
+            "hungarian_s": seconds(lambda: linear_sum_assignment(cost), 1)}
+
+
+if __name__ == "__main__":
+    torch.set_flush_denormal(True)
+    for key, value in benchmark(sys.argv[1] if len(sys.argv) > 1 else "auto").items():
+        print(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
