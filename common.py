@@ -273,10 +273,8 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 100, metric: str = "euclidean",
     restarts (lowest inertia) wins. Distances in blocks (N x K never in memory), cluster sums by
     index_add_, empty clusters re-seeded at the worst-served points. `metric="cosine"`:
     spherical k-means on L2-normalised rows and centres."""
-    if metric not in ("euclidean", "cosine"):
-        raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
-    if not 1 <= k <= len(x):
-        raise ValueError(f"k-means with {k} clusters needs between 1 and {len(x)} (N) clusters")
+    if metric not in ("euclidean", "cosine") or not 1 <= k <= len(x):
+        raise ValueError(f"kmeans needs metric euclidean or cosine (got {metric}) and 1 <= k <= N = {len(x)} (got {k})")
     x = F.normalize(x.float(), dim=1) if metric == "cosine" else x.float()
     generator = torch.Generator(device=x.device).manual_seed(seed)
     tol = tol * float(x.var(0).mean()) if len(x) > 1 else 0.0
@@ -394,6 +392,8 @@ def _torchvision_set(name: str, root: Path, split: str, download: bool) -> Image
     where = {"split": split} if name in ("svhn", "stl10") else {"train": split == "train"}
     try:
         ds = kind(root, download=download, **where)
+    except ImportError as e:  # torchvision reads SVHN's .mat files with scipy, not a dependency here
+        raise ConfigError(f"torchvision reads {name} with {e.name}: pip install {e.name}, or use an image-folder copy")
     except RuntimeError as e:
         how = "the download failed (offline?)" if download else "rerun with --download to fetch it"
         raise ConfigError(f"{name} not found under {root.resolve()} ({e}); {how}, or pass --data-dir with the "
@@ -480,9 +480,8 @@ class SegmentationSet(torch.utils.data.Dataset):
     `collate_fn=pad_collate`; `tensors()` decodes a small one whole."""
 
     def __init__(self, classes, split, pairs=(), lut=None, image_size=None, images=None, labels=None):
-        self.classes, self.split, self.pairs, self.lut = list(classes), split, list(pairs), lut
-        self.image_size, self.images, self.labels = image_size, images, labels
-        self.num_classes = len(self.classes)
+        self.classes, self.num_classes, self.split, self.pairs = list(classes), len(classes), split, list(pairs)
+        self.lut, self.image_size, self.images, self.labels = lut, image_size, images, labels
 
     def __len__(self) -> int:
         return len(self.images) if self.images is not None else len(self.pairs)

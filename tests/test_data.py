@@ -238,3 +238,16 @@ def test_real_camvid_through_the_segmentation_loader():
     counts = torch.bincount(labels[labels != 255], minlength=11)
     assert len(counts) == 11 and bool((counts > 0).all())  # every class occurs in val
     assert counts[3] > counts[2]  # road covers more pixels than poles
+
+
+def test_mnist_files_become_rgb_images(tmp_path):
+    # MNIST's own idx format (written here, a few images): the torchvision path, offline
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    images = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    for prefix in ("train", "t10k"):
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(np.array([2051, 3, 28, 28], ">i4").tobytes() + images.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(np.array([2049, 3], ">i4").tobytes() + bytes([7, 0, 3]))
+    data = common.load_dataset("mnist", data_dir=tmp_path)
+    assert data.images.shape == (3, 3, 28, 28) and data.labels.tolist() == [7, 0, 3] and data.num_classes == 10
+    assert torch.equal(data.images[:, 0], torch.from_numpy(images)) and torch.equal(data.images[:, 2], data.images[:, 0])
