@@ -1128,7 +1128,7 @@ def write_results(out_dir, results: dict) -> dict:
     ending in them) must be fractions in [0, 1]: a percentage is refused, not stored."""
     results = _plain(results)
     for key, value in results.items():
-        fraction = key.split("_")[-1] in ("acc", "nmi", "ari", "miou") or key == "pixel_acc"
+        fraction = key.split("_")[-1] in ("acc", "nmi", "ari", "miou")  # acc, self_nmi, pixel_acc, ...
         if fraction and isinstance(value, float) and not 0.0 <= value <= 1.0:
             raise ValueError(f"results[{key!r}] = {value} is not a fraction in [0, 1]")
     _atomic_write(Path(out_dir) / "results.json", json.dumps(results, indent=2).encode())

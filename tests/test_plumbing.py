@@ -75,6 +75,13 @@ def test_out_dir_rules(tmp_path):
     assert (out / "results.json").read_text() == "{}", "nothing written over"
 
 
+def test_shared_flags_are_designs_in_order():
+    # DESIGN.md (Runs): the flags every script shares, with the same names and help
+    assert list(common.SHARED_ARGS) == ["dataset", "data_dir", "out_dir", "download", "seed", "device",
+                                        "batch_size", "eval_every", "resume", "amp", "compile"]
+    assert all(text for name, text in common.SHARED_ARGS.items() if name not in ("batch_size", "eval_every"))
+
+
 def test_select_device():
     assert common.select_device("cpu").type == "cpu"
     assert common.select_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
