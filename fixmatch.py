@@ -1,0 +1,380 @@
+"""FixMatch: semi-supervised classification with consistency and confidence.
+
+Paper: Kihyuk Sohn, David Berthelot, Chun-Liang Li, Zizhao Zhang, Nicholas Carlini, Ekin D.
+Cubuk, Alex Kurakin, Han Zhang, Colin Raffel, "FixMatch: Simplifying Semi-Supervised Learning
+with Consistency and Confidence", NeurIPS 2020, arXiv:2001.07685.
+Official code: github.com/google-research/fixmatch (TensorFlow).
+
+The idea: predict a class for a weakly augmented unlabelled image; where the prediction is
+confident, make it the label of a strongly augmented copy of the same image.
+
+One training step (each name is a function below):
+1. Draw B labelled images and mu B unlabelled ones; every training image counts as unlabelled
+   (`labeled_split` picks the labelled ones, n / C per class, with the seed).
+2. Views on the device: weak (flip + translate) for both, strong (weak, RandAugment, Cutout) for
+   the unlabelled ones (`common.weak_augment`, `common.strong_augment`).
+3. One forward pass over [labelled; weak; strong] in train mode: batch norm sees all of them.
+4. `fixmatch_loss`: cross-entropy on the labelled batch, plus lambda_u times the cross-entropy of
+   the strong view against the weak view's argmax where its top probability is >= tau, divided by
+   all mu B unlabelled images (Eq. 2-4 of the paper).
+5. SGD with Nesterov momentum at `cosine_lr` = eta cos(7 pi k / 16 K), weight decay on
+   convolution and linear weights only (`parameter_groups`).
+6. `ema_update`: an exponential moving average of the weights, batch-norm buffers copied.
+7. Every 1024 steps the EMA model is evaluated on the test set; the reported accuracy is the
+   median of the last 20 evaluations (the paper's figure), with the last one beside it.
+
+Usage:
+    python fixmatch.py --dataset cifar10 --num-labeled 250    # the paper's recipe: 2^20 steps, a GPU
+    python fixmatch.py --dataset cifar10 --lambda-u 0          # the supervised-only baseline
+    python fixmatch.py --dataset shapes                        # a small complete run on a CPU
+    python fixmatch.py --dataset imagefolder --data-dir ../shared/data/cifar10 --num-labeled 4000
+
+Expected, accuracy % (the paper's Table 2, RandAugment variant, mean +/- std over 5 splits):
+    CIFAR-10    40 labels 86.19 +/- 3.37   250 labels 94.93 +/- 0.65   4000 labels 95.74 +/- 0.05
+    CIFAR-100  400 labels 51.15 +/- 1.75  2500 labels 71.71 +/- 0.11  10000 labels 77.40 +/- 0.12
+This file's own figures (CPU smoke runs, small network and schedule) are in the README.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+# --------------------------------------------------------------------------------------------------
+# Arguments: defaults are the paper's recipe for CIFAR-10
+# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Args:
+    dataset: str = "cifar10"
+    """data set name"""
+    data_dir: str | None = None
+    """folder holding the data set (default: ./data for torchvision's sets)"""
+    out_dir: str | None = None
+    """run folder (default: runs/<script>-<dataset>-<seed>)"""
+    download: bool = False
+    """download the data set with torchvision if it is missing"""
+    seed: int = 0
+    """random seed (labelled split, initialisation, augmentation)"""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N"""
+    batch_size: int = 64
+    """labelled images per step, B (the unlabelled batch is mu B)"""
+    eval_every: int = 1024
+    """steps between evaluations of the EMA model (the paper's "epoch")"""
+    resume: bool = False
+    """continue the run in --out-dir from its checkpoint"""
+    amp: bool = True
+    """bfloat16 autocast on CUDA (ignored on the CPU)"""
+    compile: bool = False
+    """torch.compile the network(s)"""
+    num_labeled: int = 4000
+    """labelled images, n (n / C per class; 40, 250 or 4000 on CIFAR-10 in the paper)"""
+    steps: int = 2 ** 20
+    """training steps, K"""
+    mu: int = 7
+    """unlabelled images per labelled one in a batch, mu"""
+    threshold: float = 0.95
+    """confidence threshold for pseudo-labels, tau"""
+    lambda_u: float = 1.0
+    """weight of the unlabelled loss, lambda_u (0: supervised-only baseline)"""
+    lr: float = 0.03
+    """learning rate, eta (decayed as eta cos(7 pi k / 16 K))"""
+    weight_decay: float = 5e-4
+    """weight decay on convolution and linear weights"""
+    depth: int = 28
+    """WideResNet depth (6 n + 4)"""
+    widen_factor: int = 2
+    """WideResNet width multiplier"""
+    bn_momentum: float = 0.001
+    """batch-norm momentum, PyTorch's convention (the official code's decay 0.999); short runs need more"""
+    ema_decay: float = 0.999
+    """decay of the exponential moving average of the weights that is evaluated"""
+    flip: bool = True
+    """horizontal flips in the weak view"""
+    image_size: int = 32
+    """side images are resized to (image folders only)"""
+    log_every: int = 64
+    """steps between log lines"""
+
+
+# Per-data-set departures from the CIFAR-10 recipe (the paper's Sec. 4 and Appendix B.1). The
+# synthetic `shapes` gets a small network and a short schedule, so a CPU finishes in about four
+# minutes; a short run also needs a faster EMA and batch-norm momentum than 2^20 steps do.
+DATASET_DEFAULTS = {
+    "cifar100": {"widen_factor": 8, "weight_decay": 1e-3, "num_labeled": 10000},
+    "svhn": {"flip": False, "num_labeled": 1000},
+    "stl10": {"num_labeled": 1000, "image_size": 96},
+    "shapes": {"num_labeled": 250, "depth": 10, "widen_factor": 1, "batch_size": 32, "mu": 2, "steps": 1200,
+               "eval_every": 200, "log_every": 50, "ema_decay": 0.99, "bn_momentum": 0.1},
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# The paper's pieces
+# --------------------------------------------------------------------------------------------------
+def labeled_split(labels: torch.Tensor, num_labeled: int, num_classes: int, seed: int) -> torch.Tensor:
+    """Indices of n / C images of every class, drawn with the seed (the paper's balanced split)."""
+    if num_labeled % num_classes:
+        raise common.ConfigError(f"--num-labeled {num_labeled} is not a multiple of the {num_classes} classes")
+    per_class = num_labeled // num_classes
+    g = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c in range(num_classes):
+        members = torch.nonzero(labels == c).squeeze(1)
+        if len(members) < per_class:
+            raise common.ConfigError(f"--num-labeled {num_labeled} needs {per_class} images of class {c}, "
+                                     f"the training set has {len(members)}")
+        chosen.append(members[torch.randperm(len(members), generator=g)[:per_class]])
+    return torch.cat(chosen)
+
+
+def fixmatch_loss(logits_x: torch.Tensor, targets_x: torch.Tensor, logits_weak: torch.Tensor,
+                  logits_strong: torch.Tensor, threshold: float = 0.95, lambda_u: float = 1.0):
+    """The FixMatch objective, Eq. 2-4: l_s + lambda_u l_u with
+    l_s = mean cross-entropy of the labelled batch (B, C),
+    l_u = (1 / mu B) sum_b 1[max q_b >= tau] CE(argmax q_b, strong logits_b), q_b = softmax of the
+    weak logits (no gradient, hard labels, no temperature). Returns the total, l_s, l_u, the mask
+    (mu B,) and the pseudo-labels (mu B,)."""
+    loss_s = F.cross_entropy(logits_x, targets_x)
+    confidence, pseudo = torch.softmax(logits_weak.detach().float(), dim=1).max(1)
+    mask = (confidence >= threshold).float()
+    loss_u = (F.cross_entropy(logits_strong, pseudo, reduction="none") * mask).mean()  # / all mu B
+    return loss_s + lambda_u * loss_u, loss_s, loss_u, mask, pseudo
+
+
+def cosine_lr(step: int, total_steps: int, lr: float) -> float:
+    """eta cos(7 pi k / 16 K): no warm-up; ends at eta cos(7 pi / 16), about 0.2 eta."""
+    return lr * math.cos(7 * math.pi * step / (16 * total_steps))
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on convolution and linear weights (the tensors with 2+ dimensions), none on
+    batch-norm parameters and biases, as the official code."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay ema + (1 - decay) model for the parameters; batch-norm buffers are copied, so
+    the EMA network is evaluated with running statistics that match its inputs."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+# --------------------------------------------------------------------------------------------------
+# The network: WRN-28-2, as the official code builds it
+# --------------------------------------------------------------------------------------------------
+class Block(nn.Module):
+    """Pre-activation residual block: BN -> LeakyReLU(0.1) -> conv3x3 -> BN -> LeakyReLU -> conv3x3,
+    plus the input, through a 1x1 convolution where the shape changes. The first block of the
+    network passes the activated input to its shortcut (`activate_before_residual`)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, activate_before_residual: bool = False,
+                 bn_momentum: float = 0.001):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(c_in, momentum=bn_momentum)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out, momentum=bn_momentum)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, bias=False) if c_in != c_out or stride != 1 else None
+        self.activate_before_residual = activate_before_residual
+
+    def forward(self, x):
+        out = F.leaky_relu(self.bn1(x), 0.1)
+        if self.activate_before_residual:
+            x = out
+        out = self.conv2(F.leaky_relu(self.bn2(self.conv1(out)), 0.1))
+        return out + (x if self.shortcut is None else self.shortcut(x))
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-widen_factor: a 16-channel 3x3 stem, three stages of (depth - 4) / 6 blocks of
+    widths 16k, 32k, 64k (stride 2 entering stages 2 and 3), BN, LeakyReLU, global average pool,
+    linear. No dropout. WRN-28-2 has 1.47 M parameters with 10 classes."""
+
+    def __init__(self, num_classes: int, depth: int = 28, widen_factor: int = 2, bn_momentum: float = 0.001):
+        super().__init__()
+        if (depth - 4) % 6:
+            raise common.ConfigError(f"--depth {depth}: a WideResNet has depth 6 n + 4 (10, 16, 22, 28, ...)")
+        n, widths = (depth - 4) // 6, [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
+        self.stem = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.blocks = nn.Sequential(*[
+            Block(widths[s] if i == 0 else widths[s + 1], widths[s + 1], 2 if i == 0 and s > 0 else 1,
+                  activate_before_residual=(s == 0 and i == 0), bn_momentum=bn_momentum)
+            for s in range(3) for i in range(n)])
+        self.bn = nn.BatchNorm2d(widths[3], momentum=bn_momentum)
+        self.fc = nn.Linear(widths[3], num_classes)
+        for m in self.modules():  # He (fan-out) for convolutions, Xavier for the classifier
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
+            elif isinstance(m, nn.Linear):
+                nn.init.xavier_normal_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):  # (N, 3, H, W) normalised -> (N, num_classes) logits
+        x = F.leaky_relu(self.bn(self.blocks(self.stem(x))), 0.1)
+        return self.fc(x.mean((2, 3)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, stats, amp: bool = False,
+             batch_size: int = 1024) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """Accuracy of `model` (in eval mode) on uint8 images; also its predictions and confidences."""
+    model.eval()
+    preds, confidence = [], []
+    for i in range(0, len(images), batch_size):
+        x = common.normalize(images[i:i + batch_size], *stats)
+        with torch.autocast(images.device.type, torch.bfloat16, enabled=amp):
+            probs = torch.softmax(model(x).float(), dim=1)
+        confidence.append(probs.max(1).values)
+        preds.append(probs.argmax(1))
+    preds, confidence = torch.cat(preds), torch.cat(confidence)
+    return float((preds == labels).float().mean()), preds, confidence
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+def batch_indices(n: int, batch_size: int, step: int, seed: int, device) -> torch.Tensor:
+    """The `step`-th batch of an endless stream of shuffled passes over n items. A function of
+    the step alone, so a resumed run draws exactly the batches the uninterrupted one would."""
+    positions = torch.arange(step * batch_size, (step + 1) * batch_size)
+    passes, offsets = positions // n, positions % n
+    out = torch.empty(batch_size, dtype=torch.long)
+    for p in passes.unique().tolist():
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + p))
+        out[passes == p] = perm[offsets[passes == p]]
+    return out.to(device)
+
+
+def train(args: Args) -> dict:
+    device = common.select_device(args.device)
+    common.set_seed(args.seed)
+    info = common.dataset_info(args.dataset, "classify")
+    load = dict(data_dir=args.data_dir, download=args.download, image_size=args.image_size)
+    train_set = common.load_dataset(args.dataset, "train", **load)
+    test_set = common.load_dataset(args.dataset, "test", **load)
+    num_classes = train_set.num_classes
+    if args.num_labeled > len(train_set):
+        raise common.ConfigError(f"--num-labeled {args.num_labeled} exceeds the {len(train_set)} training images")
+    labeled = labeled_split(train_set.labels, args.num_labeled, num_classes, args.seed)
+    unlabeled_images, unlabeled_labels = train_set.images, train_set.labels  # every training image
+    if args.dataset == "stl10":  # plus STL-10's 100,000 unlabelled ones (labels -1)
+        extra = common.load_dataset("stl10", "unlabeled", **load)
+        unlabeled_images = torch.cat([unlabeled_images, extra.images])
+        unlabeled_labels = torch.cat([unlabeled_labels, extra.labels])
+    out = common.prepare_out_dir(args.out_dir or f"runs/fixmatch-{args.dataset}-{args.seed}", args.resume, args)
+    print(f"fixmatch: {args.dataset} on {device}, {args.num_labeled} labels, {len(unlabeled_images)} unlabelled "
+          f"images, {len(test_set)} test images ({test_set.split}), WRN-{args.depth}-{args.widen_factor}", flush=True)
+
+    # Data lives on the device as uint8; batches are index draws, augmentation runs there too.
+    x_images, x_labels = train_set.images[labeled].to(device), train_set.labels[labeled].to(device)
+    u_images, u_labels = unlabeled_images.to(device), unlabeled_labels.to(device)
+    test_images, test_labels = test_set.images.to(device), test_set.labels.to(device)
+    stats = (info.mean, info.std)  # the data set's channel statistics (ImageNet's for image folders)
+    amp = args.amp and device.type == "cuda"
+
+    model = WideResNet(num_classes, args.depth, args.widen_factor, args.bn_momentum).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.SGD(parameter_groups(model, args.weight_decay), lr=args.lr, momentum=0.9, nesterov=True)
+    forward = torch.compile(model) if args.compile else model
+    augment_rng = torch.Generator(device=device).manual_seed(args.seed)
+    start, evals, seconds, train_seconds = 0, [], 0.0, 0.0
+    if args.resume:
+        state = common.load_checkpoint(out / "checkpoint.pt", map_location=device)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        augment_rng.set_state(state["augment_rng"].cpu())
+        start, evals, seconds, train_seconds = state["step"], state["evals"], state["seconds"], state["train_seconds"]
+        print(f"resumed at step {start}", flush=True)
+
+    logger = common.Logger(out, total=args.steps, start=start)
+    preds = None
+    t_run, images_since_log = time.perf_counter(), 0
+    for step in range(start, args.steps):
+        model.train()
+        t_step = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, args.steps, args.lr)
+        xi = batch_indices(len(x_images), args.batch_size, step, args.seed, device)
+        ui = batch_indices(len(u_images), args.mu * args.batch_size, step, args.seed + 1, device)
+        x, u = x_images[xi], u_images[ui]  # uint8 (B, 3, H, W), (mu B, 3, H, W)
+        x = common.weak_augment(x, flip=args.flip, generator=augment_rng)
+        u_weak = common.weak_augment(u, flip=args.flip, generator=augment_rng)
+        u_strong = common.strong_augment(u, flip=args.flip, cutout_size=u.shape[-1] // 2, generator=augment_rng)
+        inputs = common.normalize(torch.cat([x, u_weak, u_strong]), *stats)
+        if device.type == "cuda":
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+            logits = forward(inputs).float()  # (B + 2 mu B, C): batch norm sees every view at once
+        logits_x, logits_weak, logits_strong = logits.split([len(xi), len(ui), len(ui)])
+        loss, loss_s, loss_u, mask, pseudo = fixmatch_loss(logits_x, x_labels[xi], logits_weak, logits_strong,
+                                                           args.threshold, args.lambda_u)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        ema_update(ema, model, args.ema_decay)
+        train_seconds += time.perf_counter() - t_step
+        images_since_log += len(inputs)
+
+        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+            known = u_labels[ui] >= 0  # the unlabelled images' true labels: a diagnostic only
+            accepted = (mask > 0) & known
+            correct = (pseudo == u_labels[ui]) & accepted
+            logger.log(step + 1, {"train/loss": loss, "train/loss_s": loss_s, "train/loss_u": loss_u,
+                                  "train/mask": mask.mean(), "train/lr": optimizer.param_groups[0]["lr"],
+                                  "diag/pseudo_acc": correct.sum() / accepted.sum().clamp_min(1)},
+                       images=images_since_log)
+            images_since_log = 0
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            acc, preds, confidence = evaluate(ema, test_images, test_labels, stats, amp)
+            evals.append(acc)
+            logger.log(step + 1, {"eval/acc": acc, "eval/acc_median20": statistics.median(evals[-20:])})
+            seconds += time.perf_counter() - t_run
+            t_run = time.perf_counter()
+            common.save_checkpoint(out / "checkpoint.pt", {
+                "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                "augment_rng": augment_rng.get_state(), "step": step + 1, "evals": evals, "seconds": seconds,
+                "train_seconds": train_seconds, "args": dataclasses.asdict(args)})
+
+    if preds is None:  # resumed from the final checkpoint: nothing left to train
+        _, preds, confidence = evaluate(ema, test_images, test_labels, stats, amp)
+    common.save_cluster_grid(out / "predictions.png", test_images.cpu(), preds, confidence, num_clusters=num_classes)
+    total_images = args.steps * args.batch_size * (1 + 2 * args.mu)  # over the whole run, resumed or not
+    results = {"acc": statistics.median(evals[-20:]), "acc_last": evals[-1], "num_labeled": args.num_labeled,
+               "steps": args.steps, "seconds": seconds + time.perf_counter() - t_run,
+               "images_per_second": total_images / max(train_seconds, 1e-9)}
+    print("results: " + " ".join(f"{k}={v:.4g}" for k, v in results.items()), flush=True)
+    return common.write_results(out, results)
+
+
+def main(argv=None) -> dict:
+    torch.set_flush_denormal(True)  # denormal floats slow CPU training many times over
+    args = common.parse_args(Args, argv, DATASET_DEFAULTS, description=__doc__.split("\n")[0])
+    try:
+        return train(args)
+    except common.ConfigError as e:
+        raise SystemExit(f"fixmatch.py: error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
