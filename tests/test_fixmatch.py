@@ -103,7 +103,7 @@ SMOKE = ["--dataset", "shapes", "--depth", "10", "--widen-factor", "1", "--num-l
          "--mu", "2", "--steps", "6", "--eval-every", "3", "--log-every", "2", "--device", "cpu"]
 
 
-def test_smoke_run_writes_its_files_and_resume_reaches_the_same_result(tmp_path, monkeypatch):
+def test_smoke_run_writes_its_files_and_resume_reaches_the_same_result(tmp_path, interrupted_run):
     straight = fixmatch.main(SMOKE + ["--out-dir", str(tmp_path / "a")])
     for name in ("args.json", "log.jsonl", "checkpoint.pt", "results.json", "predictions.png"):
         assert (tmp_path / "a" / name).exists(), name
@@ -114,16 +114,7 @@ def test_smoke_run_writes_its_files_and_resume_reaches_the_same_result(tmp_path,
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
     assert sum("eval/acc" in r for r in records) == 2
 
-    real_save = common.save_checkpoint
-
-    def save_then_crash(*args, **kwargs):  # the run dies right after its first checkpoint (step 3)
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(common, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        fixmatch.main(SMOKE + ["--out-dir", str(tmp_path / "b")])
-    monkeypatch.undo()
+    interrupted_run(fixmatch.main, SMOKE + ["--out-dir", str(tmp_path / "b")])  # dies after its first checkpoint (step 3)
     assert common.load_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 3
     with pytest.raises(SystemExit, match="--resume"):  # a run in progress is not overwritten
         fixmatch.main(SMOKE + ["--out-dir", str(tmp_path / "b")])

@@ -192,7 +192,7 @@ SMOKE = ["--dataset", "shapes", "--image-size", "16", "--backbone-width", "4", "
          "--batch-size", "256", "--num-clusters", "20", "--min-cluster", "30", "--log-every", "10", "--device", "cpu"]
 
 
-def test_smoke_run_writes_its_files_and_resume_reaches_the_same_result(tmp_path, monkeypatch):
+def test_smoke_run_writes_its_files_and_resume_reaches_the_same_result(tmp_path, interrupted_run):
     straight = odc.main(SMOKE + ["--out-dir", str(tmp_path / "a")])
     for name in ("args.json", "log.jsonl", "checkpoint.pt", "results.json", "clusters.png"):
         assert (tmp_path / "a" / name).exists(), name
@@ -206,16 +206,7 @@ def test_smoke_run_writes_its_files_and_resume_reaches_the_same_result(tmp_path,
     assert all(r["train/min_cluster"] >= 30 for r in train_records), "small clusters are handled every step"
     assert sum("eval/knn_acc" in r for r in records) == 2 and sum("baseline/knn_acc" in r for r in records) == 1
 
-    real_save = common.save_checkpoint
-
-    def save_then_crash(*args, **kwargs):  # the run dies right after its first checkpoint (epoch 1)
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(common, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        odc.main(SMOKE + ["--out-dir", str(tmp_path / "b")])
-    monkeypatch.undo()
+    interrupted_run(odc.main, SMOKE + ["--out-dir", str(tmp_path / "b")])  # dies after its first checkpoint (epoch 1)
     assert common.load_checkpoint(tmp_path / "b" / "checkpoint.pt")["epoch"] == 1
     with pytest.raises(SystemExit, match="--resume"):  # a run in progress is not overwritten
         odc.main(SMOKE + ["--out-dir", str(tmp_path / "b")])
