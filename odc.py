@@ -363,7 +363,8 @@ def train(args: Args) -> dict:
     common.set_seed(args.seed)
     info = common.dataset_info(args.dataset, "classify")
     load = dict(data_dir=args.data_dir, download=args.download, image_size=args.image_size)
-    train_set, test_set = common.load_dataset(args.dataset, "train", **load), common.load_dataset(args.dataset, "test", **load)
+    train_set = common.load_dataset(args.dataset, "train", **load)
+    test_set = common.load_dataset(args.dataset, "test", **load)
     images = train_set.images  # what ODC clusters; kNN and k-means evaluation use the labelled train_set
     if args.dataset == "stl10":  # STL-10's 100,000 unlabelled images are made for this
         images = torch.cat([images, common.load_dataset("stl10", "unlabeled", **load).images])

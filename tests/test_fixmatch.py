@@ -114,7 +114,7 @@ def test_smoke_run_writes_its_files_and_resume_reaches_the_same_result(tmp_path,
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
     assert sum("eval/acc" in r for r in records) == 2
 
-    interrupted_run(fixmatch.main, SMOKE + ["--out-dir", str(tmp_path / "b")])  # dies after its first checkpoint (step 3)
+    interrupted_run(fixmatch.main, SMOKE + ["--out-dir", str(tmp_path / "b")])  # dies after step 3
     assert common.load_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 3
     with pytest.raises(SystemExit, match="--resume"):  # a run in progress is not overwritten
         fixmatch.main(SMOKE + ["--out-dir", str(tmp_path / "b")])

@@ -206,7 +206,7 @@ def test_smoke_run_writes_its_files_and_resume_reaches_the_same_result(tmp_path,
     assert all(r["train/min_cluster"] >= 30 for r in train_records), "small clusters are handled every step"
     assert sum("eval/knn_acc" in r for r in records) == 2 and sum("baseline/knn_acc" in r for r in records) == 1
 
-    interrupted_run(odc.main, SMOKE + ["--out-dir", str(tmp_path / "b")])  # dies after its first checkpoint (epoch 1)
+    interrupted_run(odc.main, SMOKE + ["--out-dir", str(tmp_path / "b")])  # dies after epoch 1
     assert common.load_checkpoint(tmp_path / "b" / "checkpoint.pt")["epoch"] == 1
     with pytest.raises(SystemExit, match="--resume"):  # a run in progress is not overwritten
         odc.main(SMOKE + ["--out-dir", str(tmp_path / "b")])
