@@ -26,7 +26,7 @@ def test_memory_update_is_the_normalised_momentum_average_then_the_nearest_centr
     before_f, before_l = memory.features.clone(), memory.labels.clone()
     idx = torch.tensor([0, 5, 9])
     z = torch.zeros(3, 8)
-    z[0, 0], z[1, 2], z[2, 2] = 3.0, 7.0, 0.1  # sample 0 stays near e0; 5 and 9 move towards e2
+    z[0, 0], z[1, 2], z[1, 1], z[2, 2] = 3.0, 7.0, -3.0, 0.1  # sample 0 (label 0) -> e0; 5 (label 1), 9 (2) -> e2
     changed = memory.update_samples(idx, z)
     expected = F.normalize(0.5 * before_f[idx] + 0.5 * F.normalize(z, dim=1), dim=1)
     assert torch.allclose(memory.features[idx], expected, atol=1e-6)
@@ -34,7 +34,7 @@ def test_memory_update_is_the_normalised_momentum_average_then_the_nearest_centr
     rest = torch.ones(12, dtype=torch.bool)
     rest[idx] = False
     assert torch.equal(memory.features[rest], before_f[rest]) and torch.equal(memory.labels[rest], before_l[rest])
-    # sample 0 keeps label 0; sample 5 (label 1) and sample 9 (label 2) both end nearest centroid 2
+    # only sample 5 changes label (1 -> 2): the scale of z does not matter, only its direction
     assert memory.labels[idx].tolist() == [0, 2, 2]
     assert changed.item() == pytest.approx(1 / 3)
     assert torch.equal(memory.labels[idx], (memory.features[idx] @ memory.centroids.T).argmax(1))
