@@ -1125,12 +1125,12 @@ def load_checkpoint(path, map_location="cpu") -> dict:  # tensors and plain valu
 
 def write_results(out_dir, results: dict) -> dict:
     """results.json, atomically. Accuracy-like figures (acc, nmi, ari, miou, pixel_acc and keys
-    ending in them) must be fractions in [0, 1]: a percentage is refused, not stored."""
+    ending in them) must be fractions in [0, 1] (ARI, below chance, down to -1): a percentage is refused."""
     results = _plain(results)
     for key, value in results.items():
-        fraction = key.split("_")[-1] in ("acc", "nmi", "ari", "miou")  # acc, self_nmi, pixel_acc, ...
-        if fraction and isinstance(value, float) and not 0.0 <= value <= 1.0:
-            raise ValueError(f"results[{key!r}] = {value} is not a fraction in [0, 1]")
+        low = {"acc": 0.0, "nmi": 0.0, "miou": 0.0, "ari": -1.0}.get(key.split("_")[-1])  # acc, self_nmi, ...
+        if low is not None and isinstance(value, float) and not low <= value <= 1.0:
+            raise ValueError(f"results[{key!r}] = {value} is not a fraction in [{low:g}, 1]")
     _atomic_write(Path(out_dir) / "results.json", json.dumps(results, indent=2).encode())
     return results
 

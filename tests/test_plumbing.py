@@ -126,9 +126,10 @@ def test_checkpoint_survives_a_crash_during_save(tmp_path, monkeypatch):
 def test_results_are_fractions(tmp_path):
     written = common.write_results(tmp_path, {"acc": torch.tensor(0.9), "kmeans_acc": 0.5, "seconds": 12.0})
     assert json.loads((tmp_path / "results.json").read_text()) == written == {"acc": pytest.approx(0.9), "kmeans_acc": 0.5, "seconds": 12.0}
-    for bad in ({"acc": 91.8}, {"self_nmi": -0.1}, {"miou": 1.5}):
+    for bad in ({"acc": 91.8}, {"self_nmi": -0.1}, {"miou": 1.5}, {"ari": 83.6}, {"self_ari": -1.5}):
         with pytest.raises(ValueError, match="fraction"):
             common.write_results(tmp_path, bad)
+    assert common.write_results(tmp_path, {"self_ari": -0.02}) == {"self_ari": -0.02}, "ARI below chance is negative"
 
 
 def test_pictures_are_written(tmp_path):
