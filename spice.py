@@ -1,0 +1,751 @@
+"""SPICE: semantic pseudo-labelling for image clustering, in three stages.
+
+Paper: Chuang Niu, Hongming Shan, Ge Wang, "SPICE: Semantic Pseudo-Labeling for Image
+Clustering", IEEE Transactions on Image Processing 31, 2022, arXiv:2103.09382.
+Official code: github.com/niuchuangnn/SPICE.
+
+The idea: near cluster borders an image's neighbours in an embedding often belong to another
+class, so instead of pulling neighbours together (SCAN), SPICE labels images by their similarity
+to cluster *prototypes* built from a classifier's most confident images, trains cheap heads on
+those labels, then keeps only the labels that are confident and agree with their whole
+neighbourhood, and finishes with semi-supervised learning on them.
+
+Algorithm (each name is a function below; `--stage moco|self|semi|all`, hand-over by file):
+Stage 1, MoCo v2 (`train_moco`): the backbone learns by instance discrimination.
+ 1. Two views per image (`moco_augment`): the query encoder sees one, its momentum copy
+    (`momentum_update`) the other, on shuffled groups (`shuffled_key_forward`: shuffle-BN on one
+    device, so batch norm cannot tell which key belongs to which query).
+ 2. `moco_loss`: InfoNCE of each query against its key and the `MocoQueue` of earlier keys.
+ 3. `embed`: the backbone feature of every image, unaugmented, L2-normalised, in the data set's
+    order: the embedding of stages 2 and 3 and of the k-means baseline (`kmeans_baseline`).
+Stage 2, SPICE-Self (`train_self`): 10 heads on the frozen backbone; per draw of N images:
+ 4. Every head scores the weak views: P (N x K).
+ 5. `prototype_pseudo_labels`: prototype c = mean embedding of the 0.5 N / K images with the
+    highest P[:, c]; the N / K images most similar to it get label c.
+ 6. `train_heads`: each head learns its own labels from the strong views (`head_loss`).
+ 7. `select_head`: step 5 over the whole split for every head; the lowest loss wins (no labels).
+Stage 3, SPICE-Semi (`train_semi`):
+ 8. `reliable_samples`: the predicted cluster is shared by 99 of the 100 nearest neighbours
+    (`knn_indices`) and the confidence exceeds 0.99; balanced to the smallest cluster's count.
+ 9. FixMatch (`fixmatch_loss`) trains a new WRN-28-2: reliable images labelled with their
+    clusters, every training image unlabelled; the final EMA model is the result, scored by
+    ACC (Hungarian), NMI (geometric normalisation, as the official code) and ARI (`scores`).
+
+Usage:
+    python spice.py --dataset cifar10                      # the paper's recipe (GPU: days)
+    python spice.py --dataset shapes                       # all three stages on a CPU in minutes
+    python spice.py --stage self --init-from runs/spice-cifar10-0/moco.pt --out-dir runs/self
+    python spice.py --dataset imagefolder --data-dir DIR --image-size 64 --protocol all
+
+Expected, ACC / NMI / ARI % (the paper's, ResNet-18):
+    CIFAR-10, split (train -> test)   SPICE-Self 84.5 / 73.9 / 70.9   SPICE 91.8 / 85.0 / 83.6
+    CIFAR-10, all (train + test)      SPICE-Self 83.8 / 73.4 / 70.5   SPICE 92.6 / 86.5 / 85.2
+    STL-10 (all) SPICE 93.8 / 87.2 / 87.0; CIFAR-100-20 (all) SPICE 53.8 / 56.7 / 38.7
+This file on a 2-core CPU: see the README's SPICE section (CPU smoke figures with commands).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+# --- Arguments: defaults are the paper's recipe for CIFAR-10 --------------------------------------
+@dataclasses.dataclass
+class Args:
+    dataset: str = "cifar10"
+    """data set name"""
+    data_dir: str | None = None
+    """folder holding the data set (default: ./data for torchvision's sets)"""
+    out_dir: str | None = None
+    """run folder (default: runs/<script>-<dataset>-<seed>)"""
+    download: bool = False
+    """download the data set with torchvision if it is missing"""
+    seed: int = 0
+    """random seed (labelled split, initialisation, augmentation)"""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N"""
+    batch_size: int = 128
+    """MoCo images per step"""
+    eval_every: int = 1024
+    """SPICE-Semi steps between evaluations of the EMA model (MoCo and SPICE-Self checkpoint every epoch)"""
+    resume: bool = False
+    """continue the run in --out-dir from its checkpoint"""
+    amp: bool = True
+    """bfloat16 autocast on CUDA (ignored on the CPU)"""
+    compile: bool = False
+    """torch.compile the network(s)"""
+    stage: str = "all"
+    """all, or one stage: moco, self (needs --init-from moco.pt), semi (needs --init-from self.pt)"""
+    init_from: str | None = None
+    """the previous stage's hand-over file (moco.pt or self.pt) or the run folder holding it"""
+    protocol: str = "split"
+    """split: train on train, evaluate on test (SCAN's); all: train and evaluate on train + test"""
+    num_clusters: int | None = None
+    """clusters, K (default: the number of classes)"""
+    backbone_width: int = 64
+    """base width of the CIFAR ResNet-18 (64: the standard one, 512-d features)"""
+    image_size: int = 32
+    """image side: image folders are resized to it, shapes drawn at it"""
+    moco_epochs: int = 1000
+    """MoCo epochs (the official CIFAR-10 command)"""
+    moco_lr: float = 0.015
+    """MoCo learning rate, cosine-decayed over the epochs"""
+    moco_momentum: float = 0.999
+    """momentum of the MoCo key encoder (short runs need less: the keys must follow the network)"""
+    moco_queue: int = 12800
+    """MoCo queue of negative keys (capped at half the images on small data sets)"""
+    bn_groups: int = 4
+    """groups the MoCo batch is split into for batch norm (shuffle-BN; 4 x 32 at batch 128)"""
+    self_epochs: int = 30
+    """SPICE-Self epochs (the official CIFAR-10 configuration file sets 100)"""
+    self_batch: int = 5000
+    """SPICE-Self images per draw, N (the paper's text: 1000; the official configuration: 5000)"""
+    num_heads: int = 10
+    """SPICE-Self heads"""
+    double_softmax: bool = True
+    """cross-entropy on the heads' softmax outputs, as the official code (--no-double-softmax: on logits)"""
+    consistency_ratio: float = 0.99
+    """share of the 100 nearest neighbours that must agree for a label to be reliable"""
+    confidence: float = 0.99
+    """top probability a label needs to be reliable"""
+    semi_steps: int = 2 ** 20
+    """SPICE-Semi (FixMatch) steps"""
+    semi_batch_size: int = 64
+    """SPICE-Semi labelled images per step (the unlabelled batch is --semi-mu times it)"""
+    semi_mu: int = 7
+    """SPICE-Semi unlabelled images per labelled one"""
+    semi_depth: int = 28
+    """SPICE-Semi WideResNet depth (6 n + 4)"""
+    semi_widen_factor: int = 2
+    """SPICE-Semi WideResNet width multiplier"""
+    semi_bn_momentum: float = 0.001
+    """SPICE-Semi batch-norm momentum (PyTorch's convention); short runs need more"""
+    ema_decay: float = 0.999
+    """decay of the exponential moving average of the SPICE-Semi weights that is evaluated"""
+    log_every: int = 50
+    """steps between log lines"""
+
+
+# Per-data-set departures. CIFAR-100-20 and STL-10: the paper's N = 10,000 and 100 head epochs,
+# STL-10's and the ImageNet subsets' agreement ratio 0.9 (for image folders too). The synthetic
+# `shapes` gets small networks and a schedule that a CPU finishes in minutes.
+DATASET_DEFAULTS = {
+    "cifar100-20": {"self_batch": 10000, "self_epochs": 100},
+    "stl10": {"image_size": 96, "self_epochs": 100, "consistency_ratio": 0.9},
+    "imagefolder": {"consistency_ratio": 0.9},
+    "shapes": {"backbone_width": 8, "image_size": 16, "moco_epochs": 32, "moco_lr": 0.06, "moco_momentum": 0.99,
+               "moco_queue": 2048, "self_epochs": 10, "self_batch": 1000, "semi_steps": 800, "semi_batch_size": 32,
+               "semi_mu": 3, "semi_depth": 10, "semi_widen_factor": 1, "semi_bn_momentum": 0.1, "ema_decay": 0.99,
+               "eval_every": 200, "log_every": 20, "consistency_ratio": 0.9, "confidence": 0.95},
+}
+
+
+# --- The networks: CIFAR ResNet-18 (stages 1-2), WRN-28-2 (stage 3) -------------------------------
+class BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = (nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+                         if stride != 1 or c_in != c_out else nn.Sequential())
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 with the CIFAR stem (3x3 convolution, stride 1, no max-pool); widths w, 2w, 4w,
+    8w; returns the globally average-pooled 8w-d feature (512-d for w = 64)."""
+
+    def __init__(self, width: int = 64):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        widths, layers, c_in = [width, 2 * width, 4 * width, 8 * width], [], width
+        for i, c_out in enumerate(widths):
+            layers += [BasicBlock(c_in, c_out, 1 if i == 0 else 2), BasicBlock(c_out, c_out, 1)]
+            c_in = c_out
+        self.layers = nn.Sequential(*layers)
+        self.dim = widths[-1]
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):  # (N, 3, H, W) -> (N, 8w)
+        return self.layers(self.stem(x)).mean((2, 3))
+
+
+class MoCo(nn.Module):
+    """Backbone -> projector MLP (d -> d -> ReLU -> 128), L2-normalised (MoCo v2)."""
+
+    def __init__(self, width: int = 64, dim: int = 128):
+        super().__init__()
+        self.backbone, d = ResNet18(width), 8 * width
+        self.projector = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, dim))
+
+    def forward(self, x):
+        return F.normalize(self.projector(self.backbone(x)).float(), dim=1)
+
+
+class Heads(nn.Module):
+    """SPICE-Self's independent clustering heads, each Linear(d, d) -> ReLU -> Linear(d, K)."""
+
+    def __init__(self, num_heads: int, dim: int, num_clusters: int):
+        super().__init__()
+        self.heads = nn.ModuleList(nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, num_clusters))
+                                   for _ in range(num_heads))
+
+    def forward(self, features):  # (N, d) -> logits (num_heads, N, K)
+        return torch.stack([head(features) for head in self.heads])
+
+
+class WideBlock(nn.Module):
+    """BN -> LeakyReLU(0.1) -> conv -> BN -> LeakyReLU -> conv, plus the (first block: activated) input."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, activate_before_residual: bool, bn_momentum: float):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(c_in, momentum=bn_momentum)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out, momentum=bn_momentum)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, bias=False) if c_in != c_out or stride != 1 else None
+        self.activate_before_residual = activate_before_residual
+
+    def forward(self, x):
+        out = F.leaky_relu(self.bn1(x), 0.1)
+        if self.activate_before_residual:
+            x = out
+        out = self.conv2(F.leaky_relu(self.bn2(self.conv1(out)), 0.1))
+        return out + (x if self.shortcut is None else self.shortcut(x))
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-k as FixMatch builds it: a 16-channel stem, stages of widths 16k, 32k, 64k, linear."""
+
+    def __init__(self, num_classes: int, depth: int = 28, widen_factor: int = 2, bn_momentum: float = 0.001):
+        super().__init__()
+        if (depth - 4) % 6:
+            raise common.ConfigError(f"--semi-depth {depth}: a WideResNet has depth 6 n + 4 (10, 16, 22, 28, ...)")
+        n, widths = (depth - 4) // 6, [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
+        self.stem = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.blocks = nn.Sequential(*[
+            WideBlock(widths[s] if i == 0 else widths[s + 1], widths[s + 1], 2 if i == 0 and s > 0 else 1,
+                      s == 0 and i == 0, bn_momentum) for s in range(3) for i in range(n)])
+        self.bn = nn.BatchNorm2d(widths[3], momentum=bn_momentum)
+        self.fc = nn.Linear(widths[3], num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
+            elif isinstance(m, nn.Linear):
+                nn.init.xavier_normal_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.fc(F.leaky_relu(self.bn(self.blocks(self.stem(x))), 0.1).mean((2, 3)))
+
+
+# --- Stage 1: MoCo v2 -----------------------------------------------------------------------------
+class MocoQueue:
+    """The last `size` keys (size, dim), the negatives of `moco_loss`; random unit vectors at first."""
+
+    def __init__(self, size: int, dim: int, device=None):
+        self.keys = F.normalize(torch.randn(size, dim, device=device), dim=1)
+        self.ptr = 0
+
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Overwrite the oldest len(keys) entries, wrapping around the end."""
+        idx = (self.ptr + torch.arange(len(keys), device=self.keys.device)) % len(self.keys)
+        self.keys[idx] = keys.detach().to(self.keys.dtype)
+        self.ptr = (self.ptr + len(keys)) % len(self.keys)
+
+
+def moco_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float = 0.2):
+    """InfoNCE (MoCo Eq. 1): logits [q.k+, q.queue] / T, cross-entropy towards index 0. Returns the
+    loss and the share of queries whose own key scores highest."""
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], 1) / temperature
+    target = torch.zeros(len(q), dtype=torch.long, device=q.device)
+    return F.cross_entropy(logits, target), (logits.argmax(1) == 0).float().mean()
+
+
+@torch.no_grad()
+def momentum_update(key_encoder: nn.Module, encoder: nn.Module, momentum: float = 0.999) -> None:
+    """theta_k <- m theta_k + (1 - m) theta_q; the key encoder keeps its own batch-norm statistics."""
+    for pk, pq in zip(key_encoder.parameters(), encoder.parameters()):
+        pk.lerp_(pq.detach(), 1 - momentum)
+
+
+def grouped_forward(encoder: nn.Module, x: torch.Tensor, groups: int) -> torch.Tensor:
+    """The encoder on consecutive chunks: batch-norm statistics per chunk, as per GPU."""
+    return torch.cat([encoder(chunk) for chunk in x.chunk(groups)])
+
+
+def shuffled_key_forward(key_encoder: nn.Module, x: torch.Tensor, groups: int, generator=None) -> torch.Tensor:
+    """Shuffle-BN on one device: shuffle the key batch, run it in groups (statistics per group,
+    each group a random mix of the query groups' images), restore the original order."""
+    perm = torch.randperm(len(x), generator=generator, device=x.device)
+    return grouped_forward(key_encoder, x[perm], groups)[perm.argsort()]
+
+
+def moco_augment(images: torch.Tensor, generator=None) -> torch.Tensor:
+    """MoCo v2's view: random resized crop (scale 0.2-1) + flip, colour jitter (0.4, 0.4, 0.4,
+    0.1) with p = 0.8, grayscale p = 0.2, Gaussian blur sigma 0.1-2 with p = 0.5."""
+    boxes, flip = common.draw_crops(len(images), scale=(0.2, 1.0), generator=generator, device=images.device)
+    x = common.resized_crop(images, boxes, flip, images.shape[-2:])
+    return common.photometric_augment(x, generator=generator)
+
+
+@torch.no_grad()
+def embed(backbone: nn.Module, images: torch.Tensor, stats, amp: bool = False, batch_size: int = 512) -> torch.Tensor:
+    """A network's outputs (the backbone's: features) for uint8 images in eval mode, in order."""
+    backbone.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        with torch.autocast(images.device.type, torch.bfloat16, enabled=amp):
+            out.append(backbone(common.normalize(images[i:i + batch_size], *stats)).float())
+    features = torch.cat(out)
+    assert len(features) == len(images), "the embedding has one row per image, in order"
+    return features
+
+
+# --- Stage 2: SPICE-Self --------------------------------------------------------------------------
+def prototype_pseudo_labels(probs: torch.Tensor, embedding: torch.Tensor, center_ratio: float = 0.5):
+    """Steps 2-3 of SPICE-Self for one head: probs (N, K), embedding (N, d) L2-normalised.
+    Prototype c = mean embedding of the 0.5 N / K images with the highest probs[:, c] (ranked per
+    column: one image may serve several prototypes); then the N / K images with the highest dot
+    product with prototype c are labelled c (top per prototype, not an argmax per image: an image
+    picked by two prototypes appears twice, once with each label). Returns (indices, labels),
+    each of length K x (N // K)."""
+    n, k = probs.shape
+    per_cluster = n // k
+    top = probs.topk(max(1, int(center_ratio * per_cluster)), dim=0).indices  # (M, K)
+    prototypes = embedding[top].mean(0)  # (M, K, d) -> (K, d), not re-normalised
+    picked = (embedding @ prototypes.T).topk(per_cluster, dim=0).indices  # (N / K, K)
+    labels = torch.arange(k, device=probs.device).repeat_interleave(per_cluster)
+    return picked.T.reshape(-1), labels
+
+
+def head_loss(logits: torch.Tensor, labels: torch.Tensor, double_softmax: bool = True) -> torch.Tensor:
+    """Cross-entropy against the pseudo-labels. The official heads end in a softmax and the loss
+    applies another one to those probabilities ("double softmax", the default here)."""
+    logits = logits.float()
+    return F.cross_entropy(logits.softmax(-1) if double_softmax else logits, labels)
+
+
+def select_head(logits: torch.Tensor, embedding: torch.Tensor, double_softmax: bool = True):
+    """Label-free head selection: for every head, steps 2-3 over the whole split on its logits
+    (heads, N, K), then its loss on those labels; the lowest loss wins. Returns (best, losses)."""
+    losses = []
+    for head_logits in logits:
+        idx, labels = prototype_pseudo_labels(head_logits.softmax(-1), embedding)
+        losses.append(head_loss(head_logits[idx], labels, double_softmax))
+    losses = torch.stack(losses)
+    return int(losses.argmin()), losses
+
+
+def train_heads(heads: Heads, optimizer, features: torch.Tensor, targets: list, passes: int = 8,
+                batch_size: int = 128, double_softmax: bool = True, generator=None) -> torch.Tensor:
+    """Step 4: `passes` shuffled passes of mini-batches over each head's (index, label) pairs,
+    features (N, d) of the strong views; the heads' losses are summed (each head owns its
+    parameters, so Adam trains them independently). Returns the mean loss per head."""
+    total, steps = torch.zeros(len(targets), device=features.device), 0
+    for _ in range(passes):
+        order = torch.randperm(len(targets[0][0]), generator=generator, device=generator.device).to(features.device)
+        for b in range(0, len(order), batch_size):
+            pos = order[b:b + batch_size]
+            losses = torch.stack([head_loss(head(features[idx[pos]]), labels[pos], double_softmax)
+                                  for head, (idx, labels) in zip(heads.heads, targets)])
+            optimizer.zero_grad(set_to_none=True)
+            losses.sum().backward()
+            optimizer.step()
+            total, steps = total + losses.detach(), steps + 1
+    return total / steps
+
+
+# --- Stage 3: SPICE-Semi --------------------------------------------------------------------------
+@torch.no_grad()
+def knn_indices(embedding: torch.Tensor, k: int = 100, chunk: int = 1024) -> torch.Tensor:
+    """The k most cosine-similar rows of each row of the L2-normalised embedding (itself
+    included), in chunks of rows: (N, k) without an N x N matrix."""
+    return torch.cat([(embedding[i:i + chunk] @ embedding.T).topk(k, dim=1).indices
+                      for i in range(0, len(embedding), chunk)])
+
+
+def reliable_samples(preds: torch.Tensor, confidence: torch.Tensor, neighbours: torch.Tensor, num_clusters: int,
+                     ratio: float = 0.99, threshold: float = 0.99, generator=None) -> torch.Tensor:
+    """Indices of the reliable images: at least ratio x k of the k neighbours (the image itself
+    among them) share its predicted cluster, and its top probability exceeds `threshold`; then
+    the same number per cluster, the smallest cluster's count, drawn at random."""
+    agree = (preds[neighbours] == preds[:, None]).sum(1)
+    reliable = (agree >= math.ceil(ratio * neighbours.shape[1] - 1e-6)) & (confidence > threshold)
+    counts = torch.bincount(preds[reliable], minlength=num_clusters)
+    if (counts == 0).any():
+        empty = torch.nonzero(counts == 0).squeeze(1).tolist()
+        raise common.ConfigError(f"no reliable image in cluster(s) {empty} ({int(reliable.sum())} reliable in all): "
+                                 f"lower --consistency-ratio (now {ratio}) or --confidence (now {threshold}), "
+                                 f"or train the earlier stages longer (self.pt is kept: --stage semi --init-from it)")
+    n_min, keep = int(counts.min()), []
+    for c in range(num_clusters):
+        members = torch.nonzero(reliable & (preds == c)).squeeze(1)
+        keep.append(members[torch.randperm(len(members), generator=generator)[:n_min].to(members.device)])
+    return torch.cat(keep)
+
+
+def fixmatch_loss(logits_x, targets_x, logits_weak, logits_strong, threshold: float = 0.95):
+    """FixMatch (its Eq. 2-4, lambda_u = 1): labelled cross-entropy plus the strong views' against the
+    weak views' argmax where its probability is >= tau, over all mu B. Returns total, l_u, mask."""
+    confidence, pseudo = torch.softmax(logits_weak.detach().float(), 1).max(1)
+    mask = (confidence >= threshold).float()
+    loss_u = (F.cross_entropy(logits_strong.float(), pseudo, reduction="none") * mask).mean()
+    return F.cross_entropy(logits_x.float(), targets_x) + loss_u, loss_u, mask
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """EMA of the weights; batch-norm statistics copied from the trained network."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int, device) -> torch.Tensor:
+    """A uniform draw of indices, a function of the step alone (a resumed run draws the same)."""
+    return torch.randint(n, (batch_size,), generator=torch.Generator().manual_seed(seed * 1_000_003 + step)).to(device)
+
+
+def predict(model: nn.Module, images: torch.Tensor, stats, amp: bool = False):
+    """Cluster and confidence of every image under a classifier in eval mode."""
+    confidence, preds = embed(model, images, stats, amp).softmax(1).max(1)
+    return preds, confidence
+
+
+def scores(labels: torch.Tensor, preds: torch.Tensor, prefix: str = "") -> dict:
+    """ACC (Hungarian), NMI with the geometric normalisation (the official code's), ARI."""
+    return {f"{prefix}acc": common.cluster_accuracy(labels, preds),
+            f"{prefix}nmi": common.nmi(labels, preds, average="geometric"), f"{prefix}ari": common.ari(labels, preds)}
+
+
+# --- Training: one function per stage, each ending in a hand-over file (moco.pt, self.pt) ---------
+@dataclasses.dataclass
+class Run:
+    """What every stage needs besides the arguments."""
+    out: Path
+    device: torch.device
+    stats: tuple
+    amp: bool
+    checkpoint: dict  # the interrupted stage's checkpoint when resuming, else {}
+    totals: dict  # seconds, train_seconds, images over the whole pipeline so far
+    t_last: float = dataclasses.field(default_factory=time.perf_counter)  # when totals["seconds"] last grew
+
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:  # uint8 -> normalised (channels-last on CUDA)
+        x = common.normalize(images, *self.stats)
+        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
+
+    def place(self, model: nn.Module) -> nn.Module:  # on the device, channels-last on CUDA
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.device.type == "cuda" else model
+
+    def resumed(self, stage: str) -> dict:
+        return self.checkpoint if self.checkpoint.get("stage") == stage else {}
+
+    def tick(self) -> dict:  # the totals, wall time brought up to now
+        now = time.perf_counter()
+        self.totals["seconds"], self.t_last = self.totals["seconds"] + now - self.t_last, now
+        return self.totals
+
+    def save(self, name: str, state: dict) -> None:  # a checkpoint or hand-over file, with the totals
+        common.save_checkpoint(self.out / name, {**state, "totals": dict(self.tick())})
+
+
+def train_moco(args: Args, run: Run, images: torch.Tensor) -> dict:
+    """Stage 1 on uint8 `images`; returns the backbone's weights."""
+    torch.manual_seed(args.seed)  # every stage seeds itself: a stage run alone repeats the same run
+    model = run.place(MoCo(args.backbone_width))
+    key_encoder = copy.deepcopy(model).requires_grad_(False)
+    n, steps = len(images), len(images) // args.batch_size  # the last partial batch is dropped
+    queue_size = args.moco_queue if n >= 2 * args.moco_queue else n // 2
+    if queue_size != args.moco_queue:  # else every image meets its own stale keys as negatives
+        print(f"moco: queue capped at {queue_size} keys, half the {n} images", flush=True)
+    queue = MocoQueue(queue_size, 128, run.device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.moco_lr, momentum=0.9, weight_decay=1e-4)
+    forward = torch.compile(model) if args.compile else model
+    state, start = run.resumed("moco"), 0
+    if state:
+        model.load_state_dict(state["model"])
+        key_encoder.load_state_dict(state["key_encoder"])
+        optimizer.load_state_dict(state["optimizer"])
+        queue.keys, queue.ptr, start = state["queue"], state["queue_ptr"], state["epoch"]
+    logger = common.Logger(run.out, total=args.moco_epochs, start=start)
+    for epoch in range(start, args.moco_epochs):
+        lr = args.moco_lr * 0.5 * (1 + math.cos(math.pi * epoch / args.moco_epochs))  # cosine, per epoch
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        rng = torch.Generator(run.device).manual_seed(args.seed * 1_000_003 + epoch)
+        order = torch.randperm(n, generator=rng, device=run.device)
+        model.train(), key_encoder.train()
+        losses, accs, seen = [], [], 0
+        for b in range(steps):
+            t_step = time.perf_counter()
+            x = images[order[b * args.batch_size:(b + 1) * args.batch_size]]
+            x_q, x_k = run.inputs(moco_augment(x, rng)), run.inputs(moco_augment(x, rng))
+            with torch.autocast(run.device.type, torch.bfloat16, enabled=run.amp):
+                q = grouped_forward(forward, x_q, args.bn_groups)
+                with torch.no_grad():
+                    momentum_update(key_encoder, model, args.moco_momentum)
+                    k = shuffled_key_forward(key_encoder, x_k, args.bn_groups, rng)
+            loss, acc = moco_loss(q.float(), k.float(), queue.keys, temperature=0.2)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            queue.enqueue(k)
+            run.totals["train_seconds"] += time.perf_counter() - t_step
+            run.totals["images"] += 2 * len(x)
+            losses.append(loss.detach()), accs.append(acc)
+            seen += 2 * len(x)
+            if (b + 1) % args.log_every == 0 or b + 1 == steps:
+                logger.log(epoch + (b + 1) / steps, {"moco/loss": torch.stack(losses).mean(),
+                                                     "moco/instance_acc": torch.stack(accs).mean(), "moco/lr": lr},
+                           images=seen)
+                losses, accs, seen = [], [], 0
+        run.save("checkpoint.pt", {
+            "stage": "moco", "epoch": epoch + 1, "model": model.state_dict(), "key_encoder": key_encoder.state_dict(),
+            "optimizer": optimizer.state_dict(), "queue": queue.keys, "queue_ptr": queue.ptr})
+    return model.backbone.state_dict()
+
+
+def kmeans_baseline(args: Args, run: Run, backbone: nn.Module, train_images, eval_images, eval_labels) -> dict:
+    """k-means with K clusters on the stage-1 embedding of the training images, applied to the
+    evaluated split's embedding: the baseline that SPICE-Self must beat."""
+    fit, evaluated = (F.normalize(embed(backbone, x, run.stats, run.amp), dim=1) for x in (train_images, eval_images))
+    centroids, _ = common.kmeans(fit, args.num_clusters, seed=args.seed)
+    return scores(eval_labels, common.assign_to_centroids(evaluated, centroids), "kmeans_")
+
+
+def train_self(args: Args, run: Run, backbone: nn.Module, images, labels, eval_images, eval_labels) -> tuple:
+    """Stage 2 on the frozen backbone (kept in eval mode); returns the selected head and the
+    SPICE-Self figures on the evaluated split."""
+    torch.manual_seed(args.seed + 1)
+    backbone.eval().requires_grad_(False)
+    features = embed(backbone, images, run.stats, run.amp)  # (n, d): unaugmented, for selection
+    embedding = F.normalize(features, dim=1)  # prototypes and similarities live here
+    heads = Heads(args.num_heads, backbone.dim, args.num_clusters).to(run.device)
+    optimizer = torch.optim.Adam(heads.parameters(), lr=0.005)  # no weight decay (official configuration)
+    n, size = len(images), min(args.self_batch, len(images))
+    if size < args.self_batch:
+        print(f"self: N = {size}, all the images (fewer than --self-batch {args.self_batch})", flush=True)
+    state, start, best = run.resumed("self"), 0, 0
+    if state:
+        heads.load_state_dict(state["heads"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, best = state["epoch"], state["best"]
+    logger = common.Logger(run.out, total=args.self_epochs, start=start)
+    for epoch in range(start, args.self_epochs):
+        rng = torch.Generator(run.device).manual_seed(args.seed * 1_000_003 + 500_000 + epoch)
+        order = torch.randperm(n, generator=rng, device=run.device)
+        for d in range(n // size):
+            t_step = time.perf_counter()
+            draw = order[d * size:(d + 1) * size]
+            weak = embed(backbone, common.weak_augment(images[draw], generator=rng), run.stats, run.amp)
+            # SCAN's strong view: flip, 4 RandAugment ops always applied, Cutout of random side up to half
+            strong = embed(backbone, common.strong_augment(images[draw], num_ops=4, prob=1.0, random_cutout=True,
+                                                           cutout_size=images.shape[-1] // 2, generator=rng),
+                           run.stats, run.amp)
+            with torch.no_grad():
+                probs = heads(weak).softmax(-1)  # (heads, N, K): step 1
+            targets = [prototype_pseudo_labels(p, embedding[draw]) for p in probs]  # steps 2-3
+            losses = train_heads(heads, optimizer, strong, targets, double_softmax=args.double_softmax,
+                                 generator=rng)  # step 4
+            run.totals["train_seconds"] += time.perf_counter() - t_step
+            run.totals["images"] += 2 * size
+            logger.log(epoch + (d + 1) / (n // size), {"self/loss": losses.mean(), "self/loss_min": losses.min()},
+                       images=2 * size)
+        with torch.no_grad():
+            logits = heads(features)
+        best, selection = select_head(logits, embedding, args.double_softmax)
+        oracle = [common.cluster_accuracy(labels, head_logits.argmax(1)) for head_logits in logits]  # chooses nothing
+        logger.log(epoch + 1, {"self/selected_head": best, "self/selection_loss": selection[best],
+                               "oracle/selected_head_acc": oracle[best], "oracle/best_head_acc": max(oracle)})
+        run.save("checkpoint.pt", {"stage": "self", "epoch": epoch + 1, "heads": heads.state_dict(),
+                                   "optimizer": optimizer.state_dict(), "best": best})
+    head = heads.heads[best]
+    preds, confidence = predict(nn.Sequential(backbone, head), eval_images, run.stats, run.amp)
+    common.save_cluster_grid(run.out / "self_clusters.png", eval_images, preds, confidence,
+                             num_clusters=args.num_clusters)
+    return head, {**scores(eval_labels, preds, "self_"), "selected_head": best}
+
+
+def train_semi(args: Args, run: Run, backbone: nn.Module, head: nn.Module, images, labels, eval_images,
+               eval_labels) -> dict:
+    """Stage 3: reliable labels from the stage-2 classifier and the stage-1 embedding, then
+    FixMatch training a new WideResNet; returns the final EMA model's figures and the count."""
+    torch.manual_seed(args.seed + 2)
+    embedding = F.normalize(embed(backbone, images, run.stats, run.amp), dim=1)
+    preds, confidence = predict(nn.Sequential(backbone, head), images, run.stats, run.amp)
+    neighbours = knn_indices(embedding, k=min(100, len(images)))
+    reliable = reliable_samples(preds, confidence, neighbours, args.num_clusters, args.consistency_ratio,
+                                args.confidence, generator=torch.Generator().manual_seed(args.seed))
+    oracle = common.cluster_accuracy(labels[reliable], preds[reliable])  # a diagnostic: chooses nothing
+    print(f"semi: {len(reliable)} reliable images ({len(reliable) // args.num_clusters} per cluster), oracle accuracy "
+          f"of their cluster labels {oracle:.4f}", flush=True)
+    x_images, x_labels = images[reliable], preds[reliable]
+    model = run.place(WideResNet(args.num_clusters, args.semi_depth, args.semi_widen_factor, args.semi_bn_momentum))
+    ema = copy.deepcopy(model).requires_grad_(False)
+    decay = [p for p in model.parameters() if p.ndim > 1]  # weight decay on weights, none on BN and biases
+    groups = [{"params": decay, "weight_decay": 5e-4},
+              {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
+    optimizer = torch.optim.SGD(groups, lr=0.03, momentum=0.9, nesterov=True)  # lr 0.03 cos(7 pi k / 16 K)
+    forward = torch.compile(model) if args.compile else model
+    rng = torch.Generator(run.device).manual_seed(args.seed)
+    state, start = run.resumed("semi"), 0
+    if state:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        rng.set_state(state["rng"].cpu())
+        start = state["step"]
+    logger = common.Logger(run.out, total=args.semi_steps, start=start)
+    b, seen = args.semi_batch_size, 0
+    for step in range(start, args.semi_steps):
+        model.train()
+        t_step = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = 0.03 * math.cos(7 * math.pi * step / (16 * args.semi_steps))
+        xi = batch_indices(len(x_images), b, step, args.seed, run.device)
+        ui = batch_indices(len(images), args.semi_mu * b, step, args.seed + 1, run.device)
+        u = images[ui]
+        inputs = torch.cat([common.weak_augment(x_images[xi], generator=rng), common.weak_augment(u, generator=rng),
+                            common.strong_augment(u, cutout_size=u.shape[-1] // 2, generator=rng)])
+        with torch.autocast(run.device.type, torch.bfloat16, enabled=run.amp):
+            logits = forward(run.inputs(inputs)).float()
+        logits_x, logits_weak, logits_strong = logits.split([len(xi), len(ui), len(ui)])
+        loss, loss_u, mask = fixmatch_loss(logits_x, x_labels[xi], logits_weak, logits_strong)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        ema_update(ema, model, args.ema_decay)
+        run.totals["train_seconds"] += time.perf_counter() - t_step
+        run.totals["images"] += len(inputs)
+        seen += len(inputs)
+        if (step + 1) % args.log_every == 0 or step + 1 == args.semi_steps:
+            logger.log(step + 1, {"semi/loss": loss, "semi/loss_u": loss_u, "semi/mask": mask.mean(),
+                                  "semi/lr": optimizer.param_groups[0]["lr"]}, images=seen)
+            seen = 0
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.semi_steps:
+            logger.log(step + 1, {f"eval/{k}": v for k, v in
+                                  scores(eval_labels, predict(ema, eval_images, run.stats, run.amp)[0]).items()})
+            run.save("checkpoint.pt", {
+                "stage": "semi", "step": step + 1, "model": model.state_dict(), "ema": ema.state_dict(),
+                "optimizer": optimizer.state_dict(), "rng": rng.get_state()})
+    preds, confidence = predict(ema, eval_images, run.stats, run.amp)  # the final EMA model, never a chosen one
+    common.save_cluster_grid(run.out / "clusters.png", eval_images, preds, confidence, num_clusters=args.num_clusters)
+    return {**scores(eval_labels, preds), "num_reliable": len(reliable), "oracle_reliable_acc": oracle}
+
+
+def load_handover(args: Args) -> dict:
+    """The previous stage's file for --stage self / semi, checked against this run's settings."""
+    wanted = {"self": "moco.pt", "semi": "self.pt"}[args.stage]
+    path = Path(args.init_from) / wanted if Path(args.init_from).is_dir() else Path(args.init_from)
+    if not path.is_file():
+        raise common.ConfigError(f"--init-from {args.init_from}: no {wanted} there; --stage {args.stage} starts from "
+                                 f"the {wanted} that an earlier run's previous stage wrote into its --out-dir")
+    state = common.load_checkpoint(path)
+    if state.get("stage") != wanted[:-3]:
+        raise common.ConfigError(f"--init-from {path} is a {state.get('stage')!r} hand-over; --stage {args.stage} "
+                                 f"needs {wanted}")
+    for key in ("dataset", "protocol", "backbone_width", "image_size", "num_clusters"):
+        if state["args"][key] != getattr(args, key):
+            raise common.ConfigError(f"--init-from {path} was made with --{key.replace('_', '-')} "
+                                     f"{state['args'][key]}, this run has {getattr(args, key)}: pass the same value")
+    return state
+
+
+def train(args: Args) -> dict:
+    if args.stage not in ("all", "moco", "self", "semi") or args.protocol not in ("split", "all"):
+        raise common.ConfigError(f"--stage must be all, moco, self or semi (got {args.stage!r}) and --protocol "
+                                 f"split or all (got {args.protocol!r})")
+    if (args.init_from is None) == (args.stage in ("self", "semi")):
+        raise common.ConfigError("--init-from goes with --stage self (moco.pt) or --stage semi (self.pt), and only "
+                                 f"with them (here: --stage {args.stage}, --init-from {args.init_from})")
+    device = common.select_device(args.device)
+    common.set_seed(args.seed)
+    info = common.dataset_info(args.dataset, "classify")
+    load = dict(data_dir=args.data_dir, download=args.download, image_size=args.image_size)
+    train_set, test_set = (common.load_dataset(args.dataset, split, **load) for split in ("train", "test"))
+    images, labels = train_set.images, train_set.labels  # what is clustered
+    eval_images, eval_labels = test_set.images, test_set.labels
+    if args.protocol == "all":  # the paper's main table: cluster and evaluate train + test
+        images, labels = torch.cat([images, eval_images]), torch.cat([labels, eval_labels])
+        eval_images, eval_labels = images, labels
+    pretrain = images  # MoCo's images; STL-10 adds its 100,000 unlabelled ones, made for this
+    if args.dataset == "stl10":
+        pretrain = torch.cat([images, common.load_dataset("stl10", "unlabeled", **load).images])
+    args = dataclasses.replace(args, num_clusters=args.num_clusters or train_set.num_classes)
+    if not 2 <= args.num_clusters <= min(len(images), args.self_batch):
+        raise common.ConfigError(f"--num-clusters {args.num_clusters}: need 2 to min(images {len(images)}, "
+                                 f"--self-batch {args.self_batch}) clusters")
+    if not 1 <= args.bn_groups <= args.batch_size <= len(pretrain):
+        raise common.ConfigError(f"need 1 <= --bn-groups ({args.bn_groups}) <= --batch-size ({args.batch_size}) <= "
+                                 f"the {len(pretrain)} training images")
+    handover = load_handover(args) if args.init_from else {}
+    out = common.prepare_out_dir(args.out_dir or f"runs/spice-{args.dataset}-{args.seed}", args.resume, args)
+    print(f"spice: {args.dataset} on {device}, stage {args.stage}, protocol {args.protocol}: {len(images)} images "
+          f"into {args.num_clusters} clusters, evaluated on {len(eval_images)}", flush=True)
+    checkpoint = common.load_checkpoint(out / "checkpoint.pt", map_location=device) if args.resume else {}
+    totals = checkpoint.get("totals", handover.get("totals", {"seconds": 0.0, "train_seconds": 0.0, "images": 0}))
+    run = Run(out, device, (info.mean, info.std), args.amp and device.type == "cuda", checkpoint, dict(totals))
+    images, labels, pretrain, eval_images, eval_labels = (x.to(device) for x in (images, labels, pretrain, eval_images,
+                                                                                  eval_labels))
+    results = dict(handover.get("results", {}))
+    backbone = ResNet18(args.backbone_width).to(device)
+    if handover:
+        backbone.load_state_dict(handover["backbone"])
+    for stage in ["moco", "self", "semi"] if args.stage == "all" else [args.stage]:
+        if args.resume and (out / f"{stage}.pt").exists():  # finished before the interruption
+            handover = common.load_checkpoint(out / f"{stage}.pt", map_location=device)
+            results = handover["results"]  # the totals: this file's or the later checkpoint's
+            run.totals = max(run.totals, handover["totals"], key=lambda t: t["seconds"])
+            backbone.load_state_dict(handover["backbone"])
+            continue
+        if stage == "moco":
+            backbone.load_state_dict(train_moco(args, run, pretrain))
+            results.update(kmeans_baseline(args, run, backbone, images, eval_images, eval_labels))
+            print("baseline: " + " ".join(f"{k}={v:.4g}" for k, v in results.items()), flush=True)
+            handover = {"backbone": backbone.state_dict()}
+        elif stage == "self":
+            head, figures = train_self(args, run, backbone, images, labels, eval_images, eval_labels)
+            results.update(figures)
+            handover = {"backbone": backbone.state_dict(), "head": head.state_dict()}
+        else:
+            head = Heads(1, backbone.dim, args.num_clusters).heads[0].to(device)
+            head.load_state_dict(handover["head"])
+            results.update(train_semi(args, run, backbone, head, images, labels, eval_images, eval_labels))
+        if stage != "semi":
+            run.save(f"{stage}.pt", {**handover, "stage": stage, "results": results, "args": dataclasses.asdict(args)})
+    results.update(seconds=run.tick()["seconds"],
+                   images_per_second=run.totals["images"] / max(run.totals["train_seconds"], 1e-9))
+    print("results: " + " ".join(f"{k}={v:.4g}" for k, v in results.items()), flush=True)
+    return common.write_results(out, results)
+
+
+def main(argv=None) -> dict:
+    torch.set_flush_denormal(True)  # denormal floats slow CPU training many times over
+    args = common.parse_args(Args, argv, DATASET_DEFAULTS, description=__doc__.split("\n")[0])
+    try:
+        return train(args)
+    except common.ConfigError as e:
+        raise SystemExit(f"spice.py: error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
