@@ -1,0 +1,565 @@
+"""PiCIE: unsupervised semantic segmentation by clustering with invariance and equivariance.
+
+Paper: Jang Hyun Cho, Utkarsh Mall, Kavita Bala, Bharath Hariharan, "PiCIE: Unsupervised Semantic
+Segmentation using Invariance and Equivariance in Clustering", CVPR 2021, arXiv:2103.17070.
+Official code: github.com/janghyuncho/PiCIE.
+
+The idea: cluster pixel features with k-means and train the network to predict the cluster
+labels (DeepCluster for pixels). Two views of every image make the labels mean something: the
+colours of the views differ (the features must be invariant to them) and the second view's
+crop and flip are applied to its *feature map* (the features must be equivariant to them), and
+each view is also trained on the other view's clusters.
+
+One epoch (each name is a function below):
+1. `draw_epoch_transforms`: per training image, two photometric transforms P1, P2 (colour
+   jitter, grayscale, blur), one square crop and one flip bit, fixed for the whole epoch.
+2. `view_features`: view 1 = crop + flip of P1(x), resized -> network -> Z1; view 2 = P2(x)
+   resized -> network -> the same crop + flip applied to its feature map (`geometric`) -> Z2.
+   Z1 and Z2 are aligned pixel for pixel; both L2-normalised along channels.
+3. `cluster_pixels`: per view, k-means with K clusters on a sample of pixel features (network in
+   eval mode) -> centroids mu_1, mu_2.
+4. `assign_labels`: every pixel of every image gets its nearest centroid, per view; the labels
+   stay in memory. `class_weights` from the cluster sizes.
+5. `picie_loss`: frozen dot-product classifiers mu_1, mu_2 (`cluster_logits`); class-weighted
+   cross-entropy within each view and across the views (view 1 against view 2's labels and back).
+6. Adam over the training images in random order, then the next epoch clusters anew.
+7. `evaluate`: fresh k-means on features of un-augmented training images, prediction = argmax of
+   z . mu, one confusion matrix over the evaluation split, Hungarian matching of clusters to
+   classes, pixel accuracy and mIoU; the untrained network first, as the baseline.
+
+Usage:
+    python picie.py --dataset cocostuff27 --data-dir DIR        # the paper's recipe (GPU; official log: 1.5 h an epoch)
+    python picie.py --dataset cityscapes --data-dir DIR         # 27 classes, trains on test + train_extra
+    python picie.py --dataset shapes-seg                        # a small complete run on a CPU
+    python picie.py --dataset camvid --data-dir DIR --weights none --image-size 128 --epochs 3 --batch-size 32 --lr 1e-3
+
+Expected, pixel accuracy / mIoU % (the paper's, ResNet-18 FPN from ImageNet weights):
+    COCO-Stuff-27  PiCIE 48.09 / 13.84   Modified DeepCluster 32.2 / 9.8    IIC 21.8 / 6.7
+    Cityscapes-27  PiCIE 65.50 / 12.31   Modified DeepCluster 40.7 / 7.1    IIC 47.9 / 6.4
+This file on a 2-core CPU (CPU smoke figures; commands in the README), random initialisation,
+mIoU / pixel accuracy after training (the untrained network, batch norm recomputed, in brackets):
+    shapes-seg, 32 px, 6 epochs, 3 seeds: 0.131-0.177 / 0.400-0.558 (0.076-0.107 / 0.235-0.298)
+    CamVid, 128 px, batch 32, lr 1e-3, 3 epochs, seed 0: 0.175 / 0.498 (0.127 / 0.365)
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import common
+
+
+# --------------------------------------------------------------------------------------------------
+# Arguments: defaults are the paper's recipe for COCO-Stuff-27
+# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Args:
+    dataset: str = "cocostuff27"
+    """data set name"""
+    data_dir: str | None = None
+    """folder holding the data set (default: ./data for torchvision's sets)"""
+    out_dir: str | None = None
+    """run folder (default: runs/<script>-<dataset>-<seed>)"""
+    download: bool = False
+    """download the data set with torchvision if it is missing"""
+    seed: int = 0
+    """random seed (labelled split, initialisation, augmentation)"""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N"""
+    batch_size: int = 128
+    """images per training step (the clustering, labelling and evaluation passes use it too)"""
+    eval_every: int = 1
+    """epochs between evaluations (a checkpoint follows every epoch)"""
+    resume: bool = False
+    """continue the run in --out-dir from its checkpoint"""
+    amp: bool = True
+    """bfloat16 autocast on CUDA (ignored on the CPU)"""
+    compile: bool = False
+    """torch.compile the network(s)"""
+    epochs: int = 10
+    """training epochs, each of which clusters the features anew"""
+    num_clusters: int | None = None
+    """clusters K (default: the number of classes, 27 for COCO-Stuff-27 and Cityscapes)"""
+    image_size: int = 320
+    """training and evaluation resolution, the network's input (decoded at twice it for view 1's crops)"""
+    weights: Literal["imagenet", "none"] = "imagenet"
+    """ResNet-18 initialisation: torchvision's ImageNet weights (the paper) or random"""
+    balance: Literal["proportional", "inverse", "none"] = "proportional"
+    """cross-entropy class weights from cluster sizes: proportional (official code), inverse (the paper's aim), none"""
+    lr: float = 1e-4
+    """Adam learning rate (1e-3 for Cityscapes), no weight decay"""
+    min_scale: float = 0.5
+    """smallest crop side as a fraction of the image side (the side is uniform in [min_scale, 1])"""
+    kmeans_images: int = 5120
+    """training images whose pixel features k-means sees (the official 20 batches of 256)"""
+    kmeans_pixels: int = 32_768_000
+    """pixel features k-means sees, spread evenly over those images (default: every pixel of 5120 80 x 80 maps)"""
+    kmeans_iters: int = 20
+    """Lloyd iterations of each k-means"""
+    workers: int = 4
+    """DataLoader workers that decode the streamed data sets (COCO-Stuff, Cityscapes)"""
+    log_every: int = 50
+    """training steps between log lines"""
+
+
+# Per-data-set departures: Cityscapes trains with lr 1e-3 (the official script). The synthetic
+# `shapes-seg` (1,000 training images) gets a small resolution and schedule that a CPU runs in
+# minutes, offline: random initialisation, hence Cityscapes' larger learning rate, and batch 32.
+DATASET_DEFAULTS = {
+    "cityscapes": {"lr": 1e-3},
+    "cityscapes27": {"lr": 1e-3},
+    "shapes-seg": {"image_size": 32, "weights": "none", "epochs": 6, "eval_every": 3, "batch_size": 32, "lr": 1e-3,
+                   "kmeans_images": 1000, "log_every": 10},
+}
+# Splits: Cityscapes follows the official protocol (train on the unlabelled test + train_extra
+# images, evaluate on train + val); the others train on train and evaluate on test (or val).
+SPLITS = {"cityscapes27": ("test+train_extra", "val+train"), "cocostuff27": ("train", "val")}
+STREAMED = ("cocostuff27", "cityscapes27")  # too large for memory: decoded from disk by DataLoader workers
+
+
+# --------------------------------------------------------------------------------------------------
+# The paper's pieces: the epoch's transforms, the two views, clustering, labels, weights, loss
+# --------------------------------------------------------------------------------------------------
+# MoCo v2's photometric transforms with PiCIE's strengths (Sec. 4; data/custom_transforms.py): each
+# jitter op on its own coin (p = 0.8), factors 1 +/- 0.3, hue +/- 0.1, in a fixed order, then
+# grayscale and blur. Deviation: the official code never applies the grayscale (it checks for
+# "gray", its flag adds "grey") and computes a blur radius from the coin that is never in
+# [0.1, 2]; we apply both as intended (method note, step 1).
+PHOTOMETRIC = dict(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.1, jitter_p=0.8, jitter_each=True,
+                   random_order=False, grayscale_p=0.2, blur_p=0.5, blur_sigma=(0.1, 2.0))
+
+
+def draw_epoch_transforms(n: int, min_scale: float = 0.5, generator=None, device=None) -> dict:
+    """The random transforms of one epoch for n images, drawn once so that the clustering pass, the
+    labelling pass and the training pass all see the same views of image i: photometric parameters
+    `p1`, `p2` (dicts of (n, ...) tensors), square crop `boxes` (n, 4) = (x0, y0, side, side) in
+    fractions of the image (side uniform in [min_scale, 1], position uniform), `flip` (n,)."""
+    p1, p2 = (common.draw_photometric(n, **PHOTOMETRIC, generator=generator, device=device) for _ in range(2))
+    side = min_scale + (1 - min_scale) * torch.rand(n, generator=generator, device=device)
+    x0, y0 = (torch.rand(n, generator=generator, device=device) * (1 - side) for _ in range(2))
+    flip = torch.rand(n, generator=generator, device=device) < 0.5
+    return {"p1": p1, "p2": p2, "boxes": torch.stack([x0, y0, side, side], 1), "flip": flip}
+
+
+def pick(params: dict, idx: torch.Tensor) -> dict:  # the rows of a batch's images from per-image parameters
+    return {k: pick(v, idx) if isinstance(v, dict) else v[idx] for k, v in params.items()}
+
+
+def geometric(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size=None) -> torch.Tensor:
+    """Crop each map of x (B, C, H, W) to its box, flip where `flip`, resize to `size` (default:
+    x's own size), bilinear: view 1's transform of an image, and view 2's of a feature map.
+    A one-pixel replicated border first, so that sample points within half a pixel of the edge
+    read the edge (as the official crop + F.interpolate does), not common.resized_crop's fill."""
+    h, w = x.shape[-2:]
+    scale = torch.tensor([w / (w + 2), h / (h + 2)] * 2, device=x.device)
+    shift = torch.tensor([1 / (w + 2), 1 / (h + 2), 0.0, 0.0], device=x.device)
+    return common.resized_crop(F.pad(x, (1, 1, 1, 1), mode="replicate"), boxes * scale + shift, flip, size or (h, w))
+
+
+def shrink(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 or [0, 1] images (B, 3, H, W) -> float [0, 1] at size x size (bilinear, antialiased)."""
+    x = images.float() / 255 if images.dtype == torch.uint8 else images
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def embed(model: nn.Module, x: torch.Tensor, stats, amp: bool = False) -> torch.Tensor:
+    """L2-normalised features (B, 128, H/4, W/4) of [0, 1] images; every use of a feature
+    (k-means, labels, loss, evaluation) sees it normalised (the official metric "cosine")."""
+    x = common.normalize(x, *stats)
+    if x.is_cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
+        return F.normalize(model(x).float(), dim=1)
+
+
+def view_features(model: nn.Module, images: torch.Tensor, t: dict, view: int, size: int, stats,
+                  amp: bool = False) -> torch.Tensor:
+    """Z_v (B, 128, size/4, size/4) of uint8 images (B, 3, 2 size, 2 size) under their epoch
+    transforms t (`pick`ed for the batch). View 1: P1, then crop + flip of the image to size.
+    View 2: P2, resized to size, then the same crop + flip of the feature map (Sec. 3.3).
+    Deviation: the official training pass feeds view 1 without P1 (its data set computes P1(x),
+    then converts x itself), while its clustering pass applies P1; we apply P1 in every pass."""
+    x = images.float() / 255
+    if view == 1:
+        return embed(model, geometric(common.apply_photometric(x, t["p1"]), t["boxes"], t["flip"], size), stats, amp)
+    z = embed(model, shrink(common.apply_photometric(x, t["p2"]), size), stats, amp)
+    return F.normalize(geometric(z, t["boxes"], t["flip"]), dim=1)
+
+
+def sample_pixels(z: torch.Tensor, per_image: int, generator=None) -> torch.Tensor:
+    """`per_image` random pixel features (all, if fewer) of each map z (B, C, h, w) -> (B * per_image, C)."""
+    b, c, h, w = z.shape
+    flat = z.flatten(2).transpose(1, 2)  # (B, h w, C)
+    if per_image >= h * w:
+        return flat.reshape(-1, c)
+    pos = torch.rand(b, h * w, generator=generator, device=z.device).argsort(1)[:, :per_image]
+    return flat.gather(1, pos[:, :, None].expand(-1, -1, c)).reshape(-1, c)
+
+
+@torch.no_grad()
+def cluster_pixels(features_of, source, idx: torch.Tensor, k: int, pixels: int, iters: int, batch_size: int,
+                   seed: int, workers: int = 0) -> tuple[torch.Tensor, float]:
+    """k-means (K = k) on pixel features of the images `idx` of `source`, `pixels` of them spread
+    evenly over the images; `features_of(idx, images)` gives a batch's feature maps. Returns the
+    centroids (k, C) and the mean squared distance of the sample to them (the k-means loss).
+    Deviation: the official code runs k-means on all pixels of 20 batches and then moves the
+    centroids by a running mean over the other batches; we cluster the sample only."""
+    generator, sample = torch.Generator(device=idx.device).manual_seed(seed), []
+    for b_idx, images, _ in batches(source, idx, batch_size, workers):
+        z = features_of(b_idx, images)
+        sample.append(sample_pixels(z, max(1, pixels // len(idx)), generator))
+    sample = torch.cat(sample)
+    centroids, labels = common.kmeans(sample, k, iters=iters, seed=seed)
+    return centroids, float((sample - centroids[labels]).square().sum(1).mean())
+
+
+def assign_labels(z: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Nearest centroid (Euclidean) of every pixel of z (B, C, h, w) -> (B, h, w): the argmax of
+    2 z . mu_k - |mu_k|^2 (the official compute_negative_euclidean; centroids are not normalised)."""
+    return (2 * cluster_logits(z, centroids) - centroids.square().sum(1)[None, :, None, None]).argmax(1)
+
+
+def class_weights(counts: torch.Tensor, balance: str = "proportional") -> torch.Tensor:
+    """Cross-entropy class weights (K,) from the cluster sizes n_k of one view, summing to 1.
+    "proportional": w_k = n_k / sum n (the official code, which produced the published numbers:
+    large clusters weigh *more*); "inverse": w_k ~ 1 / n_k (the paper's stated aim, that small
+    clusters are not drowned; questioned in the official issue 28); "none": uniform. Empty
+    clusters weigh 0 (no pixel carries their label)."""
+    counts = counts.double()
+    if balance == "proportional":
+        w = counts
+    elif balance == "inverse":
+        w = torch.where(counts > 0, 1 / counts.clamp_min(1), 0.0)
+    elif balance == "none":
+        w = torch.ones_like(counts)
+    else:
+        raise ValueError(f"balance must be proportional, inverse or none, got {balance!r}")
+    return (w / w.sum()).float()
+
+
+def cluster_logits(z: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """The frozen classifier of Sec. 3.2: a 1x1 convolution whose weights are the centroids and
+    whose bias is 0, logits_k = z . mu_k: (B, C, h, w), (K, C) -> (B, K, h, w)."""
+    return torch.einsum("bchw,kc->bkhw", z, centroids.to(z.dtype))
+
+
+def picie_loss(z1: torch.Tensor, z2: torch.Tensor, mu1: torch.Tensor, mu2: torch.Tensor, y1: torch.Tensor,
+               y2: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor):
+    """The PiCIE objective (Eq. 5-7): with CE_v the cross-entropy weighted by w_v (mean over
+    pixels, weighted as torch's `weight`), features Z (B, C, h, w), labels y (B, h, w),
+    L_within = [CE_1(mu_1 . Z1, y1) + CE_2(mu_2 . Z2, y2)] / 2,
+    L_cross  = [CE_2(mu_2 . Z1, y2) + CE_1(mu_1 . Z2, y1)] / 2,
+    L = (L_within + L_cross) / 2. Returns L, L_within, L_cross."""
+    def ce(z, mu, y, w):
+        return F.cross_entropy(cluster_logits(z.float(), mu), y.long(), weight=w)
+    within = (ce(z1, mu1, y1, w1) + ce(z2, mu2, y2, w2)) / 2
+    cross = (ce(z1, mu2, y2, w2) + ce(z2, mu1, y1, w1)) / 2
+    return (within + cross) / 2, within, cross
+
+
+# --------------------------------------------------------------------------------------------------
+# The network: ResNet-18 and a top-down FPN (128-d, stride 4)
+# --------------------------------------------------------------------------------------------------
+def resnet18(weights: str = "imagenet") -> nn.Module:
+    """torchvision's ResNet-18, with ImageNet weights from torch.hub's cache (downloaded there once
+    when online) or random (torchvision's initialisation)."""
+    net = torchvision.models.resnet18()
+    if weights == "imagenet":
+        url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+        path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]
+        try:
+            state = torch.hub.load_state_dict_from_url(url, progress=False, map_location="cpu")
+        except (OSError, RuntimeError) as e:  # offline (URLError is an OSError) or a corrupt file
+            raise common.ConfigError(
+                f"--weights imagenet needs {path.name}, which is not in {path.parent} (where torchvision looks for it; "
+                f"$TORCH_HOME moves it) and could not be downloaded from {url} ({e}). Put the file there, or run with "
+                f"--weights none (random initialisation)") from None
+        net.load_state_dict(state)
+    return net
+
+
+class PiCIENet(nn.Module):
+    """ResNet-18 without pooling and fc, giving res2..res5 (64/128/256/512 channels, strides
+    4/8/16/32), and the official FPN decoder: a 1x1 convolution (with bias) per level to 128
+    channels; from res5 down, upsample bilinearly to the next finer level and add its projection.
+    Output: the stride-4 sum, (B, 128, H/4, W/4) (128 x 80 x 80 for 320 x 320). No extra
+    convolutions, batch norm or ReLU in the decoder."""
+
+    def __init__(self, weights: str = "imagenet", dim: int = 128):
+        super().__init__()
+        net = resnet18(weights)
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)  # stride 4
+        self.stages = nn.ModuleList([net.layer1, net.layer2, net.layer3, net.layer4])
+        self.lateral = nn.ModuleList([nn.Conv2d(c, dim, 1) for c in (64, 128, 256, 512)])
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, 128, H/4, W/4)
+        levels, x = [], self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+            levels.append(x)  # res2 (stride 4), res3, res4, res5 (stride 32)
+        out = self.lateral[3](levels[3])
+        for lateral, level in zip(self.lateral[2::-1], levels[2::-1]):
+            out = F.interpolate(out, size=level.shape[-2:], mode="bilinear", align_corners=False) + lateral(level)
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Data: square images at twice the working size, in memory or streamed from disk
+# --------------------------------------------------------------------------------------------------
+class Squares(torch.utils.data.Dataset):
+    """A segmentation set (shorter side already at `side`) centre-cropped to side x side, the
+    official BaseTransform; items (index, image uint8 (3, side, side), label (side, side))."""
+
+    def __init__(self, data: common.SegmentationSet, side: int):
+        self.data, self.side = data, side
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i):
+        image, label = self.data[i]
+        top, left = (image.shape[1] - self.side) // 2, (image.shape[2] - self.side) // 2
+        rows, cols = slice(top, top + self.side), slice(left, left + self.side)
+        return i, image[:, rows, cols], label[rows, cols]
+
+
+def loader_name(dataset: str) -> str:  # --dataset cityscapes means PiCIE's 27 classes (common's cityscapes27)
+    return "cityscapes27" if dataset == "cityscapes" else dataset
+
+
+def load_split(args: Args, split: str, device) -> tuple:
+    """(source, number of images, class names) of one split decoded at twice --image-size (the
+    official res2 = 640 for 320). source: (images, labels) on the device, or a `Squares` set
+    decoded on demand (STREAMED sets)."""
+    name = loader_name(args.dataset)
+    data_dir = args.data_dir or (None if name in ("shapes-seg", "segfolder") else f"data/{args.dataset}")
+    data = common.load_segmentation(name, split, data_dir, image_size=2 * args.image_size)
+    squares = Squares(data, 2 * args.image_size)
+    if name in STREAMED:
+        return squares, len(squares), data.classes
+    print(f"decoding {len(squares)} {split} images", flush=True)
+    _, images, labels = torch.utils.data.default_collate([squares[i] for i in range(len(squares))])
+    return (images.to(device), labels.to(device)), len(images), data.classes
+
+
+def batches(source, idx: torch.Tensor, batch_size: int, workers: int = 0):
+    """(indices, uint8 images, labels) of the images `idx` in that order, `batch_size` at a time,
+    on idx's device: slices of in-memory tensors, or decoded from disk by DataLoader workers."""
+    if isinstance(source, tuple):
+        for s in range(0, len(idx), batch_size):
+            yield idx[s:s + batch_size], source[0][idx[s:s + batch_size]], source[1][idx[s:s + batch_size]]
+        return
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(source, idx.tolist()), batch_size=batch_size,
+                                         num_workers=workers, pin_memory=idx.is_cuda)
+    for i, images, labels in loader:
+        yield i.to(idx.device), images.to(idx.device, non_blocking=True), labels.to(idx.device, non_blocking=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation: fresh k-means, Hungarian matching, pixel accuracy and mIoU
+# --------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def recompute_batch_norm(model: nn.Module, source, idx: torch.Tensor, size: int, stats, batch_size: int,
+                         workers: int = 0) -> None:
+    """Replace every batch-norm layer's running statistics by their exact average over the
+    training images `idx` (un-augmented, a no-gradient pass in train mode), so that an untrained
+    network is not judged on default statistics."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average over all batches
+    model.train()
+    idx = idx[:-1] if len(idx) % batch_size == 1 and len(idx) > 1 else idx  # as in training: no batch of one
+    for _, images, _ in batches(source, idx, batch_size, workers):
+        model(common.normalize(shrink(images, size), *stats))
+    for bn, momentum in zip(bns, momenta):
+        bn.momentum = momentum
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, train_source, fit_idx: torch.Tensor, eval_source, num_eval: int, num_classes: int,
+             num_clusters: int, size: int, stats, seed: int, pixels: int, iters: int = 20, batch_size: int = 128,
+             workers: int = 0, amp: bool = False, show: int = 6) -> tuple[dict, tuple]:
+    """Fresh k-means on the features of the un-augmented training images `fit_idx`; each
+    evaluation pixel's cluster is the argmax of z . mu (logits upsampled bilinearly to the label
+    size); one confusion matrix over the whole split, clusters matched to classes by the Hungarian
+    algorithm. Returns the scores (miou, pixel_acc, per-class iou) and `show` images spread evenly
+    over the split, their labels and matched predictions (255 where a cluster matched no class)."""
+    model.eval()
+    centroids, _ = cluster_pixels(lambda i, images: embed(model, shrink(images, size), stats, amp), train_source,
+                                  fit_idx, num_clusters, pixels, iters, batch_size, seed, workers)
+    conf, shown = torch.zeros(num_classes, num_clusters, dtype=torch.long, device=fit_idx.device), []
+    picks = set(torch.linspace(0, num_eval - 1, show).round().long().tolist())
+    for idx, images, labels in batches(eval_source, torch.arange(num_eval, device=fit_idx.device), batch_size, workers):
+        x = shrink(images, size)
+        y = F.interpolate(labels[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
+        logits = cluster_logits(embed(model, x, stats, amp), centroids)
+        pred = F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False).argmax(1)
+        conf += common.confusion_matrix(pred, y, num_classes, num_clusters=num_clusters)
+        keep = [j for j, i in enumerate(idx.tolist()) if i in picks]
+        shown.append((x[keep], y[keep], pred[keep]))
+    scores = common.segmentation_scores(conf, hungarian=True)
+    match = torch.tensor([c if c >= 0 else 255 for c in scores["match"]], device=conf.device)
+    x, y, pred = (torch.cat(part) for part in zip(*shown))
+    return scores, (x, y, match[pred])
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def label_view(model, source, n: int, t: dict, view: int, centroids, num_classes: int, args: Args, stats, amp):
+    """Steps 3-4 for one view: every pixel of every training image gets its nearest centroid
+    (uint8 (n, h, w), in memory); also the cluster sizes and, as a diagnostic never used in
+    training, the confusion of the labels with the truth moved by the same crop and flip."""
+    model.eval()
+    labels, counts, conf = None, torch.zeros(len(centroids), dtype=torch.long, device=centroids.device), 0
+    for idx, images, truth in batches(source, torch.arange(n, device=centroids.device), args.batch_size, args.workers):
+        y = assign_labels(view_features(model, images, pick(t, idx), view, args.image_size, stats, amp), centroids)
+        if labels is None:
+            labels = torch.empty(n, *y.shape[1:], dtype=torch.uint8, device=y.device)
+        labels[idx], counts = y.to(torch.uint8), counts + torch.bincount(y.flatten(), minlength=len(centroids))
+        # both views' labels lie in the crop's frame (view 2's through its feature map)
+        truth = common.resized_crop(truth, t["boxes"][idx], t["flip"][idx], y.shape[1:], mode="nearest", fill=255)
+        conf = conf + common.confusion_matrix(y, truth, num_classes, num_clusters=len(centroids))
+    return labels, counts, common.segmentation_scores(conf, hungarian=True)["miou"]
+
+
+def train(args: Args) -> dict:
+    device = common.select_device(args.device)
+    common.set_seed(args.seed)
+    info = common.dataset_info(args.dataset, "segment")
+    if args.image_size < 16:
+        raise common.ConfigError(f"--image-size {args.image_size}: the network needs at least 16 px")
+    train_split, eval_split = SPLITS.get(loader_name(args.dataset), ("train", "test"))
+    train_source, n, classes = load_split(args, train_split, device)
+    eval_source, num_eval, _ = load_split(args, eval_split, device)
+    num_classes, k = len(classes), args.num_clusters or len(classes)
+    fit = min(args.kmeans_images, n)
+    if not 2 <= k <= 256:  # labels are held as uint8
+        raise common.ConfigError(f"--num-clusters {k}: choose 2 to 256 (the data set has {num_classes} classes)")
+    if k > min(args.kmeans_pixels, fit * math.ceil(args.image_size / 4) ** 2):
+        raise common.ConfigError(f"--num-clusters {k} exceeds the pixel features k-means sees; raise --kmeans-pixels "
+                                 f"or --kmeans-images, or lower --num-clusters")
+    model = PiCIENet(args.weights).to(device)  # checks the ImageNet weights before anything is written
+    out = common.prepare_out_dir(args.out_dir or f"runs/picie-{args.dataset}-{args.seed}", args.resume, args)
+    print(f"picie: {args.dataset} on {device}, {n} training ({train_split}) and {num_eval} evaluation ({eval_split}) "
+          f"images at {args.image_size} px, K = {k}, ResNet-18 FPN ({args.weights} weights)", flush=True)
+    stats, amp = (info.mean, info.std), args.amp and device.type == "cuda"
+    if device.type == "cuda" and not args.compile:  # (compiled with channels-last weights, torch 2.11's
+        model = model.to(memory_format=torch.channels_last)  # inductor failed a stride check in conv backward)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)  # no weight decay (official: Adam, lr only)
+    forward = torch.compile(model) if args.compile else model
+    fit_idx = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))[:fit].to(device)
+    evaluation = dict(num_classes=num_classes, num_clusters=k, size=args.image_size, stats=stats, seed=args.seed,
+                      pixels=args.kmeans_pixels, iters=args.kmeans_iters, batch_size=args.batch_size,
+                      workers=args.workers, amp=amp)
+    if args.resume:
+        state = common.load_checkpoint(out / "checkpoint.pt", map_location=device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu())
+        start, seconds, train_seconds = state["epoch"], state["seconds"], state["train_seconds"]
+        baseline, result = state["baseline"], state["result"]
+        logger = common.Logger(out, total=args.epochs, start=start)
+        print(f"resumed after epoch {start}", flush=True)
+    else:
+        start, seconds, train_seconds, result = 0, 0.0, 0.0, {}
+        logger = common.Logger(out, total=args.epochs)
+        # The baseline: the untrained network, its batch-norm statistics recomputed on training
+        # images. Training starts from this network (deviation: the official code keeps ImageNet's statistics).
+        recompute_batch_norm(model, train_source, fit_idx, args.image_size, stats, args.batch_size, args.workers)
+        baseline, _ = evaluate(forward, train_source, fit_idx, eval_source, num_eval, **evaluation)
+        logger.log(0, {"baseline/miou": baseline["miou"], "baseline/pixel_acc": baseline["pixel_acc"]})
+
+    shown, t_run = None, time.perf_counter()
+    for epoch in range(start, args.epochs):
+        t_epoch, epoch_seed = time.perf_counter(), args.seed * 1_000_003 + epoch
+        # Every random draw of an epoch comes from (seed, epoch): a resumed run repeats it exactly.
+        generator = torch.Generator(device=device).manual_seed(epoch_seed)
+        t = draw_epoch_transforms(n, args.min_scale, generator, device)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed)).to(device)
+        centroids, labels, weights, record = [], [], [], {}
+        for view in (1, 2):  # steps 3-4; the official order: both k-means, then both label passes
+            model.eval()
+            mu, inertia = cluster_pixels(
+                lambda i, images: view_features(forward, images, pick(t, i), view, args.image_size, stats, amp),
+                train_source, order[:fit], k, args.kmeans_pixels, args.kmeans_iters, args.batch_size, epoch_seed + view,
+                args.workers)
+            centroids.append(mu)
+            record[f"cluster/kmeans_loss{view}"] = inertia
+        for view in (1, 2):
+            y, counts, label_miou = label_view(forward, train_source, n, t, view, centroids[view - 1], num_classes,
+                                               args, stats, amp)
+            labels.append(y)
+            weights.append(class_weights(counts, args.balance))
+            sizes = counts.float() / counts.sum()
+            record.update({f"cluster/min_size{view}": sizes.min(), f"cluster/max_size{view}": sizes.max(),
+                           f"diag/label_miou{view}": label_miou})
+        logger.log(epoch, record)
+
+        model.train()
+        trained = order[:n - 1] if n % args.batch_size == 1 else order  # a lone last image: one value per BN channel
+        steps, seen, sums = math.ceil(len(trained) / args.batch_size), 0, torch.zeros(3, device=device)
+        for b, (idx, images, _) in enumerate(batches(train_source, trained, args.batch_size, args.workers)):
+            tb = pick(t, idx)
+            z1 = view_features(forward, images, tb, 1, args.image_size, stats, amp)
+            z2 = view_features(forward, images, tb, 2, args.image_size, stats, amp)
+            loss, within, cross = picie_loss(z1, z2, *centroids, labels[0][idx], labels[1][idx], *weights)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sums += torch.stack([loss.detach(), within.detach(), cross.detach()])
+            seen += len(idx)
+            if (b + 1) % args.log_every == 0 or b + 1 == steps:
+                steps_done = b % args.log_every + 1
+                logger.log(epoch + (b + 1) / steps, {
+                    "train/loss": sums[0] / steps_done, "train/loss_within": sums[1] / steps_done,
+                    "train/loss_cross": sums[2] / steps_done}, images=seen)
+                seen, sums = 0, torch.zeros(3, device=device)
+        train_seconds += time.perf_counter() - t_epoch
+
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            result, shown = evaluate(forward, train_source, fit_idx, eval_source, num_eval, **evaluation)
+            logger.log(epoch + 1, {"eval/miou": result["miou"], "eval/pixel_acc": result["pixel_acc"]})
+        seconds += time.perf_counter() - t_run
+        t_run = time.perf_counter()
+        common.save_checkpoint(out / "checkpoint.pt", {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None, "epoch": epoch + 1,
+            "seconds": seconds, "train_seconds": train_seconds, "baseline": baseline, "result": result,
+            "args": dataclasses.asdict(args)})
+
+    if shown is None:  # resumed from the final checkpoint: evaluate again for the picture
+        result, shown = evaluate(forward, train_source, fit_idx, eval_source, num_eval, **evaluation)
+    common.save_segmentation_rows(out / "segmentation.png", *shown)
+    results = {"miou": result["miou"], "pixel_acc": result["pixel_acc"], "baseline_miou": baseline["miou"],
+               "baseline_pixel_acc": baseline["pixel_acc"], "iou": [v if v == v else None for v in result["iou"]],
+               "num_clusters": k, "epochs": args.epochs, "seconds": seconds + time.perf_counter() - t_run,
+               "images_per_second": args.epochs * n / max(train_seconds, 1e-9)}  # whole epochs: clustering included
+    print("results: " + " ".join(f"{key}={v:.4g}" for key, v in results.items() if isinstance(v, float)), flush=True)
+    return common.write_results(out, results)
+
+
+def main(argv=None) -> dict:
+    torch.set_flush_denormal(True)  # denormal floats slow CPU training many times over
+    args = common.parse_args(Args, argv, DATASET_DEFAULTS, description=__doc__.split("\n")[0])
+    try:
+        return train(args)
+    except common.ConfigError as e:
+        raise SystemExit(f"picie.py: error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
