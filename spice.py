@@ -322,7 +322,7 @@ def embed(backbone: nn.Module, images: torch.Tensor, stats, amp: bool = False, b
 
 # --- Stage 2: SPICE-Self --------------------------------------------------------------------------
 def prototype_pseudo_labels(probs: torch.Tensor, embedding: torch.Tensor, center_ratio: float = 0.5):
-    """Steps 2-3 of SPICE-Self for one head: probs (N, K), embedding (N, d) L2-normalised.
+    """Step 5 for one head: probs (N, K), embedding (N, d) L2-normalised.
     Prototype c = mean embedding of the 0.5 N / K images with the highest probs[:, c] (ranked per
     column: one image may serve several prototypes); then the N / K images with the highest dot
     product with prototype c are labelled c (top per prototype, not an argmax per image: an image
@@ -345,7 +345,7 @@ def head_loss(logits: torch.Tensor, labels: torch.Tensor, double_softmax: bool =
 
 
 def select_head(logits: torch.Tensor, embedding: torch.Tensor, double_softmax: bool = True):
-    """Label-free head selection: for every head, steps 2-3 over the whole split on its logits
+    """Step 7, label-free head selection: for every head, step 5 over the whole split on its logits
     (heads, N, K), then its loss on those labels; the lowest loss wins. Returns (best, losses)."""
     losses = []
     for head_logits in logits:
@@ -357,7 +357,7 @@ def select_head(logits: torch.Tensor, embedding: torch.Tensor, double_softmax: b
 
 def train_heads(heads: Heads, optimizer, features: torch.Tensor, targets: list, passes: int = 8,
                 batch_size: int = 128, double_softmax: bool = True, generator=None) -> torch.Tensor:
-    """Step 4: `passes` shuffled passes of mini-batches over each head's (index, label) pairs,
+    """Step 6: `passes` shuffled passes of mini-batches over each head's (index, label) pairs,
     features (N, d) of the strong views; the heads' losses are summed (each head owns its
     parameters, so Adam trains them independently). Returns the mean loss per head."""
     total, steps = torch.zeros(len(targets), device=features.device), 0
@@ -564,10 +564,10 @@ def train_self(args: Args, run: Run, backbone: nn.Module, images, labels, eval_i
                                                            cutout_size=images.shape[-1] // 2, generator=rng),
                            run.stats, run.amp)
             with torch.no_grad():
-                probs = heads(weak).softmax(-1)  # (heads, N, K): step 1
-            targets = [prototype_pseudo_labels(p, embedding[draw]) for p in probs]  # steps 2-3
+                probs = heads(weak).softmax(-1)  # (heads, N, K): step 4
+            targets = [prototype_pseudo_labels(p, embedding[draw]) for p in probs]  # step 5
             losses = train_heads(heads, optimizer, strong, targets, double_softmax=args.double_softmax,
-                                 generator=rng)  # step 4
+                                 generator=rng)  # step 6
             run.totals["train_seconds"] += time.perf_counter() - t_step
             run.totals["images"] += 2 * size
             logger.log(epoch + (d + 1) / (n // size), {"self/loss": losses.mean(), "self/loss_min": losses.min()},
