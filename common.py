@@ -774,15 +774,17 @@ def _geometric(x, kind, m, fill=0.5):
 
 
 def _warp(x, theta, mode, fill, size=None):
-    """Sample x (B, C, H, W) at theta @ (output coords), normalised coords (align_corners=False),
-    outside -> fill. The grid is built by broadcasting: F.affine_grid's bmm is far slower on CPU."""
+    """Sample x (B, C, H, W) at theta @ (output coords), normalised coords (align_corners=False):
+    points beyond the image's outer edge get `fill`; inside it, the edge pixels extend (as PIL and
+    a crop + resize do), so no fill bleeds in. Grid by broadcasting (F.affine_grid's bmm is slow)."""
     h, w = size or x.shape[-2:]
     ys = (2 * torch.arange(h, device=x.device, dtype=x.dtype) + 1) / h - 1
     xs = (2 * torch.arange(w, device=x.device, dtype=x.dtype) + 1) / w - 1
     t = theta.to(x.dtype)[:, :, :, None, None]  # (B, 2, 3, 1, 1)
     grid = t[:, :, 0] * xs[None, None, None, :] + t[:, :, 1] * ys[None, None, :, None] + t[:, :, 2]
     grid = grid.permute(0, 2, 3, 1)  # (B, H, W, 2) as (x, y)
-    return F.grid_sample(x - fill, grid, mode=mode, padding_mode="zeros", align_corners=False) + fill
+    out = F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)
+    return out.masked_fill((grid.abs() > 1).any(-1)[:, None], fill)
 
 
 def _autocontrast(x, m):  # per sample and channel, stretch min..max to 0..1; flat channels kept

@@ -156,12 +156,9 @@ def pick(params: dict, idx: torch.Tensor) -> dict:  # the rows of a batch's imag
 def geometric(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size=None) -> torch.Tensor:
     """Crop each map of x (B, C, H, W) to its box, flip where `flip`, resize to `size` (default:
     x's own size), bilinear: view 1's transform of an image, and view 2's of a feature map.
-    A one-pixel replicated border first, so that sample points within half a pixel of the edge
-    read the edge (as the official crop + F.interpolate does), not common.resized_crop's fill."""
-    h, w = x.shape[-2:]
-    scale = torch.tensor([w / (w + 2), h / (h + 2)] * 2, device=x.device)
-    shift = torch.tensor([1 / (w + 2), 1 / (h + 2), 0.0, 0.0], device=x.device)
-    return common.resized_crop(F.pad(x, (1, 1, 1, 1), mode="replicate"), boxes * scale + shift, flip, size or (h, w))
+    Sample points within half a pixel of the edge read the edge, as the official crop +
+    F.interpolate does."""
+    return common.resized_crop(x, boxes, flip, size or x.shape[-2:])
 
 
 def shrink(images: torch.Tensor, size: int) -> torch.Tensor:

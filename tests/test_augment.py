@@ -174,6 +174,11 @@ def test_resized_crop_known_boxes(images):
     labels = torch.randint(0, 5, (4, 32, 32))
     out = common.resized_crop(labels, torch.tensor([[0.5, 0.0, 1.0, 1.0]]).repeat(4, 1), no, 32, "nearest", 255)
     assert torch.equal(out[:, :, :16], labels[:, :, 16:]) and bool((out[:, :, 16:] == 255).all())
+    # an enlarged crop at the image's corner keeps the edge pixels' values: no fill bleeds in
+    flat = torch.full((2, 3, 32, 32), 200, dtype=torch.uint8)
+    assert bool((common.resized_crop(flat, torch.tensor([[0.0, 0.0, 0.5, 0.5]] * 2), no[:2], 32) == 200).all())
+    assert bool((common.resized_crop(flat.float(), torch.tensor([[0.5, 0.5, 0.5, 0.5]] * 2), no[:2], 32,
+                                     fill=-1.0) == 200).all())
 
 
 def test_crop_and_flip_move_labels_with_their_pixels():
