@@ -1,0 +1,600 @@
+"""CPS: cross pseudo supervision for semi-supervised semantic segmentation.
+
+Paper: Xiaokang Chen, Yuhui Yuan, Gang Zeng, Jingdong Wang, "Semi-Supervised Semantic Segmentation
+with Cross Pseudo Supervision", CVPR 2021, arXiv:2106.01226.
+Official code: github.com/charlesCXK/TorchSemiSeg.
+
+The idea: two segmentation networks, same architecture and backbone weights, different random
+heads. On every pixel each is trained on the other's hard (argmax) prediction, so neither simply
+confirms its own mistakes, and unlabelled images become extra, noisily labelled data. CutMix on
+the unlabelled images makes the method stronger.
+
+One training step (each name is a function below):
+1. Draw B labelled and B unlabelled images (two unlabelled batches with CutMix; `labeled_split`
+   fixes the labelled ones); flip, random scale and crop on the device (`random_scale_crop`).
+2. `supervised_loss`: cross-entropy of both networks on the labelled batch (ignore 255; online
+   hard example mining for Cityscapes).
+3. Without CutMix: `cross_pseudo_supervision_loss` trains each network on the other's argmax
+   over all pixels of the labelled and the unlabelled batch.
+4. With CutMix: `draw_boxes` / `box_masks` give one mask M per pair of unlabelled images; without
+   gradient, each network predicts both source batches and `mixed_pseudo_labels` mixes its
+   predictions with M; `cutmix` mixes the images with M; each network's prediction on the mixed
+   images is trained on the *other* network's mixed pseudo-label.
+5. L = L_s + lambda L_cps; one backward pass; SGD (momentum 0.9, weight decay 1e-4 on convolution
+   weights only, `parameter_groups`) with `poly_lr` decay steps both networks.
+6. `evaluate`: network 1 alone, single scale, `sliding_window` of the crop size with stride 2/3
+   of it, one confusion matrix over the split, mIoU and pixel accuracy.
+
+Usage:
+    python cps.py --dataset voc --data-dir DIR --labeled-ratio 1/8          # the paper's recipe (a GPU)
+    python cps.py --dataset voc --data-dir DIR --labeled-ratio 1/8 --cps-weight 0   # supervised only
+    python cps.py --dataset cityscapes --data-dir DIR --no-cutmix           # OHEM, lambda 6, crop 800
+    python cps.py --dataset shapes-seg                                      # CPU, offline, about 3 minutes
+Single GPU: the defaults are the official 4-GPU run's total batch (8 + 8) and lr 0.01; with a
+smaller batch scale the learning rate linearly (batch 4 + 4: --batch-size 4 --lr 0.005).
+
+Expected, mIoU % on Pascal VOC 2012 val, ResNet-50 DeepLabv3+ (the paper's figures):
+    labelled      1/16    1/8    1/4    1/2
+    CPS          68.21  73.20  74.24  75.91
+    CPS + CutMix 71.98  73.67  74.90  76.15
+    supervised only, 1/8 (as CPS reports it): 69.43; Cityscapes 1/8: CPS 74.39, + CutMix 76.61.
+This file on a 2-core CPU (CPU smoke figures, ResNet-18 from random weights; commands in the README),
+mIoU of CPS / its --cps-weight 0 twin: far too short for CPS to pay off (README, CPS: Results)
+    shapes-seg defaults, 8 labelled, 200 iterations, seeds 0-2: 0.227 0.222 0.228 / 0.248 0.255 0.249
+    CamVid 1/8 (46 labelled), 64 px, batch 4, 360 iterations, seed 0: 0.227 / 0.254
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.models.segmentation.deeplabv3 import ASPP
+
+import common
+
+
+# --------------------------------------------------------------------------------------------------
+# Arguments: defaults are the paper's recipe for Pascal VOC 2012 (+ SBD), 1/8 labelled
+# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Args:
+    dataset: str = "voc"
+    """data set name"""
+    data_dir: str | None = None
+    """folder holding the data set (default: ./data for torchvision's sets)"""
+    out_dir: str | None = None
+    """run folder (default: runs/<script>-<dataset>-<seed>)"""
+    download: bool = False
+    """download the data set with torchvision if it is missing"""
+    seed: int = 0
+    """random seed (labelled split, initialisation, augmentation)"""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N"""
+    batch_size: int = 8
+    """labelled images per step, B (the unlabelled batch is the same size; two of them with CutMix)"""
+    eval_every: int = 5000
+    """iterations between evaluations of network 1 (a checkpoint follows each)"""
+    resume: bool = False
+    """continue the run in --out-dir from its checkpoint"""
+    amp: bool = True
+    """bfloat16 autocast on CUDA (ignored on the CPU)"""
+    compile: bool = False
+    """torch.compile the network(s)"""
+    labeled_ratio: float = 0.125
+    """fraction of the training images that is labelled, drawn with the seed (1/16, 1/8, 1/4, 1/2 in the paper)"""
+    labeled_list: str | None = None
+    """file naming the labelled images, one per line (an official split list); overrides --labeled-ratio"""
+    iterations: int = 39_338
+    """training iterations (the official 1/8 run: 34 epochs of 1,157; about the same total at every split)"""
+    image_size: int | None = None
+    """shorter side of every image after loading (default: as stored)"""
+    crop_size: int = 512
+    """side of the random training crops and of the sliding evaluation window"""
+    backbone: Literal["resnet50", "resnet101", "resnet18"] = "resnet50"
+    """torchvision ResNet under each DeepLabv3+ (resnet18 for small machines)"""
+    weights: Literal["imagenet", "none"] = "imagenet"
+    """backbone initialisation, the same for both networks: torchvision's ImageNet weights or random"""
+    cutmix: bool = True
+    """CutMix on the unlabelled images (two unlabelled batches per step)"""
+    cps_weight: float | None = None
+    """lambda, weight of the CPS loss (default: 1.0 with CutMix, 1.5 without; Cityscapes 5 / 6); 0: supervised only"""
+    lr: float = 0.01
+    """SGD learning rate at batch 8 + 8, decayed as lr (1 - k / K)^0.9"""
+    weight_decay: float = 1e-4
+    """weight decay on convolution weights (none on batch norm and biases)"""
+    ohem: bool = False
+    """online hard example mining in the supervised loss (on by default for Cityscapes)"""
+    pseudo_label_mode: Literal["train", "eval"] = "train"
+    """batch-norm mode of the no-gradient CutMix passes that make pseudo-labels (train: the official code)"""
+    workers: int = 4
+    """DataLoader workers that decode the streamed data sets (VOC, Cityscapes)"""
+    log_every: int = 50
+    """iterations between log lines"""
+
+
+# Per-data-set departures from the VOC recipe. Cityscapes: lr 0.02, 800 crops, OHEM, 137 epochs of
+# 325 iterations (official config and script). CamVid (no published CPS figure): crops of its
+# native 360 px height. The synthetic `shapes-seg` (64 px) gets what a CPU runs in about 3 minutes,
+# offline: 32 px crops, ResNet-18, random initialisation, batch 4 + 4, 200 iterations, 8 labelled images.
+DATASET_DEFAULTS = {
+    "cityscapes": {"lr": 0.02, "crop_size": 800, "ohem": True, "iterations": 44_525},
+    "camvid": {"crop_size": 360},
+    "shapes-seg": {"crop_size": 32, "backbone": "resnet18", "weights": "none", "iterations": 200, "lr": 0.02,
+                   "batch_size": 4, "labeled_ratio": 1 / 128, "eval_every": 200, "log_every": 50, "workers": 0},
+}
+CPS_WEIGHTS = {"cityscapes": (6.0, 5.0)}  # lambda (without CutMix, with CutMix); the others take VOC's (1.5, 1.0)
+STREAMED = ("voc", "cityscapes")  # decoded from disk by DataLoader workers, evaluated on val; the others are
+# held in memory and evaluated on test (segfolder: or val)
+SCALES = (0.5, 0.75, 1.0, 1.5, 1.75, 2.0)  # random scales of the training images (official config)
+
+
+# --------------------------------------------------------------------------------------------------
+# The paper's pieces: split, losses, CutMix masks, augmentation, schedule, parameter groups
+# --------------------------------------------------------------------------------------------------
+def labeled_split(names: list[str], ratio: float, seed: int, list_file: str | None = None):
+    """(labelled indices, unlabelled indices, description) of a training set whose images are
+    called `names`: the images a list file names (first token of each line, by file stem, as the
+    official lists `image/x.jpg<TAB>label/x.png`), or round(ratio n) of them drawn with the seed."""
+    n = len(names)
+    if list_file is not None:
+        path = Path(list_file)
+        if not path.is_file():
+            raise common.ConfigError(f"--labeled-list {path}: file not found")
+        wanted = [Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
+        position = {name: i for i, name in enumerate(names)}
+        unknown = [w for w in wanted if w not in position]
+        if unknown or not wanted:
+            raise common.ConfigError(f"--labeled-list {path} names {len(unknown)} images not in the training set "
+                                     f"(e.g. {unknown[:3]})" if unknown else f"--labeled-list {path} is empty")
+        labeled = torch.tensor(sorted({position[w] for w in wanted}))
+        how = f"the {len(labeled)} images of {path}"
+    else:
+        if not 0 < ratio <= 1:
+            raise common.ConfigError(f"--labeled-ratio {ratio}: give a fraction in (0, 1], such as 1/8 or 0.125")
+        count = max(1, round(ratio * n))
+        labeled = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:count].sort().values
+        how = f"a random {ratio:.4g} of the training set (seed {seed}), {count} images"
+    return labeled, torch.tensor(sorted(set(range(n)) - set(labeled.tolist())), dtype=torch.long), how
+
+
+def supervised_loss(logits: torch.Tensor, target: torch.Tensor, ohem_min_kept: int = 0,
+                    threshold: float = 0.7) -> torch.Tensor:
+    """L_s of one network: cross-entropy of logits (B, C, H, W) against labels (B, H, W), 255
+    ignored. With ohem_min_kept > 0, online hard example mining (the official
+    ProbOhemCrossEntropy2d): over the batch, only pixels whose true-class probability is at most
+    `threshold` count, the threshold raised to the ohem_min_kept-th smallest probability when fewer
+    are that hard; all pixels when the batch has fewer than ohem_min_kept labelled ones."""
+    valid = target != 255
+    if 0 < ohem_min_kept <= int(valid.sum()):
+        with torch.no_grad():
+            prob = torch.softmax(logits.float(), 1).gather(1, torch.where(valid, target, 0)[:, None])[:, 0]
+            kth = prob[valid].kthvalue(ohem_min_kept).values
+            target = torch.where(valid & (prob <= torch.clamp(kth, min=threshold)), target, 255)
+    return F.cross_entropy(logits.float(), target, ignore_index=255)
+
+
+def cross_pseudo_supervision_loss(logits1: torch.Tensor, logits2: torch.Tensor, pseudo1: torch.Tensor | None = None,
+                                  pseudo2: torch.Tensor | None = None) -> torch.Tensor:
+    """The paper's L_cps: CE(p1, Y2) + CE(p2, Y1), each the mean over all pixels of the batch, where
+    Y_i is network i's one-hot pseudo-label: by default the argmax of its own logits (B, C, H, W),
+    taken without gradient and without any confidence threshold; with CutMix, the mixed
+    pseudo-labels (B, H, W) given. The loss is symmetric: swapping the networks gives the same."""
+    pseudo1 = logits1.detach().argmax(1) if pseudo1 is None else pseudo1
+    pseudo2 = logits2.detach().argmax(1) if pseudo2 is None else pseudo2
+    return F.cross_entropy(logits1.float(), pseudo2) + F.cross_entropy(logits2.float(), pseudo1)
+
+
+def draw_boxes(n: int, height: int, width: int, n_boxes: int = 3, prop_range=(0.25, 0.5), generator=None,
+               device=None) -> torch.Tensor:
+    """CutMix boxes (n, n_boxes, 4) = (y0, x0, y1, x1) in pixels, as the official BoxMaskGenerator
+    draws them: area proportion a ~ U(prop_range), height proportion a^u with u ~ U(0, 1) (a random
+    aspect), width a / that, both sides scaled by sqrt(1 / n_boxes) (each box covers a / n_boxes of
+    the image), rounded, placed uniformly inside the image."""
+    def rand():
+        return torch.rand(n, n_boxes, generator=generator, device=device)
+    area = prop_range[0] + (prop_range[1] - prop_range[0]) * rand()
+    h_prop = area ** rand()
+    props = torch.stack([h_prop, area / h_prop], -1) * math.sqrt(1 / n_boxes)  # (n, n_boxes, 2)
+    extent = torch.tensor([height, width], device=device, dtype=props.dtype)
+    sizes = (props * extent).round()
+    corner = ((extent - sizes) * torch.stack([rand(), rand()], -1)).round()
+    return torch.cat([corner, corner + sizes], -1).long()
+
+
+def box_masks(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Masks M (n, 1, H, W) in {0, 1}: starting from 0, every box toggles its pixels, so a pixel in
+    two overlapping boxes is back to 0 (official: invert=True, then 1 - M inside each box)."""
+    ys = torch.arange(height, device=boxes.device)[None, None, :, None]
+    xs = torch.arange(width, device=boxes.device)[None, None, None, :]
+    y0, x0, y1, x1 = (boxes[..., i, None, None] for i in range(4))  # (n, K, 1, 1)
+    inside = (ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)  # (n, K, H, W)
+    return (inside.sum(1, keepdim=True) % 2).float()
+
+
+def cutmix(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """X_mix = U_a (1 - M) + U_b M for images or logits (n, C, H, W), mask (n, 1, H, W)."""
+    return a * (1 - mask) + b * mask
+
+
+def mixed_pseudo_labels(logits_a: torch.Tensor, logits_b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One network's pseudo-label for the mixed images (n, H, W): its predictions on the two
+    source batches mixed with the same mask, then the argmax (mixing logits or probabilities is
+    the same: the mask is 0 or 1)."""
+    return cutmix(logits_a.detach(), logits_b.detach(), mask).argmax(1)
+
+
+def random_scale_crop(images: torch.Tensor, labels: torch.Tensor, sizes: torch.Tensor, crop: int,
+                      scales=SCALES, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official training augmentation, per sample on the device, as one resampling: flip
+    (p = 0.5), scale s drawn from `scales`, a crop x crop window of the scaled image at a uniform
+    position, or the scaled image centred in it and padded (images with 0, after normalisation,
+    labels with 255). images (B, 3, H, W) normalised, zero outside each image's true `sizes`
+    (B, 2) = (h, w); labels (B, H, W) -> (B, 3, crop, crop), (B, crop, crop)."""
+    b, device = len(images), images.device  # Deviation: continuous crop offsets (official: whole pixels)
+    scale = torch.tensor(scales, device=device)[torch.randint(len(scales), (b,), generator=generator, device=device)]
+    flip = torch.rand(b, generator=generator, device=device) < 0.5
+    side = (crop / scale)[:, None].expand(-1, 2)  # the window's side in the original image's pixels
+    room = sizes.flip(1).float() - side  # (B, 2) as (x, y); negative: the scaled image is smaller than the crop
+    corner = torch.where(room > 0, torch.rand(b, 2, generator=generator, device=device) * room, room / 2)
+    canvas = torch.tensor(labels.shape[:0:-1], device=device).repeat(2)  # (W, H, W, H)
+    boxes = torch.cat([corner, side], 1) / canvas  # (x0, y0, w, h) in fractions of the padded canvas
+    return (common.resized_crop(images, boxes, flip, crop, mode="bilinear", fill=0.0),
+            common.resized_crop(labels, boxes, flip, crop, mode="nearest", fill=255))
+
+
+def poly_lr(step: int, total_steps: int, lr: float, power: float = 0.9) -> float:
+    """The poly schedule: lr (1 - k / K)^0.9, no warm-up (official WarmUpPolyLR, warm-up 0)."""
+    return lr * (1 - step / total_steps) ** power
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on convolution weights (tensors of 2+ dimensions); none on batch-norm
+    parameters and biases (the official group_weight)."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# --------------------------------------------------------------------------------------------------
+# The network: DeepLabv3+ (output stride 16) on a torchvision ResNet
+# --------------------------------------------------------------------------------------------------
+# Dilations of the last stage's blocks once its stride is removed: the official multi-grid 2, 4, 8 for
+# the bottleneck ResNets; 2 for ResNet-18, whose basic blocks torchvision will not dilate (done by hand for all).
+DILATIONS = {"resnet18": (2, 2), "resnet50": (2, 4, 8), "resnet101": (2, 4, 8)}
+
+
+def resnet(name: str, weights: str = "imagenet") -> nn.Module:
+    """torchvision's ResNet with ImageNet weights from torch.hub's cache (downloaded there once when
+    online) or random (torchvision's initialisation); its last stage without stride, dilated.
+    Deviation: the official backbone is a deep-stem ResNet (resnet50_v1c) with its own weights."""
+    net = getattr(torchvision.models, name)()
+    if weights == "imagenet":
+        url = torchvision.models.get_model_weights(name).IMAGENET1K_V1.url
+        path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]
+        try:
+            state = torch.hub.load_state_dict_from_url(url, progress=False, map_location="cpu")
+        except (OSError, RuntimeError) as e:  # offline (URLError is an OSError) or a corrupt file
+            raise common.ConfigError(
+                f"--weights imagenet needs {path.name}, which is not in {path.parent} (where torchvision looks for it; "
+                f"$TORCH_HOME moves it) and could not be downloaded from {url} ({e}). Put the file there, or run with "
+                f"--weights none (random initialisation)") from None
+        net.load_state_dict(state)
+    for block, rate in zip(net.layer4, DILATIONS[name]):  # output stride 32 -> 16
+        for m in block.modules():
+            if isinstance(m, nn.Conv2d):
+                m.stride = (1, 1)
+                if m.kernel_size == (3, 3):
+                    m.dilation, m.padding = (rate, rate), (rate, rate)
+    return net
+
+
+class DeepLabV3Plus(nn.Module):
+    """ResNet (stride 16) -> ASPP (1x1, 3x3 at rates 6, 12, 18, image pooling; 256 channels each,
+    concatenated, projected to 256) -> upsampled to stride 4, concatenated with the stride-4
+    feature projected to 48 channels -> two 3x3 convolutions of 256 -> 1x1 classifier -> bilinear
+    upsampling to the input size. Logits (B, C, H, W)."""
+
+    def __init__(self, num_classes: int, backbone: nn.Module):
+        super().__init__()
+        self.stem = nn.Sequential(backbone.conv1, backbone.bn1, backbone.relu, backbone.maxpool)
+        self.layers = nn.ModuleList([backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4])
+        low, high = backbone.layer1[-1].conv1.in_channels, backbone.fc.in_features  # 256 / 2048 (64 / 512)
+        # Deviation: torchvision's ASPP (ReLU; the pooled branch concatenated before the projection); the
+        # official one uses LeakyReLU and adds the projected pooled branch after the projection.
+        self.aspp = ASPP(high, [6, 12, 18], 256)
+        self.aspp.project[3] = nn.Identity()  # torchvision's dropout 0.5: the official head has none
+        self.reduce = nn.Sequential(nn.Conv2d(low, 48, 1, bias=False), nn.BatchNorm2d(48), nn.ReLU())
+        self.fuse = nn.Sequential(nn.Conv2d(256 + 48, 256, 3, padding=1, bias=False), nn.BatchNorm2d(256), nn.ReLU(),
+                                  nn.Conv2d(256, 256, 3, padding=1, bias=False), nn.BatchNorm2d(256), nn.ReLU())
+        self.classifier = nn.Conv2d(256, num_classes, 1)
+
+    def head(self) -> list[nn.Module]:  # what each network initialises on its own (official business_layer)
+        return [self.aspp, self.reduce, self.fuse, self.classifier]
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, C, H, W)
+        size, x = x.shape[-2:], self.stem(x)
+        low = self.layers[0](x)  # (B, 256, H/4, W/4)
+        x = self.aspp(self.layers[3](self.layers[2](self.layers[1](low))))  # (B, 256, H/16, W/16)
+        x = F.interpolate(x, size=low.shape[-2:], mode="bilinear", align_corners=True)
+        x = self.classifier(self.fuse(torch.cat([x, self.reduce(low)], 1)))
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+
+
+def init_head(net: DeepLabV3Plus) -> None:
+    """Kaiming-normal (fan in, ReLU) convolutions and unit batch norm in the head, drawn from the
+    global generator: called once per network, so the two heads differ (official init_weight)."""
+    for m in (m for part in net.head() for m in part.modules()):
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def build_networks(num_classes: int, backbone: str, weights: str) -> tuple[DeepLabV3Plus, DeepLabV3Plus]:
+    """Two DeepLabv3+ whose backbones hold the same weights (ImageNet's, or one random draw) and
+    whose heads are initialised independently."""
+    net1 = DeepLabV3Plus(num_classes, resnet(backbone, weights))
+    net2 = copy.deepcopy(net1)
+    init_head(net1)
+    init_head(net2)
+    return net1, net2
+
+
+# --------------------------------------------------------------------------------------------------
+# Data: batches as a function of the step, in memory or streamed from disk
+# --------------------------------------------------------------------------------------------------
+def load_split(args: Args, split: str, device) -> tuple:
+    """(source, image names, class names) of one split: source is (uint8 images, uint8 labels) on
+    the device, or the SegmentationSet itself for the STREAMED sets (decoded by workers)."""
+    data = common.load_segmentation(args.dataset, split, args.data_dir, args.download, args.image_size)
+    names = [p.stem for p, _ in data.pairs] if data.pairs else [str(i) for i in range(len(data))]
+    if args.dataset in STREAMED:
+        return data, names, data.classes
+    images, labels = data.tensors()
+    return (images.to(device), labels.to(torch.uint8).to(device)), names, data.classes  # labels <= 255
+
+
+def collate_with_sizes(batch):  # common.pad_collate, plus each image's true (h, w)
+    return (*common.pad_collate(batch), torch.tensor([list(image.shape[1:]) for image, _ in batch]))
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """The `step`-th batch of an endless stream of shuffled passes over n items. A function of
+    the step alone, so a resumed run draws exactly the batches the uninterrupted one would."""
+    positions = torch.arange(step * batch_size, (step + 1) * batch_size)
+    passes, offsets = positions // n, positions % n
+    out = torch.empty(batch_size, dtype=torch.long)
+    for p in passes.unique().tolist():
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + p))
+        out[passes == p] = perm[offsets[passes == p]]
+    return out
+
+
+def stream(source, pool: torch.Tensor, batch_size: int, start: int, seed: int, device, workers: int = 0):
+    """Endless (uint8 images, int64 labels, sizes (B, 2)) batches of the images `pool`, from step
+    `start` on, on the device: images of different sizes padded (0 / 255) to the largest."""
+    draws = (pool[batch_indices(len(pool), batch_size, s, seed)] for s in range(start, 2 ** 62))
+    if isinstance(source, tuple):
+        for idx in (d.to(device) for d in draws):
+            full = torch.tensor(source[0].shape[-2:], device=device).expand(len(idx), 2)
+            yield source[0][idx], source[1][idx].long(), full
+    else:
+        loader = torch.utils.data.DataLoader(source, batch_sampler=(d.tolist() for d in draws), num_workers=workers,
+                                             collate_fn=collate_with_sizes, pin_memory=device.type == "cuda")
+        for images, labels, sizes in loader:
+            yield images.to(device, non_blocking=True), labels.to(device).long(), sizes.to(device)
+
+
+def prepare(images: torch.Tensor, sizes: torch.Tensor, stats) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> normalised float, 0 (the mean colour) in the padding beyond `sizes`."""
+    x = common.normalize(images, *stats)
+    rows = torch.arange(x.shape[2], device=x.device)[None, :, None] < sizes[:, 0, None, None]
+    cols = torch.arange(x.shape[3], device=x.device)[None, None, :] < sizes[:, 1, None, None]
+    return x * (rows & cols)[:, None]
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation: network 1, sliding window, one confusion matrix
+# --------------------------------------------------------------------------------------------------
+def forward_logits(model: nn.Module, x: torch.Tensor, amp: bool = False) -> torch.Tensor:  # float logits
+    if x.is_cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
+        return model(x).float()
+
+
+@torch.no_grad()
+def sliding_window(model: nn.Module, x: torch.Tensor, crop: int, amp: bool = False) -> torch.Tensor:
+    """Logits (B, C, H, W) of normalised images x (B, 3, H, W) from crop x crop windows at a stride
+    of ceil(2/3 crop), the last window flush with the border, logits averaged where windows
+    overlap; a side shorter than the window is padded with 0 (the mean colour) on both ends
+    (official evaluator: stride rate 2/3, single scale, no flip)."""
+    h, w = x.shape[-2:]
+    top, left = max(crop - h, 0) // 2, max(crop - w, 0) // 2
+    x = F.pad(x, (left, max(crop - w, 0) - left, top, max(crop - h, 0) - top))
+    (big_h, big_w), stride = x.shape[-2:], math.ceil(crop * 2 / 3)
+
+    def starts(extent):
+        return sorted({min(i * stride, extent - crop) for i in range(math.ceil(max(extent - crop, 0) / stride) + 1)})
+    total, count = None, x.new_zeros(1, 1, big_h, big_w)
+    for y0 in starts(big_h):
+        for x0 in starts(big_w):
+            logits = forward_logits(model, x[:, :, y0:y0 + crop, x0:x0 + crop], amp)
+            total = x.new_zeros(len(x), logits.shape[1], big_h, big_w) if total is None else total
+            total[:, :, y0:y0 + crop, x0:x0 + crop] += logits
+            count[:, :, y0:y0 + crop, x0:x0 + crop] += 1
+    return (total / count)[:, :, top:top + h, left:left + w]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, source, num_classes: int, crop: int, stats, batch_size: int = 8,
+             amp: bool = False, workers: int = 0, show: int = 6) -> tuple[dict, tuple]:
+    """mIoU and pixel accuracy of `model` (eval mode) over the whole split, one confusion matrix;
+    also `show` images spread over the split with their labels and predictions (resized alike)."""
+    model.eval()
+    if isinstance(source, tuple):
+        n = len(source[0])
+        batches = ((torch.arange(s, min(s + batch_size, n)), source[0][s:s + batch_size],
+                    source[1][s:s + batch_size].long()) for s in range(0, n, batch_size))
+    else:  # images differ in size: one at a time
+        n = len(source)
+        loader = torch.utils.data.DataLoader(source, batch_size=1, num_workers=workers, collate_fn=collate_with_sizes)
+        batches = ((torch.tensor([i]), images, labels) for i, (images, labels, _) in enumerate(loader))
+    device = next(model.parameters()).device
+    conf, shown = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device), []
+    picks = set(torch.linspace(0, n - 1, show).round().long().tolist())
+    for idx, images, labels in batches:
+        images, labels = images.to(device), labels.to(device)
+        pred = sliding_window(model, common.normalize(images, *stats), crop, amp).argmax(1)
+        conf += common.confusion_matrix(pred, labels, num_classes)
+        for j in (j for j, i in enumerate(idx.tolist()) if i in picks):
+            size = shown[0][1].shape[-2:] if shown else labels.shape[-2:]
+            y, p = (F.interpolate(t[j:j + 1, None].float(), size=size)[:, 0].long() for t in (labels, pred))  # nearest
+            shown.append((F.interpolate(images[j:j + 1].float(), size=size, mode="bilinear") / 255, y, p))
+    return common.segmentation_scores(conf), tuple(torch.cat(part) for part in zip(*shown))
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+def train(args: Args) -> dict:
+    device = common.select_device(args.device)
+    common.set_seed(args.seed)
+    info = common.dataset_info(args.dataset, "segment")
+    if args.batch_size < 2 or args.crop_size < 32 or args.iterations < 1:
+        raise common.ConfigError("--batch-size must be at least 2 (batch norm in the image-pooling branch), "
+                                 "--crop-size at least 32 (output stride 16), --iterations at least 1")
+    train_split, eval_split = ("train", "val") if args.dataset in STREAMED else ("train", "test")
+    train_source, names, classes = load_split(args, train_split, device)
+    eval_source, _, _ = load_split(args, eval_split, device)
+    num_classes = len(classes)
+    labeled, unlabeled, how = labeled_split(names, args.labeled_ratio, args.seed, args.labeled_list)
+    lam = args.cps_weight if args.cps_weight is not None else CPS_WEIGHTS.get(args.dataset, (1.5, 1.0))[args.cutmix]
+    if lam > 0 and not len(unlabeled):
+        raise common.ConfigError(f"every training image is labelled ({how}): lower --labeled-ratio, or pass "
+                                 f"--cps-weight 0 for supervised training")
+    net1, net2 = (n.to(device) for n in build_networks(num_classes, args.backbone, args.weights))  # before writing
+    out = common.prepare_out_dir(args.out_dir or f"runs/cps-{args.dataset}-{args.seed}", args.resume, args)
+    num_eval = len(eval_source[0]) if isinstance(eval_source, tuple) else len(eval_source)
+    print(f"cps: {args.dataset} on {device}; labelled: {how}; {len(unlabeled)} unlabelled ({train_split}), "
+          f"{num_eval} evaluation images ({eval_split}); DeepLabv3+ {args.backbone} ({args.weights}), "
+          f"lambda {lam:g}, CutMix {args.cutmix}", flush=True)
+    stats, amp = (info.mean, info.std), args.amp and device.type == "cuda"
+    if device.type == "cuda" and not args.compile:  # (channels-last weights + torch.compile failed a
+        net1, net2 = (n.to(memory_format=torch.channels_last) for n in (net1, net2))  # stride check, picie.py)
+    # One SGD over both networks' parameters: per-parameter momentum makes it the official two optimisers.
+    optimizer = torch.optim.SGD(parameter_groups(net1, args.weight_decay) + parameter_groups(net2, args.weight_decay),
+                                lr=args.lr, momentum=0.9)
+    f1, f2 = (torch.compile(n) for n in (net1, net2)) if args.compile else (net1, net2)
+    # OHEM keeps >= 50,000 of an 800 x 800 crop's pixels per image, the same fraction of other crops.
+    # Deviation: the official min_kept is 50,000 x the total batch (8) per GPU process of one image.
+    min_kept = round(50_000 * args.crop_size ** 2 / 800 ** 2) if args.ohem else 0
+    augment_rng = torch.Generator(device=device).manual_seed(args.seed)
+    start, evals, seconds, train_seconds = 0, [], 0.0, 0.0
+    if args.resume:
+        state = common.load_checkpoint(out / "checkpoint.pt", map_location=device)
+        for key, part in (("net1", net1), ("net2", net2), ("optimizer", optimizer)):
+            part.load_state_dict(state[key])
+        augment_rng.set_state(state["augment_rng"].cpu())
+        start, evals, seconds, train_seconds = state["step"], state["evals"], state["seconds"], state["train_seconds"]
+        print(f"resumed at iteration {start}", flush=True)
+
+    def batches(pool, seed):  # augmented (images, labels) of a pool, one batch per step from `start`
+        for images, labels, sizes in stream(train_source, pool, args.batch_size, start, seed, device, args.workers):
+            yield random_scale_crop(prepare(images, sizes, stats), labels, sizes, args.crop_size, generator=augment_rng)
+    labeled_batches = batches(labeled, args.seed)
+    unlabeled_a, unlabeled_b = batches(unlabeled, args.seed + 1), batches(unlabeled, args.seed + 2)
+    logger = common.Logger(out, total=args.iterations, start=start)
+    per_step = args.batch_size * (1 + (0 if lam == 0 else 2 if args.cutmix else 1))  # images drawn per step
+    sums, images_since_log, shown, t_run = torch.zeros(4, device=device), 0, None, time.perf_counter()
+    for step in range(start, args.iterations):
+        net1.train(), net2.train()
+        t_step = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = poly_lr(step, args.iterations, args.lr)
+        x, y = next(labeled_batches)  # (B, 3, crop, crop), (B, crop, crop); the unlabelled ones' labels are
+        logits1, logits2 = forward_logits(f1, x, amp), forward_logits(f2, x, amp)  # only diagnostics
+        loss_sup = supervised_loss(logits1, y, min_kept * len(y)) + supervised_loss(logits2, y, min_kept * len(y))
+        loss_cps = agreement = pseudo_acc = torch.zeros((), device=device)
+        if lam > 0 and not args.cutmix:  # step 3: over the labelled and the unlabelled images
+            u, _ = next(unlabeled_a)
+            u1, u2 = forward_logits(f1, u, amp), forward_logits(f2, u, amp)  # own batch-norm batch, as official
+            loss_cps = cross_pseudo_supervision_loss(torch.cat([logits1, u1]), torch.cat([logits2, u2]))
+        elif lam > 0:  # step 4: CutMix
+            (ua, ya), (ub, yb) = next(unlabeled_a), next(unlabeled_b)
+            boxes = draw_boxes(len(ua), *ua.shape[-2:], generator=augment_rng, device=device)
+            mask = box_masks(boxes, *ua.shape[-2:])  # (B, 1, crop, crop)
+            with torch.no_grad():  # train mode (batch statistics, running ones updated) as official, or eval
+                net1.train(args.pseudo_label_mode == "train"), net2.train(args.pseudo_label_mode == "train")
+                pseudo1 = mixed_pseudo_labels(forward_logits(f1, ua, amp), forward_logits(f1, ub, amp), mask)
+                pseudo2 = mixed_pseudo_labels(forward_logits(f2, ua, amp), forward_logits(f2, ub, amp), mask)
+                net1.train(), net2.train()
+            u = cutmix(ua, ub, mask)
+            u1, u2 = forward_logits(f1, u, amp), forward_logits(f2, u, amp)
+            loss_cps = cross_pseudo_supervision_loss(u1, u2, pseudo1, pseudo2)
+            u_truth = cutmix(ya[:, None].float(), yb[:, None].float(), mask)[:, 0].long()
+            known = u_truth != 255
+            pseudo_acc = ((pseudo1 == u_truth) & known).sum() / known.sum().clamp_min(1)
+        if lam > 0:
+            agreement = (u1.detach().argmax(1) == u2.detach().argmax(1)).float().mean()
+        loss = loss_sup + lam * loss_cps
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        train_seconds += time.perf_counter() - t_step
+        images_since_log += per_step
+        sums += torch.stack([loss_sup.detach(), loss_cps.detach(), agreement, pseudo_acc])
+
+        if (step + 1) % args.log_every == 0 or step + 1 == args.iterations:
+            done = step % args.log_every + 1
+            # agreement: of the two networks' argmax on unlabelled pixels; pseudo_acc: network 1's CutMix
+            # pseudo-labels against the held-back truth (diagnostics only, logged where they exist)
+            keys = ("train/loss_sup", "train/loss_cps", "diag/agreement", "diag/pseudo_acc")
+            record = {key: value / done for key, value in zip(keys[:2 + (lam > 0) * (1 + args.cutmix)], sums)}
+            record["train/lr"] = poly_lr(step, args.iterations, args.lr)
+            logger.log(step + 1, record, images=images_since_log)
+            sums, images_since_log = torch.zeros(4, device=device), 0
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.iterations:
+            scores, shown = evaluate(f1, eval_source, num_classes, args.crop_size, stats, args.batch_size, amp,
+                                     args.workers)
+            evals.append({"miou": scores["miou"], "pixel_acc": scores["pixel_acc"], "iou": scores["iou"]})
+            logger.log(step + 1, {"eval/miou": scores["miou"], "eval/pixel_acc": scores["pixel_acc"]})
+            seconds += time.perf_counter() - t_run
+            t_run = time.perf_counter()
+            common.save_checkpoint(out / "checkpoint.pt", {
+                "net1": net1.state_dict(), "net2": net2.state_dict(), "optimizer": optimizer.state_dict(),
+                "augment_rng": augment_rng.get_state(), "step": step + 1, "evals": evals, "seconds": seconds,
+                "train_seconds": train_seconds, "args": dataclasses.asdict(args)})
+
+    if shown is None:  # resumed from the final checkpoint: evaluate again for the picture
+        _, shown = evaluate(f1, eval_source, num_classes, args.crop_size, stats, args.batch_size, amp, args.workers)
+    common.save_segmentation_rows(out / "segmentation.png", *shown)
+    results = {"miou": evals[-1]["miou"], "pixel_acc": evals[-1]["pixel_acc"],  # Deviation: the official reports
+               "iou": [v if v == v else None for v in evals[-1]["iou"]], "cps_weight": lam,  # the best snapshot
+               "num_labeled": len(labeled), "iterations": args.iterations,
+               "seconds": seconds + time.perf_counter() - t_run,
+               "images_per_second": args.iterations * per_step / max(train_seconds, 1e-9)}
+    print("results: " + " ".join(f"{k}={v:.4g}" for k, v in results.items() if isinstance(v, float)), flush=True)
+    return common.write_results(out, results)
+
+
+def main(argv=None) -> dict:
+    torch.set_flush_denormal(True)  # denormal floats slow CPU training many times over
+    args = common.parse_args(Args, argv, DATASET_DEFAULTS, description=__doc__.split("\n")[0])
+    try:
+        return train(args)
+    except common.ConfigError as e:
+        raise SystemExit(f"cps.py: error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
