@@ -529,7 +529,8 @@ def train_moco(args: Args, run: Run, images: torch.Tensor) -> dict:
 def kmeans_baseline(args: Args, run: Run, backbone: nn.Module, train_images, eval_images, eval_labels) -> dict:
     """k-means with K clusters on the stage-1 embedding of the training images, applied to the
     evaluated split's embedding: the baseline that SPICE-Self must beat."""
-    fit, evaluated = (F.normalize(embed(backbone, x, run.stats, run.amp), dim=1) for x in (train_images, eval_images))
+    fit = F.normalize(embed(backbone, train_images, run.stats, run.amp), dim=1)
+    evaluated = fit if eval_images is train_images else F.normalize(embed(backbone, eval_images, run.stats, run.amp), 1)
     centroids, _ = common.kmeans(fit, args.num_clusters, seed=args.seed)
     return scores(eval_labels, common.assign_to_centroids(evaluated, centroids), "kmeans_")
 
@@ -681,14 +682,14 @@ def train(args: Args) -> dict:
     info = common.dataset_info(args.dataset, "classify")
     load = dict(data_dir=args.data_dir, download=args.download, image_size=args.image_size)
     train_set, test_set = (common.load_dataset(args.dataset, split, **load) for split in ("train", "test"))
-    images, labels = train_set.images, train_set.labels  # what is clustered
-    eval_images, eval_labels = test_set.images, test_set.labels
+    images, labels = train_set.images.to(device), train_set.labels.to(device)  # what is clustered
+    eval_images, eval_labels = test_set.images.to(device), test_set.labels.to(device)  # below: aliases, no copies
     if args.protocol == "all":  # the paper's main table: cluster and evaluate train + test
         images, labels = torch.cat([images, eval_images]), torch.cat([labels, eval_labels])
         eval_images, eval_labels = images, labels
     pretrain = images  # MoCo's images; STL-10 adds its 100,000 unlabelled ones, made for this
     if args.dataset == "stl10":
-        pretrain = torch.cat([images, common.load_dataset("stl10", "unlabeled", **load).images])
+        pretrain = torch.cat([images, common.load_dataset("stl10", "unlabeled", **load).images.to(device)])
     args = dataclasses.replace(args, num_clusters=args.num_clusters or train_set.num_classes)
     if not 2 <= args.num_clusters <= min(len(images), args.self_batch):
         raise common.ConfigError(f"--num-clusters {args.num_clusters}: need 2 to min(images {len(images)}, "
@@ -703,8 +704,6 @@ def train(args: Args) -> dict:
     checkpoint = common.load_checkpoint(out / "checkpoint.pt", map_location=device) if args.resume else {}
     totals = checkpoint.get("totals", handover.get("totals", {"seconds": 0.0, "train_seconds": 0.0, "images": 0}))
     run = Run(out, device, (info.mean, info.std), args.amp and device.type == "cuda", checkpoint, dict(totals))
-    images, labels, pretrain, eval_images, eval_labels = (x.to(device) for x in (images, labels, pretrain, eval_images,
-                                                                                  eval_labels))
     results = dict(handover.get("results", {}))
     backbone = ResNet18(args.backbone_width).to(device)
     if handover:
