@@ -10,6 +10,7 @@ that all five evaluate, augment and log the same way.
   resized crop + flip, applied alike to images, label maps and feature maps).
 - Run plumbing: command line from a dataclass, out-dir rules, device, logger, atomic checkpoints,
   results.json, pictures. `python common.py` benchmarks this device."""
+
 from __future__ import annotations
 
 import argparse
@@ -74,7 +75,9 @@ def dataset_info(name: str, task: str | None = None) -> DatasetInfo:
     known = [n for n, info in DATASETS.items() if task in (None, info.task)]
     if name not in known:
         kind = {"classify": "classification ", "segment": "segmentation "}.get(task, "")
-        raise ConfigError(f"{name!r} is not a known {kind}data set; choose one of: {', '.join(known)}")
+        raise ConfigError(
+            f"{name!r} is not a known {kind}data set; choose one of: {', '.join(known)}"
+        )
     return DATASETS[name]
 
 
@@ -121,7 +124,10 @@ def linear_sum_assignment(cost) -> tuple[np.ndarray, np.ndarray]:
 
 def _contingency(y_true, y_pred) -> np.ndarray:
     """(n_classes, n_clusters) counts over the label values that occur (numpy or torch input)."""
-    y_true, y_pred = (np.asarray(y.cpu() if isinstance(y, torch.Tensor) else y).reshape(-1) for y in (y_true, y_pred))
+    y_true, y_pred = (
+        np.asarray(y.cpu() if isinstance(y, torch.Tensor) else y).reshape(-1)
+        for y in (y_true, y_pred)
+    )
     if len(y_true) != len(y_pred):
         raise ValueError(f"label arrays differ in length: {len(y_true)} vs {len(y_pred)}")
     _, t = np.unique(y_true, return_inverse=True)
@@ -138,9 +144,13 @@ def cluster_accuracy(y_true, y_pred) -> float:
     return float(counts[rows, cols].sum() / max(counts.sum(), 1))
 
 
-def _entropy(counts: np.ndarray) -> float:  # scikit-learn's arithmetic, so results agree bit for bit
+def _entropy(
+    counts: np.ndarray,
+) -> float:  # scikit-learn's arithmetic, so results agree bit for bit
     pi = counts[counts > 0].astype(np.float64)
-    return 0.0 if pi.size <= 1 else float(-np.sum((pi / pi.sum()) * (np.log(pi) - math.log(pi.sum()))))
+    return (
+        0.0 if pi.size <= 1 else float(-np.sum((pi / pi.sum()) * (np.log(pi) - math.log(pi.sum()))))
+    )
 
 
 def nmi(y_true, y_pred, average: str = "arithmetic") -> float:
@@ -154,9 +164,15 @@ def nmi(y_true, y_pred, average: str = "arithmetic") -> float:
         return 0.0
     rows, cols = np.nonzero(counts)
     values, pi, pj = counts[rows, cols].astype(np.float64), counts.sum(1), counts.sum(0)
-    log_outer = -np.log(pi[rows].astype(np.int64) * pj[cols].astype(np.int64)) + math.log(pi.sum()) + math.log(pj.sum())
+    log_outer = (
+        -np.log(pi[rows].astype(np.int64) * pj[cols].astype(np.int64))
+        + math.log(pi.sum())
+        + math.log(pj.sum())
+    )
     p = values / values.sum()
-    mi = p * (np.log(values) - math.log(values.sum())) + p * log_outer  # MI terms, in sklearn's order
+    mi = (
+        p * (np.log(values) - math.log(values.sum())) + p * log_outer
+    )  # MI terms, in sklearn's order
     mi = float(np.clip(np.where(np.abs(mi) < np.finfo(np.float64).eps, 0.0, mi).sum(), 0.0, None))
     if mi == 0:
         return 0.0
@@ -171,7 +187,7 @@ def ari(y_true, y_pred) -> float:
     """Adjusted Rand index as scikit-learn's adjusted_rand_score, from the pair confusion
     matrix in Python integers (no overflow on large sets)."""
     counts = _contingency(y_true, y_pred).astype(object)
-    n, sum_squares = int(counts.sum()), int((counts ** 2).sum())
+    n, sum_squares = int(counts.sum()), int((counts**2).sum())
     tp = sum_squares - n
     fp = int((counts @ counts.sum(0)).sum()) - sum_squares
     fn = int((counts.T @ counts.sum(1)).sum()) - sum_squares
@@ -181,15 +197,22 @@ def ari(y_true, y_pred) -> float:
     return 2.0 * (tp * tn - fn * fp) / ((tp + fn) * (fn + tn) + (tp + fp) * (fp + tn))
 
 
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
-                     ignore_index: int = 255, num_clusters: int | None = None) -> torch.Tensor:
+def confusion_matrix(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    num_classes: int,
+    ignore_index: int = 255,
+    num_clusters: int | None = None,
+) -> torch.Tensor:
     """(num_classes, num_clusters) pixel counts (rows: true class, columns: prediction) on the
     tensors' device, `ignore_index` targets left out; num_clusters defaults to num_classes."""
     k = num_clusters or num_classes
     keep = target.reshape(-1) != ignore_index
     t, p = target.reshape(-1)[keep].long(), pred.reshape(-1)[keep].long()
     if t.numel() and (t.min() < 0 or t.max() >= num_classes or p.min() < 0 or p.max() >= k):
-        raise ValueError(f"targets must lie in [0, {num_classes}) or be {ignore_index}, predictions in [0, {k})")
+        raise ValueError(
+            f"targets must lie in [0, {num_classes}) or be {ignore_index}, predictions in [0, {k})"
+        )
     return torch.bincount(t * k + p, minlength=num_classes * k).reshape(num_classes, k)
 
 
@@ -202,7 +225,9 @@ def segmentation_scores(conf, hungarian: bool = False) -> dict:
     num_classes, num_clusters = conf.shape
     if not hungarian and num_classes != num_clusters:
         raise ValueError("a non-square confusion matrix needs hungarian=True")
-    clusters, classes = linear_sum_assignment(-conf.T.numpy()) if hungarian else (np.arange(num_classes),) * 2
+    clusters, classes = (
+        linear_sum_assignment(-conf.T.numpy()) if hungarian else (np.arange(num_classes),) * 2
+    )
     matched = torch.zeros(num_classes, num_classes, dtype=torch.float64)
     matched[:, torch.from_numpy(classes)] = conf[:, torch.from_numpy(clusters)]
     match = dict(zip(clusters.tolist(), classes.tolist()))
@@ -210,30 +235,41 @@ def segmentation_scores(conf, hungarian: bool = False) -> dict:
     tp = matched.diag()
     union = conf.sum(1) + matched.sum(0) - tp
     iou = torch.where(union > 0, tp / union.clamp_min(1), float("nan"))
-    return {"miou": float(iou.nanmean()) if (union > 0).any() else 0.0,
-            "pixel_acc": float(tp.sum() / conf.sum().clamp_min(1)), "iou": iou.tolist(), "match": match}
+    return {
+        "miou": float(iou.nanmean()) if (union > 0).any() else 0.0,
+        "pixel_acc": float(tp.sum() / conf.sum().clamp_min(1)),
+        "iou": iou.tolist(),
+        "match": match,
+    }
 
 
 # --- k-means in torch: greedy k-means++ seeding, Lloyd iterations in chunks -----------------------
 def _nearest(x, centroids, metric, chunk_size=None):
     """Nearest centroid of every row of x and the distance to it (squared Euclidean, or
     1 - cosine for normalised rows), in blocks of ~16M distances (64 MB) whatever N and K."""
-    labels, dist = torch.empty(len(x), dtype=torch.long, device=x.device), torch.empty(len(x), device=x.device)
+    labels, dist = (
+        torch.empty(len(x), dtype=torch.long, device=x.device),
+        torch.empty(len(x), device=x.device),
+    )
     c_sq = (centroids * centroids).sum(1)
     step = chunk_size or max(1, (1 << 24) // len(centroids))
     for s in range(0, len(x), step):
-        xs = x[s:s + step]
+        xs = x[s : s + step]
         if metric == "cosine":
-            best, labels[s:s + step] = (xs @ centroids.T).max(1)  # (chunk, K) -> (chunk,)
-            dist[s:s + step] = 1 - best
+            best, labels[s : s + step] = (xs @ centroids.T).max(1)  # (chunk, K) -> (chunk,)
+            dist[s : s + step] = 1 - best
         else:  # |x - c|^2 = |x|^2 - 2 x.c + |c|^2; the argmin needs no |x|^2; one fused addmm
-            best, labels[s:s + step] = torch.addmm(c_sq, xs, centroids.T, alpha=-2).min(1)
-            dist[s:s + step] = (best + (xs * xs).sum(1)).clamp_min(0)
+            best, labels[s : s + step] = torch.addmm(c_sq, xs, centroids.T, alpha=-2).min(1)
+            dist[s : s + step] = (best + (xs * xs).sum(1)).clamp_min(0)
     return labels, dist
 
 
-def assign_to_centroids(x: torch.Tensor, centroids: torch.Tensor, metric: str = "euclidean",
-                        chunk_size: int | None = None) -> torch.Tensor:
+def assign_to_centroids(
+    x: torch.Tensor,
+    centroids: torch.Tensor,
+    metric: str = "euclidean",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
     """Labels of new points under given centroids (both L2-normalised for cosine)."""
     x, centroids = x.float(), centroids.float()
     if metric == "cosine":
@@ -255,7 +291,10 @@ def _kmeans_plusplus(x, k, generator):
     closest = sq_dist(chosen[0])[0]
     potential = closest.sum()
     for _ in range(1, k):
-        draws = torch.rand(trials, generator=generator, device=x.device, dtype=torch.float64) * potential
+        draws = (
+            torch.rand(trials, generator=generator, device=x.device, dtype=torch.float64)
+            * potential
+        )
         candidates = torch.searchsorted(torch.cumsum(closest.double(), 0), draws).clamp_(max=n - 1)
         dist = torch.minimum(closest[None], sq_dist(candidates))  # (trials, N)
         best = dist.sum(1).argmin()
@@ -264,8 +303,16 @@ def _kmeans_plusplus(x, k, generator):
     return x[torch.cat(chosen)].clone()
 
 
-def kmeans(x: torch.Tensor, k: int, iters: int = 100, metric: str = "euclidean", seed: int = 0,
-           tol: float = 1e-4, n_init: int = 1, chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def kmeans(
+    x: torch.Tensor,
+    k: int,
+    iters: int = 100,
+    metric: str = "euclidean",
+    seed: int = 0,
+    tol: float = 1e-4,
+    n_init: int = 1,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """k-means on the rows of x (N, D) on x's device -> centroids (k, D), labels (N,).
 
     Greedy k-means++ seeding, then Lloyd iterations until the centres move less than `tol` x
@@ -274,7 +321,9 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 100, metric: str = "euclidean",
     index_add_, empty clusters re-seeded at the worst-served points. `metric="cosine"`:
     spherical k-means on L2-normalised rows and centres."""
     if metric not in ("euclidean", "cosine") or not 1 <= k <= len(x):
-        raise ValueError(f"kmeans needs metric euclidean or cosine (got {metric}) and 1 <= k <= N = {len(x)} (got {k})")
+        raise ValueError(
+            f"kmeans needs metric euclidean or cosine (got {metric}) and 1 <= k <= N = {len(x)} (got {k})"
+        )
     x = F.normalize(x.float(), dim=1) if metric == "cosine" else x.float()
     generator = torch.Generator(device=x.device).manual_seed(seed)
     tol = tol * float(x.var(0).mean()) if len(x) > 1 else 0.0
@@ -284,7 +333,9 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 100, metric: str = "euclidean",
         for _ in range(iters):
             labels, dist = _nearest(x, centroids, metric, chunk_size)
             counts = torch.bincount(labels, minlength=k)
-            new = torch.zeros_like(centroids).index_add_(0, labels, x) / counts.clamp_min(1)[:, None]
+            new = (
+                torch.zeros_like(centroids).index_add_(0, labels, x) / counts.clamp_min(1)[:, None]
+            )
             empty = torch.nonzero(counts == 0).squeeze(1)
             new[empty] = x[dist.topk(len(empty)).indices]  # re-seed empty clusters
             new = F.normalize(new, dim=1) if metric == "cosine" else new
@@ -315,33 +366,57 @@ class ImageSet:
 
 # The 20 CIFAR-100 super-classes of the clustering literature, each with its 5 classes.
 CIFAR100_SUPERCLASSES = {
-    "aquatic_mammals": "beaver dolphin otter seal whale", "fish": "aquarium_fish flatfish ray shark trout",
-    "flowers": "orchid poppy rose sunflower tulip", "food_containers": "bottle bowl can cup plate",
+    "aquatic_mammals": "beaver dolphin otter seal whale",
+    "fish": "aquarium_fish flatfish ray shark trout",
+    "flowers": "orchid poppy rose sunflower tulip",
+    "food_containers": "bottle bowl can cup plate",
     "fruit_and_vegetables": "apple mushroom orange pear sweet_pepper",
     "household_electrical_devices": "clock keyboard lamp telephone television",
     "household_furniture": "bed chair couch table wardrobe",
-    "insects": "bee beetle butterfly caterpillar cockroach", "large_carnivores": "bear leopard lion tiger wolf",
+    "insects": "bee beetle butterfly caterpillar cockroach",
+    "large_carnivores": "bear leopard lion tiger wolf",
     "large_man-made_outdoor_things": "bridge castle house road skyscraper",
     "large_natural_outdoor_scenes": "cloud forest mountain plain sea",
     "large_omnivores_and_herbivores": "camel cattle chimpanzee elephant kangaroo",
-    "medium_mammals": "fox porcupine possum raccoon skunk", "people": "baby boy girl man woman",
-    "non-insect_invertebrates": "crab lobster snail spider worm", "reptiles": "crocodile dinosaur lizard snake turtle",
+    "medium_mammals": "fox porcupine possum raccoon skunk",
+    "people": "baby boy girl man woman",
+    "non-insect_invertebrates": "crab lobster snail spider worm",
+    "reptiles": "crocodile dinosaur lizard snake turtle",
     "small_mammals": "hamster mouse rabbit shrew squirrel",
     "trees": "maple_tree oak_tree palm_tree pine_tree willow_tree",
-    "vehicles_1": "bicycle bus motorcycle pickup_truck train", "vehicles_2": "lawn_mower rocket streetcar tank tractor",
+    "vehicles_1": "bicycle bus motorcycle pickup_truck train",
+    "vehicles_2": "lawn_mower rocket streetcar tank tractor",
 }
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+IMAGE_EXTENSIONS = {
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".gif",
+    ".webp",
+    ".tif",
+    ".tiff",
+    ".ppm",
+    ".pgm",
+}
 _OFFLINE_HINT = "or try the script offline on --dataset shapes"
 
 
-def resolve_split(root: Path, split: str) -> str:  # folders evaluate on `test`, or on `val` where there is no `test`
-    return "val" if split == "test" and not (root / "test").is_dir() and (root / "val").is_dir() else split
+def resolve_split(
+    root: Path, split: str
+) -> str:  # folders evaluate on `test`, or on `val` where there is no `test`
+    return (
+        "val"
+        if split == "test" and not (root / "test").is_dir() and (root / "val").is_dir()
+        else split
+    )
 
 
 def _read_image(path: Path, size: int | None = None) -> torch.Tensor:
     """An image file as uint8 (3, H, W) RGB (grayscale, RGBA converted); with `size`, shorter
     side resized to it and the centre cropped to a square."""
     from PIL import Image
+
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
@@ -352,7 +427,9 @@ def _read_image(path: Path, size: int | None = None) -> torch.Tensor:
                 im = im.resize((w, h), Image.BILINEAR).crop((left, top, left + size, top + size))
             return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read image {path}: {e}. Replace or delete the file and rerun.") from None
+        raise ConfigError(
+            f"cannot read image {path}: {e}. Replace or delete the file and rerun."
+        ) from None
 
 
 def load_image_folder(root, split: str = "train", image_size: int = 32, cache_dir=None) -> ImageSet:
@@ -362,24 +439,37 @@ def load_image_folder(root, split: str = "train", image_size: int = 32, cache_di
     split = resolve_split(Path(root), split)
     folder = Path(root) / split
     if not folder.is_dir():
-        raise ConfigError(f"image folder {folder} not found: expected <data-dir>/{split}/<class>/<image> "
-                          f"(evaluation reads 'test', or 'val' where there is no 'test'), {_OFFLINE_HINT}")
+        raise ConfigError(
+            f"image folder {folder} not found: expected <data-dir>/{split}/<class>/<image> "
+            f"(evaluation reads 'test', or 'val' where there is no 'test'), {_OFFLINE_HINT}"
+        )
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
-    files = [(p, c) for c, name in enumerate(classes) for p in sorted((folder / name).iterdir())
-             if p.suffix.lower() in IMAGE_EXTENSIONS]
+    files = [
+        (p, c)
+        for c, name in enumerate(classes)
+        for p in sorted((folder / name).iterdir())
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+    ]
     if not files:
-        raise ConfigError(f"no images under {folder}: expected {folder}/<class>/<image>.<jpg, png, ...>")
+        raise ConfigError(
+            f"no images under {folder}: expected {folder}/<class>/<image>.<jpg, png, ...>"
+        )
     key = hashlib.sha1(f"{folder.resolve()}|{image_size}".encode())
     for p, _ in files:
         key.update(f"|{p.relative_to(folder)}|{p.stat().st_size}|{p.stat().st_mtime_ns}".encode())
-    cache_dir = Path(cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "unlabelled-refs")
+    cache_dir = Path(
+        cache_dir
+        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "unlabelled-refs"
+    )
     cache = cache_dir / f"imagefolder-{key.hexdigest()[:20]}.pt"
     if cache.exists():
         data = torch.load(cache, weights_only=True)
     else:
         print(f"decoding {len(files)} images from {folder} (once; cached in {cache})", flush=True)
-        data = {"images": torch.stack([_read_image(p, image_size) for p, _ in files]),
-                "labels": torch.tensor([c for _, c in files])}
+        data = {
+            "images": torch.stack([_read_image(p, image_size) for p, _ in files]),
+            "labels": torch.tensor([c for _, c in files]),
+        }
         cache_dir.mkdir(parents=True, exist_ok=True)
         save_checkpoint(cache, data)
     return ImageSet(data["images"], data["labels"], classes, split)
@@ -387,81 +477,189 @@ def load_image_folder(root, split: str = "train", image_size: int = 32, cache_di
 
 def _torchvision_set(name: str, root: Path, split: str, download: bool) -> ImageSet:
     from torchvision import datasets
-    kind = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100, "cifar100-20": datasets.CIFAR100,
-            "mnist": datasets.MNIST, "svhn": datasets.SVHN, "stl10": datasets.STL10}[name]
+
+    kind = {
+        "cifar10": datasets.CIFAR10,
+        "cifar100": datasets.CIFAR100,
+        "cifar100-20": datasets.CIFAR100,
+        "mnist": datasets.MNIST,
+        "svhn": datasets.SVHN,
+        "stl10": datasets.STL10,
+    }[name]
     where = {"split": split} if name in ("svhn", "stl10") else {"train": split == "train"}
     try:
         ds = kind(root, download=download, **where)
-    except ImportError as e:  # torchvision reads SVHN's .mat files with scipy, not a dependency here
-        raise ConfigError(f"torchvision reads {name} with {e.name}: pip install {e.name}, or use an image-folder copy")
+    except (
+        ImportError
+    ) as e:  # torchvision reads SVHN's .mat files with scipy, not a dependency here
+        raise ConfigError(
+            f"torchvision reads {name} with {e.name}: pip install {e.name}, or use an image-folder copy"
+        )
     except RuntimeError as e:
         how = "the download failed (offline?)" if download else "rerun with --download to fetch it"
-        raise ConfigError(f"{name} not found under {root.resolve()} ({e}); {how}, or pass --data-dir with the "
-                          f"folder holding it (an image-folder copy <data-dir>/{split}/<class>/<image> works too), "
-                          f"{_OFFLINE_HINT}") from None
+        raise ConfigError(
+            f"{name} not found under {root.resolve()} ({e}); {how}, or pass --data-dir with the "
+            f"folder holding it (an image-folder copy <data-dir>/{split}/<class>/<image> works too), "
+            f"{_OFFLINE_HINT}"
+        ) from None
     images = torch.as_tensor(np.asarray(ds.data))
     if images.ndim == 3:  # MNIST (N, 28, 28): grayscale repeated to RGB, as for image folders
         images = images[:, None].expand(-1, 3, -1, -1).contiguous()
     elif images.shape[-1] == 3:  # CIFAR stores (N, H, W, 3)
         images = images.permute(0, 3, 1, 2).contiguous()
-    labels = torch.as_tensor(np.asarray(ds.targets if hasattr(ds, "targets") else ds.labels), dtype=torch.long)
+    labels = torch.as_tensor(
+        np.asarray(ds.targets if hasattr(ds, "targets") else ds.labels), dtype=torch.long
+    )
     return ImageSet(images, labels, list(getattr(ds, "classes", map(str, range(10)))), split)
 
 
-def load_dataset(name: str, split: str = "train", data_dir=None, download: bool = False,
-                 image_size: int | None = None, cache_dir=None) -> ImageSet:
+def load_dataset(
+    name: str,
+    split: str = "train",
+    data_dir=None,
+    download: bool = False,
+    image_size: int | None = None,
+    cache_dir=None,
+) -> ImageSet:
     """A classification data set as uint8 tensors; splits "train", "test" (and stl10's
     "unlabeled"). torchvision's sets read `data_dir` (default ./data), downloading only when
     asked; an image-folder copy (`<data_dir>/<split>/<class>/`) is read as such."""
     info = dataset_info(name, "classify")
     size = image_size or info.image_size
     if name == "shapes":
-        images, labels = make_shapes(5000 if split == "train" else 1000, seed=int(split != "train"), size=size)
+        images, labels = make_shapes(
+            5000 if split == "train" else 1000, seed=int(split != "train"), size=size
+        )
         return ImageSet(images, labels, list(SHAPE_NAMES), split)
     if name == "imagefolder" and data_dir is None:
-        raise ConfigError(f"--dataset imagefolder needs --data-dir: a folder of train/<class>/<image>, {_OFFLINE_HINT}")
+        raise ConfigError(
+            f"--dataset imagefolder needs --data-dir: a folder of train/<class>/<image>, {_OFFLINE_HINT}"
+        )
     root = Path(data_dir or "data")
     if name == "imagefolder" or (root / resolve_split(root, split)).is_dir():
         data = load_image_folder(root, split, size, cache_dir)
         if name not in ("imagefolder", "cifar100-20") and len(data.classes) != info.num_classes:
-            raise ConfigError(f"{root / data.split}: {len(data.classes)} class folders, {name} has {info.num_classes}")
+            raise ConfigError(
+                f"{root / data.split}: {len(data.classes)} class folders, {name} has {info.num_classes}"
+            )
     else:
         data = _torchvision_set(name, root, split, download)
     if name == "cifar100-20":  # fine classes -> their super-class, matched by name
-        coarse = {fine: c for c, group in enumerate(CIFAR100_SUPERCLASSES.values()) for fine in group.split()}
+        coarse = {
+            fine: c
+            for c, group in enumerate(CIFAR100_SUPERCLASSES.values())
+            for fine in group.split()
+        }
         lut = torch.tensor([coarse[fine] for fine in data.classes])
         data = ImageSet(data.images, lut[data.labels], list(CIFAR100_SUPERCLASSES), data.split)
     return data
 
 
 # --- Segmentation data: (image, label map) pairs, decoded and resized on demand or held in memory ---
-CAMVID_CLASSES = ("sky", "building", "pole", "road", "pavement", "tree", "sign_symbol", "fence",
-                  "car", "pedestrian", "bicyclist")  # label 11 (void) -> 255
-VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-               "tvmonitor")
+CAMVID_CLASSES = (
+    "sky",
+    "building",
+    "pole",
+    "road",
+    "pavement",
+    "tree",
+    "sign_symbol",
+    "fence",
+    "car",
+    "pedestrian",
+    "bicyclist",
+)  # label 11 (void) -> 255
+VOC_CLASSES = (
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+)
 # Cityscapes label ids 7..33 are PiCIE's 27 classes (ids 0-6 ignored); CITYSCAPES_19_IDS are the
 # ids of the usual 19 training classes, in trainId order.
-CITYSCAPES_27 = ("road", "sidewalk", "parking", "rail_track", "building", "wall", "fence", "guard_rail", "bridge",
-                 "tunnel", "pole", "polegroup", "traffic_light", "traffic_sign", "vegetation", "terrain", "sky",
-                 "person", "rider", "car", "truck", "bus", "caravan", "trailer", "train", "motorcycle", "bicycle")
+CITYSCAPES_27 = (
+    "road",
+    "sidewalk",
+    "parking",
+    "rail_track",
+    "building",
+    "wall",
+    "fence",
+    "guard_rail",
+    "bridge",
+    "tunnel",
+    "pole",
+    "polegroup",
+    "traffic_light",
+    "traffic_sign",
+    "vegetation",
+    "terrain",
+    "sky",
+    "person",
+    "rider",
+    "car",
+    "truck",
+    "bus",
+    "caravan",
+    "trailer",
+    "train",
+    "motorcycle",
+    "bicycle",
+)
 CITYSCAPES_19_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
 # COCO-Stuff-27: the 182 fine ids of the stuffthingmaps PNGs grouped by COCO-Stuff supercategory
 # (12 "things" then 15 "stuff", IIC's order, which PiCIE's fine_to_coarse file follows).
 COCOSTUFF_27 = {
-    "electronic": "71-76", "appliance": "77-82", "food-things": "51-60", "furniture-things": "61-70",
-    "indoor": "83-90", "kitchen": "43-50", "accessory": "25-32", "animal": "15-24", "outdoor": "9-14",
-    "person": "0", "sports": "33-42", "vehicle": "1-8",
-    "ceiling": "101-102", "floor": "100 113-117", "food-stuff": "120-121 152 169",
-    "furniture-stuff": "97 106-107 109 111 122 129 132 155 160 164", "rawmaterial": "99 131 138 142",
-    "textile": "91-92 103-104 108 130 136 140 151 166-167", "wall": "170-176", "window": "179-180",
-    "building": "94-95 127 150 157 165", "ground": "110 124-125 135 139 143-144 146 148 153 158",
-    "plant": "93 96 118 123 128 133 141 162 168", "sky": "105 156", "solid": "126 134 149 159 161 181",
-    "structural": "98 112 137 145 163", "water": "119 147 154 177-178",
+    "electronic": "71-76",
+    "appliance": "77-82",
+    "food-things": "51-60",
+    "furniture-things": "61-70",
+    "indoor": "83-90",
+    "kitchen": "43-50",
+    "accessory": "25-32",
+    "animal": "15-24",
+    "outdoor": "9-14",
+    "person": "0",
+    "sports": "33-42",
+    "vehicle": "1-8",
+    "ceiling": "101-102",
+    "floor": "100 113-117",
+    "food-stuff": "120-121 152 169",
+    "furniture-stuff": "97 106-107 109 111 122 129 132 155 160 164",
+    "rawmaterial": "99 131 138 142",
+    "textile": "91-92 103-104 108 130 136 140 151 166-167",
+    "wall": "170-176",
+    "window": "179-180",
+    "building": "94-95 127 150 157 165",
+    "ground": "110 124-125 135 139 143-144 146 148 153 158",
+    "plant": "93 96 118 123 128 133 141 162 168",
+    "sky": "105 156",
+    "solid": "126 134 149 159 161 181",
+    "structural": "98 112 137 145 163",
+    "water": "119 147 154 177-178",
 }
 
 
-def _lut(mapping: dict[int, int] | int) -> torch.Tensor:  # raw label -> class (n: identity below n); else 255
+def _lut(
+    mapping: dict[int, int] | int,
+) -> torch.Tensor:  # raw label -> class (n: identity below n); else 255
     mapping = {i: i for i in range(mapping)} if isinstance(mapping, int) else mapping
     lut = torch.full((256,), 255, dtype=torch.long)
     lut[list(mapping)] = torch.tensor(list(mapping.values()))
@@ -469,7 +667,11 @@ def _lut(mapping: dict[int, int] | int) -> torch.Tensor:  # raw label -> class (
 
 
 def _cocostuff_lut() -> torch.Tensor:  # COCOSTUFF_27's spans of fine ids -> their coarse index
-    spans = [(c, span.partition("-")) for c, group in enumerate(COCOSTUFF_27.values()) for span in group.split()]
+    spans = [
+        (c, span.partition("-"))
+        for c, group in enumerate(COCOSTUFF_27.values())
+        for span in group.split()
+    ]
     return _lut({fine: c for c, (lo, _, hi) in spans for fine in range(int(lo), int(hi or lo) + 1)})
 
 
@@ -479,8 +681,15 @@ class SegmentationSet(torch.utils.data.Dataset):
     `image_size` (labels nearest). Large sets stream through a DataLoader with
     `collate_fn=pad_collate`; `tensors()` decodes a small one whole."""
 
-    def __init__(self, classes, split, pairs=(), lut=None, image_size=None, images=None, labels=None):
-        self.classes, self.num_classes, self.split, self.pairs = list(classes), len(classes), split, list(pairs)
+    def __init__(
+        self, classes, split, pairs=(), lut=None, image_size=None, images=None, labels=None
+    ):
+        self.classes, self.num_classes, self.split, self.pairs = (
+            list(classes),
+            len(classes),
+            split,
+            list(pairs),
+        )
         self.lut, self.image_size, self.images, self.labels = lut, image_size, images, labels
 
     def __len__(self) -> int:
@@ -490,13 +699,16 @@ class SegmentationSet(torch.utils.data.Dataset):
         if self.images is not None:
             return self.images[i], self.labels[i]
         from torchvision.transforms.functional import InterpolationMode, resize
+
         image = _read_image(self.pairs[i][0])
         if self.pairs[i][1] is None:  # an unlabelled split (Cityscapes' train_extra)
             label = torch.full(image.shape[1:], 255, dtype=torch.long)
         else:
             label = self.lut[_read_label(self.pairs[i][1]).long()]
             if label.shape != image.shape[1:]:
-                raise ConfigError(f"label map {self.pairs[i][1]}: {tuple(label.shape)}, its image {tuple(image.shape)}")
+                raise ConfigError(
+                    f"label map {self.pairs[i][1]}: {tuple(label.shape)}, its image {tuple(image.shape)}"
+                )
         if self.image_size:
             image = resize(image, self.image_size, antialias=True)
             label = resize(label[None], self.image_size, InterpolationMode.NEAREST)[0]
@@ -508,27 +720,42 @@ class SegmentationSet(torch.utils.data.Dataset):
             print(f"decoding {len(self.pairs)} image/label pairs ({self.split})", flush=True)
             images, labels = zip(*(self[i] for i in range(len(self.pairs))))
             if len({im.shape for im in images}) > 1:
-                raise ConfigError("images differ in size after resizing: stream them through a "
-                                  "DataLoader with collate_fn=common.pad_collate instead")
+                raise ConfigError(
+                    "images differ in size after resizing: stream them through a "
+                    "DataLoader with collate_fn=common.pad_collate instead"
+                )
             self.images, self.labels = torch.stack(images), torch.stack(labels)
         return self.images, self.labels
 
 
-def pad_collate(batch):  # stack (image, label) pairs of different sizes: images padded with 0, labels with 255
+def pad_collate(
+    batch,
+):  # stack (image, label) pairs of different sizes: images padded with 0, labels with 255
     h, w = max(im.shape[1] for im, _ in batch), max(im.shape[2] for im, _ in batch)
-    return (torch.stack([F.pad(im, (0, w - im.shape[2], 0, h - im.shape[1])) for im, _ in batch]),
-            torch.stack([F.pad(lb, (0, w - lb.shape[1], 0, h - lb.shape[0]), value=255) for _, lb in batch]))
+    return (
+        torch.stack([F.pad(im, (0, w - im.shape[2], 0, h - im.shape[1])) for im, _ in batch]),
+        torch.stack(
+            [F.pad(lb, (0, w - lb.shape[1], 0, h - lb.shape[0]), value=255) for _, lb in batch]
+        ),
+    )
 
 
-def _read_label(path: Path) -> torch.Tensor:  # a one-channel label map (palette or gray) as uint8 (H, W)
+def _read_label(
+    path: Path,
+) -> torch.Tensor:  # a one-channel label map (palette or gray) as uint8 (H, W)
     from PIL import Image
+
     try:
         with Image.open(path) as im:
             raw = np.array(im, dtype=np.uint8)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read label map {path}: {e}. Replace or delete the file and rerun.") from None
+        raise ConfigError(
+            f"cannot read label map {path}: {e}. Replace or delete the file and rerun."
+        ) from None
     if raw.ndim != 2:
-        raise ConfigError(f"label map {path} has {raw.shape[-1]} channels; expected one class index per pixel")
+        raise ConfigError(
+            f"label map {path} has {raw.shape[-1]} channels; expected one class index per pixel"
+        )
     return torch.from_numpy(raw)
 
 
@@ -559,57 +786,114 @@ def _seg_pairs(name: str, root: Path, split: str):
     if name == "voc":  # VOCdevkit/VOC2012 with its ImageSets/Segmentation lists
         base = root / "VOCdevkit" / "VOC2012" if (root / "VOCdevkit").is_dir() else root
         lists, labels = base / "ImageSets" / "Segmentation", base / "SegmentationClass"
-        if split == "train" and (lists / "train_aug.txt").exists() and (base / "SegmentationClassAug").is_dir():
-            split, labels = "train_aug", base / "SegmentationClassAug"  # + SBD: 10,582 images, as CPS
+        if (
+            split == "train"
+            and (lists / "train_aug.txt").exists()
+            and (base / "SegmentationClassAug").is_dir()
+        ):
+            split, labels = (
+                "train_aug",
+                base / "SegmentationClassAug",
+            )  # + SBD: 10,582 images, as CPS
         elif split == "train":
-            print(f"voc: no SegmentationClassAug + train_aug.txt in {base}: training on VOC's 1,464 images", flush=True)
-        ids = [Path(line.split()[0]).stem for line in _read_lines(lists / f"{split}.txt")]  # ids or paths
-        return [(base / "JPEGImages" / f"{i}.jpg", labels / f"{i}.png") for i in ids], _lut(21), VOC_CLASSES
-    if name in ("cityscapes", "cityscapes27"):  # leftImg8bit/<split>/<city>/, gtFine/<split>/<city>/
+            print(
+                f"voc: no SegmentationClassAug + train_aug.txt in {base}: training on VOC's 1,464 images",
+                flush=True,
+            )
+        ids = [
+            Path(line.split()[0]).stem for line in _read_lines(lists / f"{split}.txt")
+        ]  # ids or paths
+        return (
+            [(base / "JPEGImages" / f"{i}.jpg", labels / f"{i}.png") for i in ids],
+            _lut(21),
+            VOC_CLASSES,
+        )
+    if name in (
+        "cityscapes",
+        "cityscapes27",
+    ):  # leftImg8bit/<split>/<city>/, gtFine/<split>/<city>/
         images = sorted((root / "leftImg8bit" / split).glob("*/*_leftImg8bit.png"))
         if not images:
-            raise ConfigError(f"no images in {root / 'leftImg8bit' / split}/<city>/*_leftImg8bit.png")
+            raise ConfigError(
+                f"no images in {root / 'leftImg8bit' / split}/<city>/*_leftImg8bit.png"
+            )
         gt = root / "gtFine" / split
-        label = {p: gt / p.parent.name / p.name.replace("leftImg8bit", "gtFine_labelIds") for p in images}
-        pairs = [(p, None if split == "train_extra" else label[p]) for p in images]  # train_extra has no labels
+        label = {
+            p: gt / p.parent.name / p.name.replace("leftImg8bit", "gtFine_labelIds") for p in images
+        }
+        pairs = [
+            (p, None if split == "train_extra" else label[p]) for p in images
+        ]  # train_extra has no labels
         if name == "cityscapes27":
             return pairs, _lut({i: i - 7 for i in range(7, 34)}), CITYSCAPES_27
-        return pairs, _lut(dict(zip(CITYSCAPES_19_IDS, range(19)))), [CITYSCAPES_27[i - 7] for i in CITYSCAPES_19_IDS]
+        return (
+            pairs,
+            _lut(dict(zip(CITYSCAPES_19_IDS, range(19)))),
+            [CITYSCAPES_27[i - 7] for i in CITYSCAPES_19_IDS],
+        )
     if name == "cocostuff27":  # images/, annotations/ (stuffthingmaps) and IIC's curated lists
         ids = _read_lines(root / "curated" / f"{split}2017" / "Coco164kFull_Stuff_Coarse_7.txt")
         images, labels = root / "images" / f"{split}2017", root / "annotations" / f"{split}2017"
-        return [(images / f"{i}.jpg", labels / f"{i}.png") for i in ids], _cocostuff_lut(), list(COCOSTUFF_27)
+        return (
+            [(images / f"{i}.jpg", labels / f"{i}.png") for i in ids],
+            _cocostuff_lut(),
+            list(COCOSTUFF_27),
+        )
     # segfolder: <split>/images/*, <split>/masks/<stem>.png, optional classes.txt ("<index> <name>")
     pairs = _pairs_by_stem(root / split / "images", root / split / "masks")
     if (root / "classes.txt").exists():
-        entries = sorted((int(i), n) for i, n in (line.split(maxsplit=1) for line in _read_lines(root / "classes.txt")))
+        entries = sorted(
+            (int(i), n)
+            for i, n in (line.split(maxsplit=1) for line in _read_lines(root / "classes.txt"))
+        )
         return pairs, _lut(len(entries)), [n for _, n in entries]
-    largest = max(int(lb[lb != 255].max(initial=0)) for lb in (_read_label(p).numpy() for _, p in pairs))
-    return pairs, _lut(largest + 1), [str(c) for c in range(largest + 1)]  # no names: classes up to the largest seen
+    largest = max(
+        int(lb[lb != 255].max(initial=0)) for lb in (_read_label(p).numpy() for _, p in pairs)
+    )
+    return (
+        pairs,
+        _lut(largest + 1),
+        [str(c) for c in range(largest + 1)],
+    )  # no names: classes up to the largest seen
 
 
-def load_segmentation(name: str, split: str = "train", data_dir=None, download: bool = False,
-                      image_size: int | None = None) -> SegmentationSet:
+def load_segmentation(
+    name: str,
+    split: str = "train",
+    data_dir=None,
+    download: bool = False,
+    image_size: int | None = None,
+) -> SegmentationSet:
     """A segmentation data set read from `data_dir` (camvid, voc, cityscapes, cityscapes27,
     cocostuff27, segfolder; layouts in `_seg_pairs`) or generated (shapes-seg); shorter side
     resized to `image_size` (None: as stored); split "a+b" joins two splits."""
     info = dataset_info(name, "segment")
     if name == "shapes-seg":
-        images, labels = make_shapes_seg(1000 if split == "train" else 200, seed=int(split != "train"),
-                                         size=image_size or info.image_size)
+        images, labels = make_shapes_seg(
+            1000 if split == "train" else 200,
+            seed=int(split != "train"),
+            size=image_size or info.image_size,
+        )
         return SegmentationSet(SHAPES_SEG_CLASSES, split, images=images, labels=labels)
     if name == "segfolder" and data_dir is None:
-        raise ConfigError(f"--dataset segfolder needs --data-dir (with train/images, train/masks), {_OFFLINE_HINT}-seg")
+        raise ConfigError(
+            f"--dataset segfolder needs --data-dir (with train/images, train/masks), {_OFFLINE_HINT}-seg"
+        )
     root = Path(data_dir or Path("data") / name)
     if name == "voc" and download:
         from torchvision.datasets import VOCSegmentation
+
         VOCSegmentation(root, year="2012", image_set="trainval", download=True)
     if not root.is_dir():
-        raise ConfigError(f"{name} not found at {root.resolve()}: pass --data-dir with its folder "
-                          f"(layouts: common._seg_pairs), {_OFFLINE_HINT}-seg")
+        raise ConfigError(
+            f"{name} not found at {root.resolve()}: pass --data-dir with its folder "
+            f"(layouts: common._seg_pairs), {_OFFLINE_HINT}-seg"
+        )
     split = resolve_split(root, split) if name == "segfolder" else split
     parts = [_seg_pairs(name, root, part) for part in split.split("+")]
-    return SegmentationSet(parts[0][2], split, [p for part in parts for p in part[0]], parts[0][1], image_size)
+    return SegmentationSet(
+        parts[0][2], split, [p for part in parts for p in part[0]], parts[0][1], image_size
+    )
 
 
 # --- Synthetic data sets: generated from a seed, no files -----------------------------------------
@@ -640,10 +924,14 @@ def _two_tone(n, g):
 
 
 def _smooth_noise(n, size, g):  # (n, size, size) in [0, 1], varying over a quarter of the image
-    return F.interpolate(torch.rand(n, 1, 4, 4, generator=g), size=(size, size), mode="bicubic")[:, 0].clamp(0, 1)
+    return F.interpolate(torch.rand(n, 1, 4, 4, generator=g), size=(size, size), mode="bicubic")[
+        :, 0
+    ].clamp(0, 1)
 
 
-def make_shapes(n: int, seed: int = 0, size: int = 32, num_classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+def make_shapes(
+    n: int, seed: int = 0, size: int = 32, num_classes: int = 10
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`shapes`: n images (n, 3, size, size) of one shape each, classes balanced, with random
     colour (one dark, one light: no class information), size, position and rotation on a textured
     background (stripes of random frequency and angle mixed with smooth noise)."""
@@ -653,23 +941,43 @@ def make_shapes(n: int, seed: int = 0, size: int = 32, num_classes: int = 10) ->
     bg2 = (bg + (torch.rand(n, 3, generator=g) - 0.5) * 0.3).clamp(0, 1)  # second background tone
     y, x = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
     angle, freq, phase, mix = torch.rand(4, n, 1, 1, generator=g)
-    across = x * torch.cos(math.pi * angle) + y * torch.sin(math.pi * angle)  # position across the stripes
-    stripes = 0.5 + 0.5 * torch.sin((2 + 4 * freq) * math.pi * across + 2 * math.pi * phase)  # 2-6 periods
+    across = x * torch.cos(math.pi * angle) + y * torch.sin(
+        math.pi * angle
+    )  # position across the stripes
+    stripes = 0.5 + 0.5 * torch.sin(
+        (2 + 4 * freq) * math.pi * across + 2 * math.pi * phase
+    )  # 2-6 periods
     texture = mix * stripes + (1 - mix) * _smooth_noise(n, size, g)
     images = bg[:, :, None, None] + (bg2 - bg)[:, :, None, None] * texture[:, None]
-    y, x = torch.meshgrid(torch.linspace(-1, 1, 2 * size), torch.linspace(-1, 1, 2 * size), indexing="ij")
+    y, x = torch.meshgrid(
+        torch.linspace(-1, 1, 2 * size), torch.linspace(-1, 1, 2 * size), indexing="ij"
+    )
     # Shapes fill most of the frame, as CIFAR's objects do, so that strong augmentation leaves them.
-    centre, scale = (torch.rand(n, 2, generator=g) - 0.5) * 0.4, 0.6 + 0.25 * torch.rand(n, generator=g)
+    centre, scale = (
+        (torch.rand(n, 2, generator=g) - 0.5) * 0.4,
+        0.6 + 0.25 * torch.rand(n, generator=g),
+    )
     theta = 2 * math.pi * torch.rand(n, generator=g)
-    mask = torch.zeros(n, 1, 2 * size, 2 * size)  # drawn at twice the size, then averaged: anti-aliased
+    mask = torch.zeros(
+        n, 1, 2 * size, 2 * size
+    )  # drawn at twice the size, then averaged: anti-aliased
     for k in range(num_classes):
         i = torch.nonzero(labels == k).squeeze(1)
-        x0, y0 = ((grid - centre[i, d, None, None]) / scale[i, None, None] for d, grid in enumerate((x, y)))
+        x0, y0 = (
+            (grid - centre[i, d, None, None]) / scale[i, None, None]
+            for d, grid in enumerate((x, y))
+        )
         c, s = torch.cos(theta[i])[:, None, None], torch.sin(theta[i])[:, None, None]
         u, v = c * x0 + s * y0, s * x0 - c * y0  # rotated; v points up
-        mask[i, 0] = SHAPES[SHAPE_NAMES[k]](u, v, torch.sqrt(u * u + v * v), torch.maximum(u.abs(), v.abs())).float()
+        mask[i, 0] = SHAPES[SHAPE_NAMES[k]](
+            u, v, torch.sqrt(u * u + v * v), torch.maximum(u.abs(), v.abs())
+        ).float()
     mask = F.avg_pool2d(mask, 2)
-    images = images * (1 - mask) + fg[:, :, None, None] * mask + 0.03 * torch.randn(n, 3, size, size, generator=g)
+    images = (
+        images * (1 - mask)
+        + fg[:, :, None, None] * mask
+        + 0.03 * torch.randn(n, 3, size, size, generator=g)
+    )
     return (images.clamp(0, 1) * 255).round().to(torch.uint8), labels
 
 
@@ -681,7 +989,10 @@ def make_shapes_seg(n: int, seed: int = 0, size: int = 64) -> tuple[torch.Tensor
     g = torch.Generator().manual_seed(seed)
     y, x = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
     c1, c2 = _two_tone(n, g)
-    images = c1[:, :, None, None] + (c2 - c1)[:, :, None, None] * 0.5 * _smooth_noise(n, size, g)[:, None]
+    images = (
+        c1[:, :, None, None]
+        + (c2 - c1)[:, :, None, None] * 0.5 * _smooth_noise(n, size, g)[:, None]
+    )
     labels = torch.zeros(n, size, size, dtype=torch.long)
     for p_present in (1.0, 0.9, 0.7, 0.5):  # later regions paint over earlier ones
         present = torch.rand(n, generator=g) < p_present
@@ -689,16 +1000,28 @@ def make_shapes_seg(n: int, seed: int = 0, size: int = 64) -> tuple[torch.Tensor
         cx, cy = (torch.rand(n, 2, generator=g) * size).unbind(1)
         r = (size * (0.15 + 0.15 * torch.rand(n, generator=g)))[:, None, None]
         dx, dy = (x - cx[:, None, None]).abs(), (y - cy[:, None, None]).abs()
-        outline = torch.stack([dx ** 2 + dy ** 2 < r ** 2, torch.maximum(dx, dy) < 0.8 * r, dx + dy < r], 1)
+        outline = torch.stack(
+            [dx**2 + dy**2 < r**2, torch.maximum(dx, dy) < 0.8 * r, dx + dy < r], 1
+        )
         kind = torch.randint(0, 3, (n, 1, 1, 1), generator=g).expand(-1, 1, size, size)
         inside = outline.gather(1, kind)[:, 0] & present[:, None, None]
-        period, a = 5 + 4 * torch.rand(n, 1, 1, generator=g), math.pi * torch.rand(n, 1, 1, generator=g)
-        pu, pv = (x * torch.cos(a) + y * torch.sin(a)) / period, (-x * torch.sin(a) + y * torch.cos(a)) / period
+        period, a = (
+            5 + 4 * torch.rand(n, 1, 1, generator=g),
+            math.pi * torch.rand(n, 1, 1, generator=g),
+        )
+        pu, pv = (
+            (x * torch.cos(a) + y * torch.sin(a)) / period,
+            (-x * torch.sin(a) + y * torch.cos(a)) / period,
+        )
         fu, fv = pu - pu.floor(), pv - pv.floor()  # position within a period, in [0, 1)
-        speckle = F.interpolate(torch.rand(n, 1, size // 2, size // 2, generator=g), scale_factor=2)[:, 0].round()
+        speckle = F.interpolate(
+            torch.rand(n, 1, size // 2, size // 2, generator=g), scale_factor=2
+        )[:, 0].round()
         stripes, checks = (fu < 0.5).float(), ((pu.floor() + pv.floor()) % 2).float()
         dots = ((fu - 0.5) ** 2 + (fv - 0.5) ** 2 < 0.09).float()
-        pattern = torch.stack([speckle, stripes, checks, dots], 1)[torch.arange(n), cls - 1]  # (n, size, size)
+        pattern = torch.stack([speckle, stripes, checks, dots], 1)[
+            torch.arange(n), cls - 1
+        ]  # (n, size, size)
         a1, a2 = _two_tone(n, g)
         region = a1[:, :, None, None] + (a2 - a1)[:, :, None, None] * pattern[:, None]
         images = torch.where(inside[:, None], region, images)
@@ -713,14 +1036,26 @@ def make_shapes_seg(n: int, seed: int = 0, size: int = 64) -> tuple[torch.Tensor
 # when given. Per-sample choices are (B, ...) tensors; Python loops run over op kinds only.
 def _rand(shape, generator, device) -> torch.Tensor:
     return torch.rand(shape, generator=generator, device=device)
+
+
 def _to_float(x: torch.Tensor) -> torch.Tensor:  # a copy in [0, 1], so ops may write into it
     return x.float().div_(255) if x.dtype == torch.uint8 else x.to(torch.float32, copy=True)
+
+
 def _restore(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # back to the input's dtype
-    return y.mul_(255).add_(0.5).clamp_(0, 255).to(torch.uint8) if dtype == torch.uint8 else y.clamp_(0, 1).to(dtype)
+    return (
+        y.mul_(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
+        if dtype == torch.uint8
+        else y.clamp_(0, 1).to(dtype)
+    )
 
 
-def weak_augment(x: torch.Tensor, flip: bool = True, translate: float = 0.125,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+def weak_augment(
+    x: torch.Tensor,
+    flip: bool = True,
+    translate: float = 0.125,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """FixMatch's weak view: horizontal flip (p = 0.5) and a translation by up to `translate` of
     the size (4 px at 32 px) filled by reflection, i.e. a random crop of the reflect-padded
     image; done as one gather of per-sample reflected indices, exact in any dtype."""
@@ -738,21 +1073,31 @@ def weak_augment(x: torch.Tensor, flip: bool = True, translate: float = 0.125,
     return x.reshape(b, c, h * w).gather(2, index).view(b, c, h, w)
 
 
-def cutout(x: torch.Tensor, size: float = 16, random_size: bool = False,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+def cutout(
+    x: torch.Tensor,
+    size: float = 16,
+    random_size: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """A grey square of side `size` px (uniform in [0, size] with random_size) per sample,
     centred anywhere and clipped at the border."""
     b, _, h, w = x.shape
     side = size * (_rand(b, generator, x.device) if random_size else torch.ones(b, device=x.device))
     cy, cx = _rand(b, generator, x.device) * h, _rand(b, generator, x.device) * w
-    inside = lambda n, c: (torch.arange(n, device=x.device) + 0.5 - c[:, None]).abs() < side[:, None] / 2  # noqa: E731
-    mask = (inside(h, cy)[:, :, None] & inside(w, cx)[:, None, :])[:, None].to(x.dtype)  # (B, 1, H, W)
+    inside = lambda n, c: (
+        (torch.arange(n, device=x.device) + 0.5 - c[:, None]).abs() < side[:, None] / 2
+    )  # noqa: E731
+    mask = (inside(h, cy)[:, :, None] & inside(w, cx)[:, None, :])[:, None].to(
+        x.dtype
+    )  # (B, 1, H, W)
     grey = 128 if x.dtype == torch.uint8 else 0.5
     return x * (1 - mask) + grey * mask  # arithmetic, not torch.where: several times faster on CPU
 
 
 def _grayscale(x):  # ITU-R 601 luma, as PIL's convert("L")
     return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+
+
 def _blend(degenerate, x, factor):  # PIL's ImageEnhance: degenerate + f (x - degenerate)
     return (degenerate + factor.view(-1, 1, 1, 1) * (x - degenerate)).clamp_(0, 1)
 
@@ -797,7 +1142,9 @@ def _equalize(x, m):
     lut[i] = (step // 2 + #pixels below i) // step, step = (#pixels - last bin's count) // 255."""
     b, c, h, w = x.shape
     q = (x * 255).round().long().view(b * c, h * w)
-    hist = torch.zeros(b * c, 256, dtype=torch.long, device=x.device).scatter_add_(1, q, torch.ones_like(q))
+    hist = torch.zeros(b * c, 256, dtype=torch.long, device=x.device).scatter_add_(
+        1, q, torch.ones_like(q)
+    )
     last = torch.where(hist > 0, torch.arange(256, device=x.device), -1).amax(1, keepdim=True)
     step = (h * w - hist.gather(1, last)) // 255  # (B*C, 1)
     below = hist.cumsum(1) - hist
@@ -806,10 +1153,16 @@ def _equalize(x, m):
     return (lut.gather(1, q).float() / 255).view(b, c, h, w)
 
 
-def _sharpness(x, m):  # degenerate: PIL's SMOOTH [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13, border pixels kept
-    rows = x[..., :-2, :] + x[..., 1:-1, :] + x[..., 2:, :]  # 3x3 box sums, separably (avg_pool2d is slower)
+def _sharpness(
+    x, m
+):  # degenerate: PIL's SMOOTH [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13, border pixels kept
+    rows = (
+        x[..., :-2, :] + x[..., 1:-1, :] + x[..., 2:, :]
+    )  # 3x3 box sums, separably (avg_pool2d is slower)
     smooth = x.clone()
-    smooth[..., 1:-1, 1:-1] = (rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:] + 4 * x[..., 1:-1, 1:-1]) / 13
+    smooth[..., 1:-1, 1:-1] = (
+        rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:] + 4 * x[..., 1:-1, 1:-1]
+    ) / 13
     return _blend(smooth, x, m)
 
 
@@ -823,35 +1176,58 @@ def _posterize(x, m):  # keep the top m bits of each 8-bit value
 # The PyTorch ports differ from the paper and from each other in ranges and probabilities
 # (torchvision's RandAugment uses one fixed magnitude); we follow the paper.
 RANDAUGMENT_OPS = (
-    ("identity", 0, 0), ("autocontrast", 0, 0), ("equalize", 0, 0),
+    ("identity", 0, 0),
+    ("autocontrast", 0, 0),
+    ("equalize", 0, 0),
     ("rotate", -30, 30),  # degrees
     ("solarize", 0, 1),  # threshold: values >= it are inverted
     # enhancement factors (1: the image, 0: the degenerate image)
-    ("color", 0.05, 0.95), ("contrast", 0.05, 0.95), ("brightness", 0.05, 0.95), ("sharpness", 0.05, 0.95),
-    ("shear_x", -0.3, 0.3), ("shear_y", -0.3, 0.3),
-    ("translate_x", -0.3, 0.3), ("translate_y", -0.3, 0.3),  # fractions of the image size
+    ("color", 0.05, 0.95),
+    ("contrast", 0.05, 0.95),
+    ("brightness", 0.05, 0.95),
+    ("sharpness", 0.05, 0.95),
+    ("shear_x", -0.3, 0.3),
+    ("shear_y", -0.3, 0.3),
+    ("translate_x", -0.3, 0.3),
+    ("translate_y", -0.3, 0.3),  # fractions of the image size
     ("posterize", 4, 9),  # bits: the floor of U[4, 9), i.e. 4..8
 )
 _RANDAUGMENT_FNS = {  # the non-geometric ops; the geometric ones run together in _geometric
-    "autocontrast": _autocontrast, "equalize": _equalize, "sharpness": _sharpness, "posterize": _posterize,
+    "autocontrast": _autocontrast,
+    "equalize": _equalize,
+    "sharpness": _sharpness,
+    "posterize": _posterize,
     "solarize": lambda x, m: torch.where(x >= m.view(-1, 1, 1, 1), 1 - x, x),
     "color": lambda x, m: _blend(_grayscale(x), x, m),
-    "contrast": lambda x, m: _blend((_grayscale(x).mean((1, 2, 3), keepdim=True) * 255).round() / 255, x, m),
+    "contrast": lambda x, m: _blend(
+        (_grayscale(x).mean((1, 2, 3), keepdim=True) * 255).round() / 255, x, m
+    ),
     "brightness": lambda x, m: _blend(torch.zeros_like(x), x, m),
 }
 
 
-def randaugment(x: torch.Tensor, num_ops: int = 2, prob: float = 0.5,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+def randaugment(
+    x: torch.Tensor, num_ops: int = 2, prob: float = 0.5, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Per sample, `num_ops` ops drawn from RANDAUGMENT_OPS with replacement, each applied with
     probability `prob` at a random magnitude; samples that drew the same op run together."""
     dtype, x = x.dtype, _to_float(x)
-    ops = torch.randint(len(RANDAUGMENT_OPS), (len(x), num_ops), generator=generator, device=x.device)
+    ops = torch.randint(
+        len(RANDAUGMENT_OPS), (len(x), num_ops), generator=generator, device=x.device
+    )
     applied = _rand((len(x), num_ops), generator, x.device) < prob
     level = _rand((len(x), num_ops), generator, x.device)
-    table = torch.tensor([(lo, hi, GEOMETRIC_OPS.index(name) if name in GEOMETRIC_OPS else -1)
-                          for name, lo, hi in RANDAUGMENT_OPS], device=x.device)[ops]  # (B, num_ops, 3)
-    magnitude, geometric = table[..., 0] + (table[..., 1] - table[..., 0]) * level, table[..., 2].long()
+    table = torch.tensor(
+        [
+            (lo, hi, GEOMETRIC_OPS.index(name) if name in GEOMETRIC_OPS else -1)
+            for name, lo, hi in RANDAUGMENT_OPS
+        ],
+        device=x.device,
+    )[ops]  # (B, num_ops, 3)
+    magnitude, geometric = (
+        table[..., 0] + (table[..., 1] - table[..., 0]) * level,
+        table[..., 2].long(),
+    )
     for slot in range(num_ops):
         idx = torch.nonzero(applied[:, slot] & (geometric[:, slot] >= 0)).squeeze(1)
         if len(idx):  # all geometric ops of this slot in one resampling
@@ -864,9 +1240,15 @@ def randaugment(x: torch.Tensor, num_ops: int = 2, prob: float = 0.5,
     return _restore(x, dtype)
 
 
-def strong_augment(x: torch.Tensor, num_ops: int = 2, prob: float = 0.5, cutout_size: float = 16,
-                   random_cutout: bool = False, flip: bool = True,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+def strong_augment(
+    x: torch.Tensor,
+    num_ops: int = 2,
+    prob: float = 0.5,
+    cutout_size: float = 16,
+    random_cutout: bool = False,
+    flip: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """FixMatch's strong view: the weak view, then RandAugment (2 ops, p = 0.5 each), then a
     16 px Cutout. SPICE uses 4 ops and a Cutout of random side up to 16 (random_cutout=True)."""
     x = weak_augment(x, flip=flip, generator=generator)
@@ -874,17 +1256,28 @@ def strong_augment(x: torch.Tensor, num_ops: int = 2, prob: float = 0.5, cutout_
     return cutout(x, cutout_size, random_cutout, generator)
 
 
-def _adjust_hue(x, shift):  # rotate the hue of RGB images by `shift` (a fraction of a turn) through HSV
+def _adjust_hue(
+    x, shift
+):  # rotate the hue of RGB images by `shift` (a fraction of a turn) through HSV
     r, g, b = x.unbind(1)
     val, delta = x.amax(1), x.amax(1) - x.amin(1)
     rc, gc, bc = ((val - c) / delta.clamp_min(1e-8) for c in (r, g, b))
-    hue = torch.where(val == r, bc - gc, torch.where(val == g, 2 + rc - bc, 4 + gc - rc)) * (delta > 0) / 6
+    hue = (
+        torch.where(val == r, bc - gc, torch.where(val == g, 2 + rc - bc, 4 + gc - rc))
+        * (delta > 0)
+        / 6
+    )
     hue = (hue + shift.view(-1, 1, 1)) % 1
     sat = delta / val.clamp_min(1e-8)
     sector, f = (hue * 6).floor(), hue * 6 - (hue * 6).floor()
     p, q, t = val * (1 - sat), val * (1 - sat * f), val * (1 - sat * (1 - f))
-    table = torch.stack([torch.stack(c, 1) for c in ((val, t, p), (q, val, p), (p, val, t),
-                                                     (p, q, val), (t, p, val), (val, p, q))], 1)
+    table = torch.stack(
+        [
+            torch.stack(c, 1)
+            for c in ((val, t, p), (q, val, p), (p, val, t), (p, q, val), (t, p, val), (val, p, q))
+        ],
+        1,
+    )
     return table.gather(1, (sector.long() % 6)[:, None, None].expand(-1, 1, 3, -1, -1))[:, 0]
 
 
@@ -894,7 +1287,7 @@ def _gaussian_blur(x, sigma):
     b, c, h, w = x.shape
     half = max(1, min(math.ceil(3 * float(sigma.max())), h - 1, w - 1))
     t = torch.arange(-half, half + 1, device=x.device, dtype=x.dtype)
-    kernel = torch.exp(-t[None] ** 2 / (2 * sigma[:, None] ** 2))
+    kernel = torch.exp(-(t[None] ** 2) / (2 * sigma[:, None] ** 2))
     kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (B*C, K)
     y = F.pad(x.reshape(1, b * c, h, w), (half, half, half, half), mode="reflect")
     y = F.conv2d(y, kernel[:, None, None, :], groups=b * c)
@@ -902,10 +1295,21 @@ def _gaussian_blur(x, sigma):
     return y.view(b, c, h, w)
 
 
-def draw_photometric(n: int, brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.4,
-                     hue: float = 0.1, jitter_p: float = 0.8, jitter_each: bool = False,
-                     random_order: bool = True, grayscale_p: float = 0.2, blur_p: float = 0.5,
-                     blur_sigma: tuple[float, float] = (0.1, 2.0), generator=None, device=None) -> dict:
+def draw_photometric(
+    n: int,
+    brightness: float = 0.4,
+    contrast: float = 0.4,
+    saturation: float = 0.4,
+    hue: float = 0.1,
+    jitter_p: float = 0.8,
+    jitter_each: bool = False,
+    random_order: bool = True,
+    grayscale_p: float = 0.2,
+    blur_p: float = 0.5,
+    blur_sigma: tuple[float, float] = (0.1, 2.0),
+    generator=None,
+    device=None,
+) -> dict:
     """Photometric parameters for n images, MoCo v2's by default: colour jitter with probability
     jitter_p (factors 1 +/- strength, hue shift +/- hue; `jitter_each`: one coin per op, as
     PiCIE), ops in random order (torchvision's ColorJitter), grayscale, Gaussian blur. Drawn
@@ -913,18 +1317,31 @@ def draw_photometric(n: int, brightness: float = 0.4, contrast: float = 0.4, sat
     r = lambda *shape: _rand(shape, generator, device)  # noqa: E731
     coin = r(n) < jitter_p
     on = (lambda: r(n) < jitter_p) if jitter_each else (lambda: coin)
-    params = {name: torch.where(on(), 1 + s * (2 * r(n) - 1), 1.0)
-              for name, s in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation))}
+    params = {
+        name: torch.where(on(), 1 + s * (2 * r(n) - 1), 1.0)
+        for name, s in (
+            ("brightness", brightness),
+            ("contrast", contrast),
+            ("saturation", saturation),
+        )
+    }
     params["hue"] = torch.where(on(), hue * (2 * r(n) - 1), 0.0)
-    params["order"] = r(n, 4).argsort(1) if random_order else torch.arange(4, device=device).expand(n, 4)
+    params["order"] = (
+        r(n, 4).argsort(1) if random_order else torch.arange(4, device=device).expand(n, 4)
+    )
     params["grayscale"] = r(n) < grayscale_p
-    params["sigma"] = torch.where(r(n) < blur_p, blur_sigma[0] + (blur_sigma[1] - blur_sigma[0]) * r(n), 0.0)
+    params["sigma"] = torch.where(
+        r(n) < blur_p, blur_sigma[0] + (blur_sigma[1] - blur_sigma[0]) * r(n), 0.0
+    )
     return params
 
 
-_JITTER = (("brightness", _RANDAUGMENT_FNS["brightness"]),  # torchvision's ColorJitter, in its order
-           ("contrast", lambda x, f: _blend(_grayscale(x).mean((1, 2, 3), keepdim=True), x, f)),
-           ("saturation", _RANDAUGMENT_FNS["color"]), ("hue", _adjust_hue))
+_JITTER = (
+    ("brightness", _RANDAUGMENT_FNS["brightness"]),  # torchvision's ColorJitter, in its order
+    ("contrast", lambda x, f: _blend(_grayscale(x).mean((1, 2, 3), keepdim=True), x, f)),
+    ("saturation", _RANDAUGMENT_FNS["color"]),
+    ("hue", _adjust_hue),
+)
 
 
 def apply_photometric(x: torch.Tensor, params: dict) -> torch.Tensor:
@@ -944,16 +1361,27 @@ def apply_photometric(x: torch.Tensor, params: dict) -> torch.Tensor:
 
 def photometric_augment(x: torch.Tensor, generator=None, **kwargs) -> torch.Tensor:
     """MoCo v2: jitter (0.4, 0.4, 0.4, 0.1) p = 0.8, grayscale p = 0.2, blur sigma 0.1-2 p = 0.5."""
-    return apply_photometric(x, draw_photometric(len(x), generator=generator, device=x.device, **kwargs))
+    return apply_photometric(
+        x, draw_photometric(len(x), generator=generator, device=x.device, **kwargs)
+    )
 
 
-def draw_crops(n: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_p: float = 0.5,
-               aspect: float = 1.0, generator=None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def draw_crops(
+    n: int,
+    scale=(0.08, 1.0),
+    ratio=(3 / 4, 4 / 3),
+    flip_p: float = 0.5,
+    aspect: float = 1.0,
+    generator=None,
+    device=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random resized crops as torchvision draws them (area fraction in `scale`, log-uniform
     ratio in `ratio`, the first of 10 tries that fits, else the whole image) for images of
     width / height = `aspect`: boxes (n, 4) = (x0, y0, w, h) in fractions, and flips (n,)."""
     area = scale[0] + (scale[1] - scale[0]) * _rand((n, 10), generator, device)
-    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * _rand((n, 10), generator, device)
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * _rand(
+        (n, 10), generator, device
+    )
     w = torch.sqrt(area * log_r.exp() / aspect)
     h = torch.sqrt(area / log_r.exp() * aspect)
     fits = (w <= 1) & (h <= 1)
@@ -963,8 +1391,14 @@ def draw_crops(n: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_p: float = 
     return torch.stack([x0, y0, w, h], 1), _rand(n, generator, device) < flip_p
 
 
-def resized_crop(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size,
-                 mode: str = "bilinear", fill: float = 0.0) -> torch.Tensor:
+def resized_crop(
+    x: torch.Tensor,
+    boxes: torch.Tensor,
+    flip: torch.Tensor,
+    size,
+    mode: str = "bilinear",
+    fill: float = 0.0,
+) -> torch.Tensor:
     """Crop each sample to its box (x0, y0, w, h in fractions, may reach outside: `fill`), flip
     where `flip`, resize to `size`, as one affine resampling: the same boxes move images
     (bilinear), label maps (B, H, W) (mode="nearest", fill=255) and feature maps alike."""
@@ -973,8 +1407,13 @@ def resized_crop(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size,
     size = (size, size) if isinstance(size, int) else tuple(size)
     x0, y0, w, h = boxes.float().unbind(1)
     zero = torch.zeros_like(w)
-    theta = torch.stack([torch.stack([torch.where(flip, -w, w), zero, 2 * x0 + w - 1], 1),
-                         torch.stack([zero, h, 2 * y0 + h - 1], 1)], 1)  # (B, 2, 3)
+    theta = torch.stack(
+        [
+            torch.stack([torch.where(flip, -w, w), zero, 2 * x0 + w - 1], 1),
+            torch.stack([zero, h, 2 * y0 + h - 1], 1),
+        ],
+        1,
+    )  # (B, 2, 3)
     out = _warp(xf, theta, mode, fill, size)
     out = out[:, 0] if labels else out
     return out.to(x.dtype) if x.is_floating_point() else out.round().to(x.dtype)
@@ -983,7 +1422,9 @@ def resized_crop(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size,
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 (or float in [0, 1]) images -> float, standardised per channel."""
     x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
-    mean, std = (torch.as_tensor(v, dtype=x.dtype, device=x.device).view(1, -1, 1, 1) for v in (mean, std))
+    mean, std = (
+        torch.as_tensor(v, dtype=x.dtype, device=x.device).view(1, -1, 1, 1) for v in (mean, std)
+    )
     return (x - mean) / std
 
 
@@ -991,30 +1432,50 @@ def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
 # The flags every script shares (DESIGN.md, Runs), in this order. Where the help is given, each
 # script's Args must use exactly it; the others are method-specific (tests check both).
 SHARED_ARGS = {
-    "dataset": "data set name", "data_dir": "folder holding the data set (default: ./data for torchvision's sets)",
+    "dataset": "data set name",
+    "data_dir": "folder holding the data set (default: ./data for torchvision's sets)",
     "out_dir": "run folder (default: runs/<script>-<dataset>-<seed>)",
     "download": "download the data set with torchvision if it is missing",
-    "seed": "random seed (labelled split, initialisation, augmentation)", "device": "auto, cpu, cuda or cuda:N",
-    "batch_size": None, "eval_every": None, "resume": "continue the run in --out-dir from its checkpoint",
-    "amp": "bfloat16 autocast on CUDA (ignored on the CPU)", "compile": "torch.compile the network(s)",
+    "seed": "random seed (labelled split, initialisation, augmentation)",
+    "device": "auto, cpu, cuda or cuda:N",
+    "batch_size": None,
+    "eval_every": None,
+    "resume": "continue the run in --out-dir from its checkpoint",
+    "amp": "bfloat16 autocast on CUDA (ignored on the CPU)",
+    "compile": "torch.compile the network(s)",
 }
 
 
-def _field_help(cls) -> dict[str, str]:  # the string under each dataclass field is its help (as CleanRL)
-    body = [node for klass in reversed(cls.__mro__) if dataclasses.is_dataclass(klass)
-            for node in ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body]
-    return {field.target.id: " ".join(doc.value.value.split()) for field, doc in zip(body, body[1:])
-            if isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)}
+def _field_help(
+    cls,
+) -> dict[str, str]:  # the string under each dataclass field is its help (as CleanRL)
+    body = [
+        node
+        for klass in reversed(cls.__mro__)
+        if dataclasses.is_dataclass(klass)
+        for node in ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+    ]
+    return {
+        field.target.id: " ".join(doc.value.value.split())
+        for field, doc in zip(body, body[1:])
+        if isinstance(field, ast.AnnAssign)
+        and isinstance(doc, ast.Expr)
+        and isinstance(doc.value, ast.Constant)
+    }
 
 
 def _number(text: str) -> float:  # a float flag that also takes fractions such as 1/8
     try:
         return float(Fraction(text)) if "/" in text else float(text)
     except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"expected a number or a fraction such as 1/8, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a number or a fraction such as 1/8, got {text!r}"
+        ) from None
 
 
-def parse_args(cls, argv=None, dataset_defaults: dict | None = None, description: str | None = None):
+def parse_args(
+    cls, argv=None, dataset_defaults: dict | None = None, description: str | None = None
+):
     """An instance of the dataclass `cls` from the command line: every field is a flag
     (`num_labeled` -> `--num-labeled`) whose help is the string under the field; booleans are
     `--x/--no-x`; float fields accept fractions (`1/8`); Literal fields list their choices.
@@ -1022,8 +1483,10 @@ def parse_args(cls, argv=None, dataset_defaults: dict | None = None, description
     the command line override both."""
     hints, helps = typing.get_type_hints(cls), _field_help(cls)
     parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
-    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                for f in dataclasses.fields(cls)}
+    defaults = {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(cls)
+    }
     for name, default in defaults.items():
         kind, flag = hints[name], "--" + name.replace("_", "-")
         options = [a for a in typing.get_args(kind) if a is not type(None)]
@@ -1035,7 +1498,12 @@ def parse_args(cls, argv=None, dataset_defaults: dict | None = None, description
         elif typing.get_origin(kind) is typing.Literal:
             parser.add_argument(flag, choices=options, type=type(options[0]), help=text)
         else:
-            parser.add_argument(flag, type=_number if kind is float else kind, help=text, metavar=kind.__name__.upper())
+            parser.add_argument(
+                flag,
+                type=_number if kind is float else kind,
+                help=text,
+                metavar=kind.__name__.upper(),
+            )
     given = vars(parser.parse_args(argv))
     dataset = given.get("dataset", defaults.get("dataset"))
     return cls(**{**defaults, **(dataset_defaults or {}).get(dataset, {}), **given})
@@ -1047,7 +1515,9 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def select_device(name: str = "auto") -> torch.device:  # auto (CUDA if there is one), cpu, cuda, cuda:N
+def select_device(
+    name: str = "auto",
+) -> torch.device:  # auto (CUDA if there is one), cpu, cuda, cuda:N
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -1055,7 +1525,9 @@ def select_device(name: str = "auto") -> torch.device:  # auto (CUDA if there is
     except RuntimeError:
         raise ConfigError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ConfigError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA GPUs here; use --device cpu")
+        raise ConfigError(
+            f"--device {name}: torch sees {torch.cuda.device_count()} CUDA GPUs here; use --device cpu"
+        )
     return device
 
 
@@ -1065,18 +1537,26 @@ def prepare_out_dir(out_dir, resume: bool = False, args=None) -> Path:
     out = Path(out_dir)
     previous = [n for n in ("checkpoint.pt", "results.json") if (out / n).exists()]
     if resume and not (out / "checkpoint.pt").exists():
-        raise ConfigError(f"--resume: no checkpoint at {out / 'checkpoint.pt'}; run without --resume to start")
+        raise ConfigError(
+            f"--resume: no checkpoint at {out / 'checkpoint.pt'}; run without --resume to start"
+        )
     if previous and not resume:
-        raise ConfigError(f"{out} already holds a run ({', '.join(previous)}): pass --resume to continue it, "
-                          f"or choose another --out-dir")
+        raise ConfigError(
+            f"{out} already holds a run ({', '.join(previous)}): pass --resume to continue it, "
+            f"or choose another --out-dir"
+        )
     out.mkdir(parents=True, exist_ok=True)
     if args is not None:
-        _atomic_write(out / "args.json", json.dumps(_plain(dataclasses.asdict(args)), indent=2).encode())
+        _atomic_write(
+            out / "args.json", json.dumps(_plain(dataclasses.asdict(args)), indent=2).encode()
+        )
     return out
 
 
 def _plain(value):  # tensors, numpy values, paths -> plain Python values, by a JSON round trip
-    return json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
+    return json.loads(
+        json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v))
+    )
 
 
 class Logger:
@@ -1096,7 +1576,12 @@ class Logger:
         if self.total and step > self.start:
             record["perf/eta_s"] = (now - self.t0) / (step - self.start) * (self.total - step)
         self.t_last = now
-        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()), flush=True)
+        print(
+            " ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+            ),
+            flush=True,
+        )
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         return record
@@ -1121,7 +1606,11 @@ def _atomic_write(path: Path, data) -> None:
 
 def save_checkpoint(path, state: dict) -> None:  # torch.save, atomically
     _atomic_write(path, state)
-def load_checkpoint(path, map_location="cpu") -> dict:  # tensors and plain values only: no code runs
+
+
+def load_checkpoint(
+    path, map_location="cpu"
+) -> dict:  # tensors and plain values only: no code runs
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
@@ -1130,7 +1619,9 @@ def write_results(out_dir, results: dict) -> dict:
     ending in them) must be fractions in [0, 1] (ARI, below chance, down to -1): a percentage is refused."""
     results = _plain(results)
     for key, value in results.items():
-        low = {"acc": 0.0, "nmi": 0.0, "miou": 0.0, "ari": -1.0}.get(key.split("_")[-1])  # acc, self_nmi, ...
+        low = {"acc": 0.0, "nmi": 0.0, "miou": 0.0, "ari": -1.0}.get(
+            key.split("_")[-1]
+        )  # acc, self_nmi, ...
         if low is not None and isinstance(value, float) and not low <= value <= 1.0:
             raise ValueError(f"results[{key!r}] = {value} is not a fraction in [{low:g}, 1]")
     _atomic_write(Path(out_dir) / "results.json", json.dumps(results, indent=2).encode())
@@ -1141,28 +1632,40 @@ def colorize(labels: torch.Tensor) -> torch.Tensor:
     """Label maps (B, H, W) -> images (B, 3, H, W) in [0, 1] in Pascal VOC's palette, where bits
     0, 3, 6 of the class index set R's high bits, 1, 4, 7 G's and 2, 5 B's (255: void)."""
     i = torch.arange(256)
-    palette = torch.stack([sum(((i >> (3 * b + ch)) & 1) << (7 - b) for b in range(3)) for ch in range(3)], 1)
+    palette = torch.stack(
+        [sum(((i >> (3 * b + ch)) & 1) << (7 - b) for b in range(3)) for ch in range(3)], 1
+    )
     return palette.to(labels.device)[labels.long().clamp(0, 255)].permute(0, 3, 1, 2).float() / 255
 
 
-def save_cluster_grid(path, images: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor | None = None,
-                      per_row: int = 10, num_clusters: int | None = None) -> None:
+def save_cluster_grid(
+    path,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    scores: torch.Tensor | None = None,
+    per_row: int = 10,
+    num_clusters: int | None = None,
+) -> None:
     """One row per cluster: its `per_row` images of highest `scores` (confidence), blank where a
     cluster has fewer. PNG via torchvision's save_image."""
     from torchvision.utils import save_image
+
     images, labels = _to_float(images.cpu()), labels.cpu()
     scores = torch.zeros(len(labels)) if scores is None else scores.cpu()
     grid = torch.zeros(num_clusters or int(labels.max()) + 1, per_row, *images.shape[1:])
     for c in range(len(grid)):
         idx = torch.nonzero(labels == c).squeeze(1)
         idx = idx[scores[idx].argsort(descending=True, stable=True)][:per_row]
-        grid[c, :len(idx)] = images[idx]
+        grid[c, : len(idx)] = images[idx]
     save_image(grid.flatten(0, 1), path, nrow=per_row, padding=1)
 
 
-def save_segmentation_rows(path, images: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor) -> None:
+def save_segmentation_rows(
+    path, images: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor
+) -> None:
     """Rows of image | ground truth | prediction (all the same size), labels in the VOC palette. PNG."""
     from torchvision.utils import save_image
+
     rows = torch.stack([_to_float(images.cpu()), colorize(targets.cpu()), colorize(preds.cpu())], 1)
     save_image(rows.flatten(0, 1), path, nrow=3, padding=2)
 
@@ -1187,11 +1690,13 @@ def benchmark(device: str = "auto") -> dict:
 
     points = torch.randn(100_000, 64, generator=torch.Generator().manual_seed(0)).to(dev)
     cost = np.random.default_rng(0).random((1000, 1000))
-    return {"device": str(dev),
-            "weak_aug_img_per_s": 512 / seconds(lambda: weak_augment(batch, generator=g), 50),
-            "strong_aug_img_per_s": 512 / seconds(lambda: strong_augment(batch, generator=g), 20),
-            "kmeans_s": seconds(lambda: kmeans(points, 100, iters=20, tol=0.0), 2),
-            "hungarian_s": seconds(lambda: linear_sum_assignment(cost), 2)}
+    return {
+        "device": str(dev),
+        "weak_aug_img_per_s": 512 / seconds(lambda: weak_augment(batch, generator=g), 50),
+        "strong_aug_img_per_s": 512 / seconds(lambda: strong_augment(batch, generator=g), 20),
+        "kmeans_s": seconds(lambda: kmeans(points, 100, iters=20, tol=0.0), 2),
+        "hungarian_s": seconds(lambda: linear_sum_assignment(cost), 2),
+    }
 
 
 if __name__ == "__main__":

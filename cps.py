@@ -43,6 +43,7 @@ mIoU of CPS / its --cps-weight 0 twin: far too short for CPS to pay off (README,
     shapes-seg defaults, 8 labelled, 200 iterations, seeds 0-2: 0.227 0.222 0.228 / 0.248 0.255 0.249
     CamVid 1/8 (46 labelled), 64 px, batch 4, 360 iterations, seed 0: 0.227 / 0.254
 """
+
 from __future__ import annotations
 
 import copy
@@ -127,11 +128,26 @@ class Args:
 DATASET_DEFAULTS = {
     "cityscapes": {"lr": 0.02, "crop_size": 800, "ohem": True, "iterations": 44_525},
     "camvid": {"crop_size": 360},
-    "shapes-seg": {"crop_size": 32, "backbone": "resnet18", "weights": "none", "iterations": 200, "lr": 0.02,
-                   "batch_size": 4, "labeled_ratio": 1 / 128, "eval_every": 200, "log_every": 50, "workers": 0},
+    "shapes-seg": {
+        "crop_size": 32,
+        "backbone": "resnet18",
+        "weights": "none",
+        "iterations": 200,
+        "lr": 0.02,
+        "batch_size": 4,
+        "labeled_ratio": 1 / 128,
+        "eval_every": 200,
+        "log_every": 50,
+        "workers": 0,
+    },
 }
-CPS_WEIGHTS = {"cityscapes": (6.0, 5.0)}  # lambda (without CutMix, with CutMix); the others take VOC's (1.5, 1.0)
-STREAMED = ("voc", "cityscapes")  # decoded from disk by DataLoader workers, evaluated on val; the others are
+CPS_WEIGHTS = {
+    "cityscapes": (6.0, 5.0)
+}  # lambda (without CutMix, with CutMix); the others take VOC's (1.5, 1.0)
+STREAMED = (
+    "voc",
+    "cityscapes",
+)  # decoded from disk by DataLoader workers, evaluated on val; the others are
 # held in memory and evaluated on test (segfolder: or val)
 SCALES = (0.5, 0.75, 1.0, 1.5, 1.75, 2.0)  # random scales of the training images (official config)
 
@@ -148,25 +164,40 @@ def labeled_split(names: list[str], ratio: float, seed: int, list_file: str | No
         path = Path(list_file)
         if not path.is_file():
             raise common.ConfigError(f"--labeled-list {path}: file not found")
-        wanted = [Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
+        wanted = [
+            Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()
+        ]
         position = {name: i for i, name in enumerate(names)}
         unknown = [w for w in wanted if w not in position]
         if unknown or not wanted:
-            raise common.ConfigError(f"--labeled-list {path} names {len(unknown)} images not in the training set "
-                                     f"(e.g. {unknown[:3]})" if unknown else f"--labeled-list {path} is empty")
+            raise common.ConfigError(
+                f"--labeled-list {path} names {len(unknown)} images not in the training set "
+                f"(e.g. {unknown[:3]})"
+                if unknown
+                else f"--labeled-list {path} is empty"
+            )
         labeled = torch.tensor(sorted({position[w] for w in wanted}))
         how = f"the {len(labeled)} images of {path}"
     else:
         if not 0 < ratio <= 1:
-            raise common.ConfigError(f"--labeled-ratio {ratio}: give a fraction in (0, 1], such as 1/8 or 0.125")
+            raise common.ConfigError(
+                f"--labeled-ratio {ratio}: give a fraction in (0, 1], such as 1/8 or 0.125"
+            )
         count = max(1, round(ratio * n))
-        labeled = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:count].sort().values
+        labeled = (
+            torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:count].sort().values
+        )
         how = f"a random {ratio:.4g} of the training set (seed {seed}), {count} images"
-    return labeled, torch.tensor(sorted(set(range(n)) - set(labeled.tolist())), dtype=torch.long), how
+    return (
+        labeled,
+        torch.tensor(sorted(set(range(n)) - set(labeled.tolist())), dtype=torch.long),
+        how,
+    )
 
 
-def supervised_loss(logits: torch.Tensor, target: torch.Tensor, ohem_min_kept: int = 0,
-                    threshold: float = 0.7) -> torch.Tensor:
+def supervised_loss(
+    logits: torch.Tensor, target: torch.Tensor, ohem_min_kept: int = 0, threshold: float = 0.7
+) -> torch.Tensor:
     """L_s of one network: cross-entropy of logits (B, C, H, W) against labels (B, H, W), 255
     ignored. With ohem_min_kept > 0, online hard example mining (the official
     ProbOhemCrossEntropy2d): over the batch, only pixels whose true-class probability is at most
@@ -175,14 +206,20 @@ def supervised_loss(logits: torch.Tensor, target: torch.Tensor, ohem_min_kept: i
     valid = target != 255
     if 0 < ohem_min_kept <= int(valid.sum()):
         with torch.no_grad():
-            prob = torch.softmax(logits.float(), 1).gather(1, torch.where(valid, target, 0)[:, None])[:, 0]
+            prob = torch.softmax(logits.float(), 1).gather(
+                1, torch.where(valid, target, 0)[:, None]
+            )[:, 0]
             kth = prob[valid].kthvalue(ohem_min_kept).values
             target = torch.where(valid & (prob <= torch.clamp(kth, min=threshold)), target, 255)
     return F.cross_entropy(logits.float(), target, ignore_index=255)
 
 
-def cross_pseudo_supervision_loss(logits1: torch.Tensor, logits2: torch.Tensor, pseudo1: torch.Tensor | None = None,
-                                  pseudo2: torch.Tensor | None = None) -> torch.Tensor:
+def cross_pseudo_supervision_loss(
+    logits1: torch.Tensor,
+    logits2: torch.Tensor,
+    pseudo1: torch.Tensor | None = None,
+    pseudo2: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The paper's L_cps: CE(p1, Y2) + CE(p2, Y1), each the mean over all pixels of the batch, where
     Y_i is network i's one-hot pseudo-label: by default the argmax of its own logits (B, C, H, W),
     taken without gradient and without any confidence threshold; with CutMix, the mixed
@@ -192,14 +229,23 @@ def cross_pseudo_supervision_loss(logits1: torch.Tensor, logits2: torch.Tensor, 
     return F.cross_entropy(logits1.float(), pseudo2) + F.cross_entropy(logits2.float(), pseudo1)
 
 
-def draw_boxes(n: int, height: int, width: int, n_boxes: int = 3, prop_range=(0.25, 0.5), generator=None,
-               device=None) -> torch.Tensor:
+def draw_boxes(
+    n: int,
+    height: int,
+    width: int,
+    n_boxes: int = 3,
+    prop_range=(0.25, 0.5),
+    generator=None,
+    device=None,
+) -> torch.Tensor:
     """CutMix boxes (n, n_boxes, 4) = (y0, x0, y1, x1) in pixels, as the official BoxMaskGenerator
     draws them: area proportion a ~ U(prop_range), height proportion a^u with u ~ U(0, 1) (a random
     aspect), width a / that, both sides scaled by sqrt(1 / n_boxes) (each box covers a / n_boxes of
     the image), rounded, placed uniformly inside the image."""
+
     def rand():
         return torch.rand(n, n_boxes, generator=generator, device=device)
+
     area = prop_range[0] + (prop_range[1] - prop_range[0]) * rand()
     h_prop = area ** rand()
     props = torch.stack([h_prop, area / h_prop], -1) * math.sqrt(1 / n_boxes)  # (n, n_boxes, 2)
@@ -224,30 +270,51 @@ def cutmix(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     return a * (1 - mask) + b * mask
 
 
-def mixed_pseudo_labels(logits_a: torch.Tensor, logits_b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def mixed_pseudo_labels(
+    logits_a: torch.Tensor, logits_b: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """One network's pseudo-label for the mixed images (n, H, W): its predictions on the two
     source batches mixed with the same mask, then the argmax (mixing logits or probabilities is
     the same: the mask is 0 or 1)."""
     return cutmix(logits_a.detach(), logits_b.detach(), mask).argmax(1)
 
 
-def random_scale_crop(images: torch.Tensor, labels: torch.Tensor, sizes: torch.Tensor, crop: int,
-                      scales=SCALES, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+def random_scale_crop(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    sizes: torch.Tensor,
+    crop: int,
+    scales=SCALES,
+    generator=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The official training augmentation, per sample on the device, as one resampling: flip
     (p = 0.5), scale s drawn from `scales`, a crop x crop window of the scaled image at a uniform
     position, or the scaled image centred in it and padded (images with 0, after normalisation,
     labels with 255). images (B, 3, H, W) normalised, zero outside each image's true `sizes`
     (B, 2) = (h, w); labels (B, H, W) -> (B, 3, crop, crop), (B, crop, crop)."""
-    b, device = len(images), images.device  # Deviation: continuous crop offsets (official: whole pixels)
-    scale = torch.tensor(scales, device=device)[torch.randint(len(scales), (b,), generator=generator, device=device)]
+    b, device = (
+        len(images),
+        images.device,
+    )  # Deviation: continuous crop offsets (official: whole pixels)
+    scale = torch.tensor(scales, device=device)[
+        torch.randint(len(scales), (b,), generator=generator, device=device)
+    ]
     flip = torch.rand(b, generator=generator, device=device) < 0.5
     side = (crop / scale)[:, None].expand(-1, 2)  # the window's side in the original image's pixels
-    room = sizes.flip(1).float() - side  # (B, 2) as (x, y); negative: the scaled image is smaller than the crop
-    corner = torch.where(room > 0, torch.rand(b, 2, generator=generator, device=device) * room, room / 2)
+    room = (
+        sizes.flip(1).float() - side
+    )  # (B, 2) as (x, y); negative: the scaled image is smaller than the crop
+    corner = torch.where(
+        room > 0, torch.rand(b, 2, generator=generator, device=device) * room, room / 2
+    )
     canvas = torch.tensor(labels.shape[:0:-1], device=device).repeat(2)  # (W, H, W, H)
-    boxes = torch.cat([corner, side], 1) / canvas  # (x0, y0, w, h) in fractions of the padded canvas
-    return (common.resized_crop(images, boxes, flip, crop, mode="bilinear", fill=0.0),
-            common.resized_crop(labels, boxes, flip, crop, mode="nearest", fill=255))
+    boxes = (
+        torch.cat([corner, side], 1) / canvas
+    )  # (x0, y0, w, h) in fractions of the padded canvas
+    return (
+        common.resized_crop(images, boxes, flip, crop, mode="bilinear", fill=0.0),
+        common.resized_crop(labels, boxes, flip, crop, mode="nearest", fill=255),
+    )
 
 
 def poly_lr(step: int, total_steps: int, lr: float, power: float = 0.9) -> float:
@@ -260,7 +327,10 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     parameters and biases (the official group_weight)."""
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -285,7 +355,8 @@ def resnet(name: str, weights: str = "imagenet") -> nn.Module:
             raise common.ConfigError(
                 f"--weights imagenet needs {path.name}, which is not in {path.parent} (where torchvision looks for it; "
                 f"$TORCH_HOME moves it) and could not be downloaded from {url} ({e}). Put the file there, or run with "
-                f"--weights none (random initialisation)") from None
+                f"--weights none (random initialisation)"
+            ) from None
         net.load_state_dict(state)
     for block, rate in zip(net.layer4, DILATIONS[name]):  # output stride 32 -> 16
         for m in block.modules():
@@ -305,18 +376,35 @@ class DeepLabV3Plus(nn.Module):
     def __init__(self, num_classes: int, backbone: nn.Module):
         super().__init__()
         self.stem = nn.Sequential(backbone.conv1, backbone.bn1, backbone.relu, backbone.maxpool)
-        self.layers = nn.ModuleList([backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4])
-        low, high = backbone.layer1[-1].conv1.in_channels, backbone.fc.in_features  # 256 / 2048 (64 / 512)
+        self.layers = nn.ModuleList(
+            [backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4]
+        )
+        low, high = (
+            backbone.layer1[-1].conv1.in_channels,
+            backbone.fc.in_features,
+        )  # 256 / 2048 (64 / 512)
         # Deviation: torchvision's ASPP (ReLU; the pooled branch concatenated before the projection); the
         # official one uses LeakyReLU and adds the projected pooled branch after the projection.
         self.aspp = ASPP(high, [6, 12, 18], 256)
-        self.aspp.project[3] = nn.Identity()  # torchvision's dropout 0.5: the official head has none
-        self.reduce = nn.Sequential(nn.Conv2d(low, 48, 1, bias=False), nn.BatchNorm2d(48), nn.ReLU())
-        self.fuse = nn.Sequential(nn.Conv2d(256 + 48, 256, 3, padding=1, bias=False), nn.BatchNorm2d(256), nn.ReLU(),
-                                  nn.Conv2d(256, 256, 3, padding=1, bias=False), nn.BatchNorm2d(256), nn.ReLU())
+        self.aspp.project[3] = (
+            nn.Identity()
+        )  # torchvision's dropout 0.5: the official head has none
+        self.reduce = nn.Sequential(
+            nn.Conv2d(low, 48, 1, bias=False), nn.BatchNorm2d(48), nn.ReLU()
+        )
+        self.fuse = nn.Sequential(
+            nn.Conv2d(256 + 48, 256, 3, padding=1, bias=False),
+            nn.BatchNorm2d(256),
+            nn.ReLU(),
+            nn.Conv2d(256, 256, 3, padding=1, bias=False),
+            nn.BatchNorm2d(256),
+            nn.ReLU(),
+        )
         self.classifier = nn.Conv2d(256, num_classes, 1)
 
-    def head(self) -> list[nn.Module]:  # what each network initialises on its own (official business_layer)
+    def head(
+        self,
+    ) -> list[nn.Module]:  # what each network initialises on its own (official business_layer)
         return [self.aspp, self.reduce, self.fuse, self.classifier]
 
     def forward(self, x):  # (B, 3, H, W) -> (B, C, H, W)
@@ -339,7 +427,9 @@ def init_head(net: DeepLabV3Plus) -> None:
             nn.init.zeros_(m.bias)
 
 
-def build_networks(num_classes: int, backbone: str, weights: str) -> tuple[DeepLabV3Plus, DeepLabV3Plus]:
+def build_networks(
+    num_classes: int, backbone: str, weights: str
+) -> tuple[DeepLabV3Plus, DeepLabV3Plus]:
     """Two DeepLabv3+ whose backbones hold the same weights (ImageNet's, or one random draw) and
     whose heads are initialised independently."""
     net1 = DeepLabV3Plus(num_classes, resnet(backbone, weights))
@@ -355,12 +445,18 @@ def build_networks(num_classes: int, backbone: str, weights: str) -> tuple[DeepL
 def load_split(args: Args, split: str, device) -> tuple:
     """(source, image names, class names) of one split: source is (uint8 images, uint8 labels) on
     the device, or the SegmentationSet itself for the STREAMED sets (decoded by workers)."""
-    data = common.load_segmentation(args.dataset, split, args.data_dir, args.download, args.image_size)
+    data = common.load_segmentation(
+        args.dataset, split, args.data_dir, args.download, args.image_size
+    )
     names = [p.stem for p, _ in data.pairs] if data.pairs else [str(i) for i in range(len(data))]
     if args.dataset in STREAMED:
         return data, names, data.classes
     images, labels = data.tensors()
-    return (images.to(device), labels.to(torch.uint8).to(device)), names, data.classes  # labels <= 255
+    return (
+        (images.to(device), labels.to(torch.uint8).to(device)),
+        names,
+        data.classes,
+    )  # labels <= 255
 
 
 def collate_with_sizes(batch):  # common.pad_collate, plus each image's true (h, w)
@@ -379,17 +475,24 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor
     return out
 
 
-def stream(source, pool: torch.Tensor, batch_size: int, start: int, seed: int, device, workers: int = 0):
+def stream(
+    source, pool: torch.Tensor, batch_size: int, start: int, seed: int, device, workers: int = 0
+):
     """Endless (uint8 images, int64 labels, sizes (B, 2)) batches of the images `pool`, from step
     `start` on, on the device: images of different sizes padded (0 / 255) to the largest."""
-    draws = (pool[batch_indices(len(pool), batch_size, s, seed)] for s in range(start, 2 ** 62))
+    draws = (pool[batch_indices(len(pool), batch_size, s, seed)] for s in range(start, 2**62))
     if isinstance(source, tuple):
         for idx in (d.to(device) for d in draws):
             full = torch.tensor(source[0].shape[-2:], device=device).expand(len(idx), 2)
             yield source[0][idx], source[1][idx].long(), full
     else:
-        loader = torch.utils.data.DataLoader(source, batch_sampler=(d.tolist() for d in draws), num_workers=workers,
-                                             collate_fn=collate_with_sizes, pin_memory=device.type == "cuda")
+        loader = torch.utils.data.DataLoader(
+            source,
+            batch_sampler=(d.tolist() for d in draws),
+            num_workers=workers,
+            collate_fn=collate_with_sizes,
+            pin_memory=device.type == "cuda",
+        )
         for images, labels, sizes in loader:
             yield images.to(device, non_blocking=True), labels.to(device).long(), sizes.to(device)
 
@@ -405,7 +508,9 @@ def prepare(images: torch.Tensor, sizes: torch.Tensor, stats) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 # Evaluation: network 1, sliding window, one confusion matrix
 # --------------------------------------------------------------------------------------------------
-def forward_logits(model: nn.Module, x: torch.Tensor, amp: bool = False) -> torch.Tensor:  # float logits
+def forward_logits(
+    model: nn.Module, x: torch.Tensor, amp: bool = False
+) -> torch.Tensor:  # float logits
     if x.is_cuda:
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
@@ -424,31 +529,56 @@ def sliding_window(model: nn.Module, x: torch.Tensor, crop: int, amp: bool = Fal
     (big_h, big_w), stride = x.shape[-2:], math.ceil(crop * 2 / 3)
 
     def starts(extent):
-        return sorted({min(i * stride, extent - crop) for i in range(math.ceil(max(extent - crop, 0) / stride) + 1)})
+        return sorted(
+            {
+                min(i * stride, extent - crop)
+                for i in range(math.ceil(max(extent - crop, 0) / stride) + 1)
+            }
+        )
+
     total, count = None, x.new_zeros(1, 1, big_h, big_w)
     for y0 in starts(big_h):
         for x0 in starts(big_w):
-            logits = forward_logits(model, x[:, :, y0:y0 + crop, x0:x0 + crop], amp)
+            logits = forward_logits(model, x[:, :, y0 : y0 + crop, x0 : x0 + crop], amp)
             total = x.new_zeros(len(x), logits.shape[1], big_h, big_w) if total is None else total
-            total[:, :, y0:y0 + crop, x0:x0 + crop] += logits
-            count[:, :, y0:y0 + crop, x0:x0 + crop] += 1
-    return (total / count)[:, :, top:top + h, left:left + w]
+            total[:, :, y0 : y0 + crop, x0 : x0 + crop] += logits
+            count[:, :, y0 : y0 + crop, x0 : x0 + crop] += 1
+    return (total / count)[:, :, top : top + h, left : left + w]
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, source, num_classes: int, crop: int, stats, batch_size: int = 8,
-             amp: bool = False, workers: int = 0, show: int = 6) -> tuple[dict, tuple]:
+def evaluate(
+    model: nn.Module,
+    source,
+    num_classes: int,
+    crop: int,
+    stats,
+    batch_size: int = 8,
+    amp: bool = False,
+    workers: int = 0,
+    show: int = 6,
+) -> tuple[dict, tuple]:
     """mIoU and pixel accuracy of `model` (eval mode) over the whole split, one confusion matrix;
     also `show` images spread over the split with their labels and predictions (resized alike)."""
     model.eval()
     if isinstance(source, tuple):
         n = len(source[0])
-        batches = ((torch.arange(s, min(s + batch_size, n)), source[0][s:s + batch_size],
-                    source[1][s:s + batch_size].long()) for s in range(0, n, batch_size))
+        batches = (
+            (
+                torch.arange(s, min(s + batch_size, n)),
+                source[0][s : s + batch_size],
+                source[1][s : s + batch_size].long(),
+            )
+            for s in range(0, n, batch_size)
+        )
     else:  # images differ in size: one at a time
         n = len(source)
-        loader = torch.utils.data.DataLoader(source, batch_size=1, num_workers=workers, collate_fn=collate_with_sizes)
-        batches = ((torch.tensor([i]), images, labels) for i, (images, labels, _) in enumerate(loader))
+        loader = torch.utils.data.DataLoader(
+            source, batch_size=1, num_workers=workers, collate_fn=collate_with_sizes
+        )
+        batches = (
+            (torch.tensor([i]), images, labels) for i, (images, labels, _) in enumerate(loader)
+        )
     device = next(model.parameters()).device
     conf, shown = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device), []
     picks = set(torch.linspace(0, n - 1, show).round().long().tolist())
@@ -458,8 +588,13 @@ def evaluate(model: nn.Module, source, num_classes: int, crop: int, stats, batch
         conf += common.confusion_matrix(pred, labels, num_classes)
         for j in (j for j, i in enumerate(idx.tolist()) if i in picks):
             size = shown[0][1].shape[-2:] if shown else labels.shape[-2:]
-            y, p = (F.interpolate(t[j:j + 1, None].float(), size=size)[:, 0].long() for t in (labels, pred))  # nearest
-            shown.append((F.interpolate(images[j:j + 1].float(), size=size, mode="bilinear") / 255, y, p))
+            y, p = (
+                F.interpolate(t[j : j + 1, None].float(), size=size)[:, 0].long()
+                for t in (labels, pred)
+            )  # nearest
+            shown.append(
+                (F.interpolate(images[j : j + 1].float(), size=size, mode="bilinear") / 255, y, p)
+            )
     return common.segmentation_scores(conf), tuple(torch.cat(part) for part in zip(*shown))
 
 
@@ -471,33 +606,55 @@ def train(args: Args) -> dict:
     common.set_seed(args.seed)
     info = common.dataset_info(args.dataset, "segment")
     if args.batch_size < 2 or args.crop_size < 32 or args.iterations < 1:
-        raise common.ConfigError("--batch-size must be at least 2 (batch norm in the image-pooling branch), "
-                                 "--crop-size at least 32 (output stride 16), --iterations at least 1")
+        raise common.ConfigError(
+            "--batch-size must be at least 2 (batch norm in the image-pooling branch), "
+            "--crop-size at least 32 (output stride 16), --iterations at least 1"
+        )
     train_split, eval_split = ("train", "val") if args.dataset in STREAMED else ("train", "test")
     train_source, names, classes = load_split(args, train_split, device)
     eval_source, _, _ = load_split(args, eval_split, device)
     num_classes = len(classes)
     labeled, unlabeled, how = labeled_split(names, args.labeled_ratio, args.seed, args.labeled_list)
-    lam = args.cps_weight if args.cps_weight is not None else CPS_WEIGHTS.get(args.dataset, (1.5, 1.0))[args.cutmix]
+    lam = (
+        args.cps_weight
+        if args.cps_weight is not None
+        else CPS_WEIGHTS.get(args.dataset, (1.5, 1.0))[args.cutmix]
+    )
     if lam > 0 and not len(unlabeled):
-        raise common.ConfigError(f"every training image is labelled ({how}): lower --labeled-ratio, or pass "
-                                 f"--cps-weight 0 for supervised training")
-    net1, net2 = (n.to(device) for n in build_networks(num_classes, args.backbone, args.weights))  # before writing
-    out = common.prepare_out_dir(args.out_dir or f"runs/cps-{args.dataset}-{args.seed}", args.resume, args)
+        raise common.ConfigError(
+            f"every training image is labelled ({how}): lower --labeled-ratio, or pass "
+            f"--cps-weight 0 for supervised training"
+        )
+    net1, net2 = (
+        n.to(device) for n in build_networks(num_classes, args.backbone, args.weights)
+    )  # before writing
+    out = common.prepare_out_dir(
+        args.out_dir or f"runs/cps-{args.dataset}-{args.seed}", args.resume, args
+    )
     num_eval = len(eval_source[0]) if isinstance(eval_source, tuple) else len(eval_source)
-    print(f"cps: {args.dataset} on {device}; labelled: {how}; {len(unlabeled)} unlabelled ({train_split}), "
-          f"{num_eval} evaluation images ({eval_split}); DeepLabv3+ {args.backbone} ({args.weights}), "
-          f"lambda {lam:g}, CutMix {args.cutmix}", flush=True)
+    print(
+        f"cps: {args.dataset} on {device}; labelled: {how}; {len(unlabeled)} unlabelled ({train_split}), "
+        f"{num_eval} evaluation images ({eval_split}); DeepLabv3+ {args.backbone} ({args.weights}), "
+        f"lambda {lam:g}, CutMix {args.cutmix}",
+        flush=True,
+    )
     stats, amp = (info.mean, info.std), args.amp and device.type == "cuda"
-    if device.type == "cuda" and not args.compile:  # (channels-last weights + torch.compile failed a
-        net1, net2 = (n.to(memory_format=torch.channels_last) for n in (net1, net2))  # stride check, picie.py)
+    if (
+        device.type == "cuda" and not args.compile
+    ):  # (channels-last weights + torch.compile failed a
+        net1, net2 = (
+            n.to(memory_format=torch.channels_last) for n in (net1, net2)
+        )  # stride check, picie.py)
     # One SGD over both networks' parameters: per-parameter momentum makes it the official two optimisers.
-    optimizer = torch.optim.SGD(parameter_groups(net1, args.weight_decay) + parameter_groups(net2, args.weight_decay),
-                                lr=args.lr, momentum=0.9)
+    optimizer = torch.optim.SGD(
+        parameter_groups(net1, args.weight_decay) + parameter_groups(net2, args.weight_decay),
+        lr=args.lr,
+        momentum=0.9,
+    )
     f1, f2 = (torch.compile(n) for n in (net1, net2)) if args.compile else (net1, net2)
     # OHEM keeps >= 50,000 of an 800 x 800 crop's pixels per image, the same fraction of other crops.
     # Deviation: the official min_kept is 50,000 x the total batch (8) per GPU process of one image.
-    min_kept = round(50_000 * args.crop_size ** 2 / 800 ** 2) if args.ohem else 0
+    min_kept = round(50_000 * args.crop_size**2 / 800**2) if args.ohem else 0
     augment_rng = torch.Generator(device=device).manual_seed(args.seed)
     start, evals, seconds, train_seconds = 0, [], 0.0, 0.0
     if args.resume:
@@ -505,38 +662,78 @@ def train(args: Args) -> dict:
         for key, part in (("net1", net1), ("net2", net2), ("optimizer", optimizer)):
             part.load_state_dict(state[key])
         augment_rng.set_state(state["augment_rng"].cpu())
-        start, evals, seconds, train_seconds = state["step"], state["evals"], state["seconds"], state["train_seconds"]
+        start, evals, seconds, train_seconds = (
+            state["step"],
+            state["evals"],
+            state["seconds"],
+            state["train_seconds"],
+        )
         print(f"resumed at iteration {start}", flush=True)
 
-    def batches(pool, seed):  # augmented (images, labels) of a pool, one batch per step from `start`
-        for images, labels, sizes in stream(train_source, pool, args.batch_size, start, seed, device, args.workers):
-            yield random_scale_crop(prepare(images, sizes, stats), labels, sizes, args.crop_size, generator=augment_rng)
+    def batches(
+        pool, seed
+    ):  # augmented (images, labels) of a pool, one batch per step from `start`
+        for images, labels, sizes in stream(
+            train_source, pool, args.batch_size, start, seed, device, args.workers
+        ):
+            yield random_scale_crop(
+                prepare(images, sizes, stats), labels, sizes, args.crop_size, generator=augment_rng
+            )
+
     labeled_batches = batches(labeled, args.seed)
     unlabeled_a, unlabeled_b = batches(unlabeled, args.seed + 1), batches(unlabeled, args.seed + 2)
     logger = common.Logger(out, total=args.iterations, start=start)
-    per_step = args.batch_size * (1 + (0 if lam == 0 else 2 if args.cutmix else 1))  # images drawn per step
-    sums, images_since_log, shown, t_run = torch.zeros(4, device=device), 0, None, time.perf_counter()
+    per_step = args.batch_size * (
+        1 + (0 if lam == 0 else 2 if args.cutmix else 1)
+    )  # images drawn per step
+    sums, images_since_log, shown, t_run = (
+        torch.zeros(4, device=device),
+        0,
+        None,
+        time.perf_counter(),
+    )
     for step in range(start, args.iterations):
         net1.train(), net2.train()
         t_step = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = poly_lr(step, args.iterations, args.lr)
-        x, y = next(labeled_batches)  # (B, 3, crop, crop), (B, crop, crop); the unlabelled ones' labels are
-        logits1, logits2 = forward_logits(f1, x, amp), forward_logits(f2, x, amp)  # only diagnostics
-        loss_sup = supervised_loss(logits1, y, min_kept * len(y)) + supervised_loss(logits2, y, min_kept * len(y))
+        x, y = next(
+            labeled_batches
+        )  # (B, 3, crop, crop), (B, crop, crop); the unlabelled ones' labels are
+        logits1, logits2 = (
+            forward_logits(f1, x, amp),
+            forward_logits(f2, x, amp),
+        )  # only diagnostics
+        loss_sup = supervised_loss(logits1, y, min_kept * len(y)) + supervised_loss(
+            logits2, y, min_kept * len(y)
+        )
         loss_cps = agreement = pseudo_acc = torch.zeros((), device=device)
         if lam > 0 and not args.cutmix:  # step 3: over the labelled and the unlabelled images
             u, _ = next(unlabeled_a)
-            u1, u2 = forward_logits(f1, u, amp), forward_logits(f2, u, amp)  # own batch-norm batch, as official
-            loss_cps = cross_pseudo_supervision_loss(torch.cat([logits1, u1]), torch.cat([logits2, u2]))
+            u1, u2 = (
+                forward_logits(f1, u, amp),
+                forward_logits(f2, u, amp),
+            )  # own batch-norm batch, as official
+            loss_cps = cross_pseudo_supervision_loss(
+                torch.cat([logits1, u1]), torch.cat([logits2, u2])
+            )
         elif lam > 0:  # step 4: CutMix
             (ua, ya), (ub, yb) = next(unlabeled_a), next(unlabeled_b)
             boxes = draw_boxes(len(ua), *ua.shape[-2:], generator=augment_rng, device=device)
             mask = box_masks(boxes, *ua.shape[-2:])  # (B, 1, crop, crop)
-            with torch.no_grad():  # train mode (batch statistics, running ones updated) as official, or eval
-                net1.train(args.pseudo_label_mode == "train"), net2.train(args.pseudo_label_mode == "train")
-                pseudo1 = mixed_pseudo_labels(forward_logits(f1, ua, amp), forward_logits(f1, ub, amp), mask)
-                pseudo2 = mixed_pseudo_labels(forward_logits(f2, ua, amp), forward_logits(f2, ub, amp), mask)
+            with (
+                torch.no_grad()
+            ):  # train mode (batch statistics, running ones updated) as official, or eval
+                (
+                    net1.train(args.pseudo_label_mode == "train"),
+                    net2.train(args.pseudo_label_mode == "train"),
+                )
+                pseudo1 = mixed_pseudo_labels(
+                    forward_logits(f1, ua, amp), forward_logits(f1, ub, amp), mask
+                )
+                pseudo2 = mixed_pseudo_labels(
+                    forward_logits(f2, ua, amp), forward_logits(f2, ub, amp), mask
+                )
                 net1.train(), net2.train()
             u = cutmix(ua, ub, mask)
             u1, u2 = forward_logits(f1, u, amp), forward_logits(f2, u, amp)
@@ -559,31 +756,66 @@ def train(args: Args) -> dict:
             # agreement: of the two networks' argmax on unlabelled pixels; pseudo_acc: network 1's CutMix
             # pseudo-labels against the held-back truth (diagnostics only, logged where they exist)
             keys = ("train/loss_sup", "train/loss_cps", "diag/agreement", "diag/pseudo_acc")
-            record = {key: value / done for key, value in zip(keys[:2 + (lam > 0) * (1 + args.cutmix)], sums)}
+            record = {
+                key: value / done
+                for key, value in zip(keys[: 2 + (lam > 0) * (1 + args.cutmix)], sums)
+            }
             record["train/lr"] = poly_lr(step, args.iterations, args.lr)
             logger.log(step + 1, record, images=images_since_log)
             sums, images_since_log = torch.zeros(4, device=device), 0
         if (step + 1) % args.eval_every == 0 or step + 1 == args.iterations:
-            scores, shown = evaluate(f1, eval_source, num_classes, args.crop_size, stats, args.batch_size, amp,
-                                     args.workers)
-            evals.append({"miou": scores["miou"], "pixel_acc": scores["pixel_acc"], "iou": scores["iou"]})
-            logger.log(step + 1, {"eval/miou": scores["miou"], "eval/pixel_acc": scores["pixel_acc"]})
+            scores, shown = evaluate(
+                f1,
+                eval_source,
+                num_classes,
+                args.crop_size,
+                stats,
+                args.batch_size,
+                amp,
+                args.workers,
+            )
+            evals.append(
+                {"miou": scores["miou"], "pixel_acc": scores["pixel_acc"], "iou": scores["iou"]}
+            )
+            logger.log(
+                step + 1, {"eval/miou": scores["miou"], "eval/pixel_acc": scores["pixel_acc"]}
+            )
             seconds += time.perf_counter() - t_run
             t_run = time.perf_counter()
-            common.save_checkpoint(out / "checkpoint.pt", {
-                "net1": net1.state_dict(), "net2": net2.state_dict(), "optimizer": optimizer.state_dict(),
-                "augment_rng": augment_rng.get_state(), "step": step + 1, "evals": evals, "seconds": seconds,
-                "train_seconds": train_seconds, "args": dataclasses.asdict(args)})
+            common.save_checkpoint(
+                out / "checkpoint.pt",
+                {
+                    "net1": net1.state_dict(),
+                    "net2": net2.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "augment_rng": augment_rng.get_state(),
+                    "step": step + 1,
+                    "evals": evals,
+                    "seconds": seconds,
+                    "train_seconds": train_seconds,
+                    "args": dataclasses.asdict(args),
+                },
+            )
 
     if shown is None:  # resumed from the final checkpoint: evaluate again for the picture
-        _, shown = evaluate(f1, eval_source, num_classes, args.crop_size, stats, args.batch_size, amp, args.workers)
+        _, shown = evaluate(
+            f1, eval_source, num_classes, args.crop_size, stats, args.batch_size, amp, args.workers
+        )
     common.save_segmentation_rows(out / "segmentation.png", *shown)
-    results = {"miou": evals[-1]["miou"], "pixel_acc": evals[-1]["pixel_acc"],  # Deviation: the official reports
-               "iou": [v if v == v else None for v in evals[-1]["iou"]], "cps_weight": lam,  # the best snapshot
-               "num_labeled": len(labeled), "iterations": args.iterations,
-               "seconds": seconds + time.perf_counter() - t_run,
-               "images_per_second": args.iterations * per_step / max(train_seconds, 1e-9)}
-    print("results: " + " ".join(f"{k}={v:.4g}" for k, v in results.items() if isinstance(v, float)), flush=True)
+    results = {
+        "miou": evals[-1]["miou"],
+        "pixel_acc": evals[-1]["pixel_acc"],  # Deviation: the official reports
+        "iou": [v if v == v else None for v in evals[-1]["iou"]],
+        "cps_weight": lam,  # the best snapshot
+        "num_labeled": len(labeled),
+        "iterations": args.iterations,
+        "seconds": seconds + time.perf_counter() - t_run,
+        "images_per_second": args.iterations * per_step / max(train_seconds, 1e-9),
+    }
+    print(
+        "results: " + " ".join(f"{k}={v:.4g}" for k, v in results.items() if isinstance(v, float)),
+        flush=True,
+    )
     return common.write_results(out, results)
 
 

@@ -36,6 +36,7 @@ This file on a 2-core CPU (CPU smoke figures, WRN-10-1 and 3,000 steps; commands
     CIFAR-10  4000 labels: FixMatch 62.8, supervised only 63.4 (too short for the unlabelled term)
     shapes     250 labels, 16 px, 1,200 steps: FixMatch 89.9-92.2, supervised only 86.6-88.1 (3 seeds)
 """
+
 from __future__ import annotations
 
 import copy
@@ -80,7 +81,7 @@ class Args:
     """torch.compile the network(s)"""
     num_labeled: int = 4000
     """labelled images, n (n / C per class; 40, 250 or 4000 on CIFAR-10 in the paper)"""
-    steps: int = 2 ** 20
+    steps: int = 2**20
     """training steps, K"""
     mu: int = 7
     """unlabelled images per labelled one in a batch, mu"""
@@ -115,32 +116,54 @@ DATASET_DEFAULTS = {
     "cifar100": {"widen_factor": 8, "weight_decay": 1e-3, "num_labeled": 10000},
     "svhn": {"flip": False, "num_labeled": 1000},
     "stl10": {"num_labeled": 1000, "image_size": 96},
-    "shapes": {"num_labeled": 250, "depth": 10, "widen_factor": 1, "batch_size": 32, "mu": 2, "steps": 1200,
-               "eval_every": 200, "log_every": 50, "ema_decay": 0.99, "bn_momentum": 0.1},
+    "shapes": {
+        "num_labeled": 250,
+        "depth": 10,
+        "widen_factor": 1,
+        "batch_size": 32,
+        "mu": 2,
+        "steps": 1200,
+        "eval_every": 200,
+        "log_every": 50,
+        "ema_decay": 0.99,
+        "bn_momentum": 0.1,
+    },
 }
 
 
 # --------------------------------------------------------------------------------------------------
 # The paper's pieces
 # --------------------------------------------------------------------------------------------------
-def labeled_split(labels: torch.Tensor, num_labeled: int, num_classes: int, seed: int) -> torch.Tensor:
+def labeled_split(
+    labels: torch.Tensor, num_labeled: int, num_classes: int, seed: int
+) -> torch.Tensor:
     """Indices of n / C images of every class, drawn with the seed (the paper's balanced split)."""
     if num_labeled % num_classes:
-        raise common.ConfigError(f"--num-labeled {num_labeled} is not a multiple of the {num_classes} classes")
+        raise common.ConfigError(
+            f"--num-labeled {num_labeled} is not a multiple of the {num_classes} classes"
+        )
     per_class = num_labeled // num_classes
     g = torch.Generator().manual_seed(seed)
     chosen = []
     for c in range(num_classes):
         members = torch.nonzero(labels == c).squeeze(1)
         if len(members) < per_class:
-            raise common.ConfigError(f"--num-labeled {num_labeled} needs {per_class} images of class {c}, "
-                                     f"the training set has {len(members)}")
+            raise common.ConfigError(
+                f"--num-labeled {num_labeled} needs {per_class} images of class {c}, "
+                f"the training set has {len(members)}"
+            )
         chosen.append(members[torch.randperm(len(members), generator=g)[:per_class]])
     return torch.cat(chosen)
 
 
-def fixmatch_loss(logits_x: torch.Tensor, targets_x: torch.Tensor, logits_weak: torch.Tensor,
-                  logits_strong: torch.Tensor, threshold: float = 0.95, lambda_u: float = 1.0):
+def fixmatch_loss(
+    logits_x: torch.Tensor,
+    targets_x: torch.Tensor,
+    logits_weak: torch.Tensor,
+    logits_strong: torch.Tensor,
+    threshold: float = 0.95,
+    lambda_u: float = 1.0,
+):
     """The FixMatch objective, Eq. 2-4: l_s + lambda_u l_u with
     l_s = mean cross-entropy of the labelled batch (B, C),
     l_u = (1 / mu B) sum_b 1[max q_b >= tau] CE(argmax q_b, strong logits_b), q_b = softmax of the
@@ -163,7 +186,10 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     batch-norm parameters and biases, as the official code."""
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 @torch.no_grad()
@@ -185,14 +211,22 @@ class Block(nn.Module):
     plus the input, through a 1x1 convolution where the shape changes. The first block of the
     network passes the activated input to its shortcut (`activate_before_residual`)."""
 
-    def __init__(self, c_in: int, c_out: int, stride: int, activate_before_residual: bool = False,
-                 bn_momentum: float = 0.001):
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        stride: int,
+        activate_before_residual: bool = False,
+        bn_momentum: float = 0.001,
+    ):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(c_in, momentum=bn_momentum)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out, momentum=bn_momentum)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, bias=False) if c_in != c_out or stride != 1 else None
+        self.shortcut = (
+            nn.Conv2d(c_in, c_out, 1, stride, bias=False) if c_in != c_out or stride != 1 else None
+        )
         self.activate_before_residual = activate_before_residual
 
     def forward(self, x):
@@ -208,16 +242,29 @@ class WideResNet(nn.Module):
     widths 16k, 32k, 64k (stride 2 entering stages 2 and 3), BN, LeakyReLU, global average pool,
     linear. No dropout. WRN-28-2 has 1.47 M parameters with 10 classes."""
 
-    def __init__(self, num_classes: int, depth: int = 28, widen_factor: int = 2, bn_momentum: float = 0.001):
+    def __init__(
+        self, num_classes: int, depth: int = 28, widen_factor: int = 2, bn_momentum: float = 0.001
+    ):
         super().__init__()
         if (depth - 4) % 6:
-            raise common.ConfigError(f"--depth {depth}: a WideResNet has depth 6 n + 4 (10, 16, 22, 28, ...)")
+            raise common.ConfigError(
+                f"--depth {depth}: a WideResNet has depth 6 n + 4 (10, 16, 22, 28, ...)"
+            )
         n, widths = (depth - 4) // 6, [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
         self.stem = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
-        self.blocks = nn.Sequential(*[
-            Block(widths[s] if i == 0 else widths[s + 1], widths[s + 1], 2 if i == 0 and s > 0 else 1,
-                  activate_before_residual=(s == 0 and i == 0), bn_momentum=bn_momentum)
-            for s in range(3) for i in range(n)])
+        self.blocks = nn.Sequential(
+            *[
+                Block(
+                    widths[s] if i == 0 else widths[s + 1],
+                    widths[s + 1],
+                    2 if i == 0 and s > 0 else 1,
+                    activate_before_residual=(s == 0 and i == 0),
+                    bn_momentum=bn_momentum,
+                )
+                for s in range(3)
+                for i in range(n)
+            ]
+        )
         self.bn = nn.BatchNorm2d(widths[3], momentum=bn_momentum)
         self.fc = nn.Linear(widths[3], num_classes)
         for m in self.modules():  # He (fan-out) for convolutions, Xavier for the classifier
@@ -236,13 +283,19 @@ class WideResNet(nn.Module):
 # Evaluation
 # --------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, stats, amp: bool = False,
-             batch_size: int = 1024) -> tuple[float, torch.Tensor, torch.Tensor]:
+def evaluate(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    stats,
+    amp: bool = False,
+    batch_size: int = 1024,
+) -> tuple[float, torch.Tensor, torch.Tensor]:
     """Accuracy of `model` (in eval mode) on uint8 images; also its predictions and confidences."""
     model.eval()
     preds, confidence = [], []
     for i in range(0, len(images), batch_size):
-        x = common.normalize(images[i:i + batch_size], *stats)
+        x = common.normalize(images[i : i + batch_size], *stats)
         with torch.autocast(images.device.type, torch.bfloat16, enabled=amp):
             probs = torch.softmax(model(x).float(), dim=1)
         confidence.append(probs.max(1).values)
@@ -275,29 +328,41 @@ def train(args: Args) -> dict:
     test_set = common.load_dataset(args.dataset, "test", **load)
     num_classes = train_set.num_classes
     if args.num_labeled > len(train_set):
-        raise common.ConfigError(f"--num-labeled {args.num_labeled} exceeds the {len(train_set)} training images")
+        raise common.ConfigError(
+            f"--num-labeled {args.num_labeled} exceeds the {len(train_set)} training images"
+        )
     labeled = labeled_split(train_set.labels, args.num_labeled, num_classes, args.seed)
     unlabeled_images, unlabeled_labels = train_set.images, train_set.labels  # every training image
     if args.dataset == "stl10":  # plus STL-10's 100,000 unlabelled ones (labels -1)
         extra = common.load_dataset("stl10", "unlabeled", **load)
         unlabeled_images = torch.cat([unlabeled_images, extra.images])
         unlabeled_labels = torch.cat([unlabeled_labels, extra.labels])
-    out = common.prepare_out_dir(args.out_dir or f"runs/fixmatch-{args.dataset}-{args.seed}", args.resume, args)
-    print(f"fixmatch: {args.dataset} on {device}, {args.num_labeled} labels, {len(unlabeled_images)} unlabelled "
-          f"images, {len(test_set)} test images ({test_set.split}), WRN-{args.depth}-{args.widen_factor}", flush=True)
+    out = common.prepare_out_dir(
+        args.out_dir or f"runs/fixmatch-{args.dataset}-{args.seed}", args.resume, args
+    )
+    print(
+        f"fixmatch: {args.dataset} on {device}, {args.num_labeled} labels, {len(unlabeled_images)} unlabelled "
+        f"images, {len(test_set)} test images ({test_set.split}), WRN-{args.depth}-{args.widen_factor}",
+        flush=True,
+    )
 
     # Data lives on the device as uint8; batches are index draws, augmentation runs there too.
     x_images, x_labels = train_set.images[labeled].to(device), train_set.labels[labeled].to(device)
     u_images, u_labels = unlabeled_images.to(device), unlabeled_labels.to(device)
     test_images, test_labels = test_set.images.to(device), test_set.labels.to(device)
-    stats = (info.mean, info.std)  # the data set's channel statistics (ImageNet's for image folders)
+    stats = (
+        info.mean,
+        info.std,
+    )  # the data set's channel statistics (ImageNet's for image folders)
     amp = args.amp and device.type == "cuda"
 
     model = WideResNet(num_classes, args.depth, args.widen_factor, args.bn_momentum).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.SGD(parameter_groups(model, args.weight_decay), lr=args.lr, momentum=0.9, nesterov=True)
+    optimizer = torch.optim.SGD(
+        parameter_groups(model, args.weight_decay), lr=args.lr, momentum=0.9, nesterov=True
+    )
     forward = torch.compile(model) if args.compile else model
     augment_rng = torch.Generator(device=device).manual_seed(args.seed)
     start, evals, seconds, train_seconds = 0, [], 0.0, 0.0
@@ -307,7 +372,12 @@ def train(args: Args) -> dict:
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         augment_rng.set_state(state["augment_rng"].cpu())
-        start, evals, seconds, train_seconds = state["step"], state["evals"], state["seconds"], state["train_seconds"]
+        start, evals, seconds, train_seconds = (
+            state["step"],
+            state["evals"],
+            state["seconds"],
+            state["train_seconds"],
+        )
         print(f"resumed at step {start}", flush=True)
 
     logger = common.Logger(out, total=args.steps, start=start)
@@ -323,15 +393,18 @@ def train(args: Args) -> dict:
         x, u = x_images[xi], u_images[ui]  # uint8 (B, 3, H, W), (mu B, 3, H, W)
         x = common.weak_augment(x, flip=args.flip, generator=augment_rng)
         u_weak = common.weak_augment(u, flip=args.flip, generator=augment_rng)
-        u_strong = common.strong_augment(u, flip=args.flip, cutout_size=u.shape[-1] // 2, generator=augment_rng)
+        u_strong = common.strong_augment(
+            u, flip=args.flip, cutout_size=u.shape[-1] // 2, generator=augment_rng
+        )
         inputs = common.normalize(torch.cat([x, u_weak, u_strong]), *stats)
         if device.type == "cuda":
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, torch.bfloat16, enabled=amp):
             logits = forward(inputs).float()  # (B + 2 mu B, C): batch norm sees every view at once
         logits_x, logits_weak, logits_strong = logits.split([len(xi), len(ui), len(ui)])
-        loss, loss_s, loss_u, mask, pseudo = fixmatch_loss(logits_x, x_labels[xi], logits_weak, logits_strong,
-                                                           args.threshold, args.lambda_u)
+        loss, loss_s, loss_u, mask, pseudo = fixmatch_loss(
+            logits_x, x_labels[xi], logits_weak, logits_strong, args.threshold, args.lambda_u
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -343,29 +416,58 @@ def train(args: Args) -> dict:
             known = u_labels[ui] >= 0  # the unlabelled images' true labels: a diagnostic only
             accepted = (mask > 0) & known
             correct = (pseudo == u_labels[ui]) & accepted
-            logger.log(step + 1, {"train/loss": loss, "train/loss_s": loss_s, "train/loss_u": loss_u,
-                                  "train/mask": mask.mean(), "train/lr": optimizer.param_groups[0]["lr"],
-                                  "diag/pseudo_acc": correct.sum() / accepted.sum().clamp_min(1)},
-                       images=images_since_log)
+            logger.log(
+                step + 1,
+                {
+                    "train/loss": loss,
+                    "train/loss_s": loss_s,
+                    "train/loss_u": loss_u,
+                    "train/mask": mask.mean(),
+                    "train/lr": optimizer.param_groups[0]["lr"],
+                    "diag/pseudo_acc": correct.sum() / accepted.sum().clamp_min(1),
+                },
+                images=images_since_log,
+            )
             images_since_log = 0
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             acc, preds, confidence = evaluate(ema, test_images, test_labels, stats, amp)
             evals.append(acc)
-            logger.log(step + 1, {"eval/acc": acc, "eval/acc_median20": statistics.median(evals[-20:])})
+            logger.log(
+                step + 1, {"eval/acc": acc, "eval/acc_median20": statistics.median(evals[-20:])}
+            )
             seconds += time.perf_counter() - t_run
             t_run = time.perf_counter()
-            common.save_checkpoint(out / "checkpoint.pt", {
-                "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                "augment_rng": augment_rng.get_state(), "step": step + 1, "evals": evals, "seconds": seconds,
-                "train_seconds": train_seconds, "args": dataclasses.asdict(args)})
+            common.save_checkpoint(
+                out / "checkpoint.pt",
+                {
+                    "model": model.state_dict(),
+                    "ema": ema.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "augment_rng": augment_rng.get_state(),
+                    "step": step + 1,
+                    "evals": evals,
+                    "seconds": seconds,
+                    "train_seconds": train_seconds,
+                    "args": dataclasses.asdict(args),
+                },
+            )
 
     if preds is None:  # resumed from the final checkpoint: nothing left to train
         _, preds, confidence = evaluate(ema, test_images, test_labels, stats, amp)
-    common.save_cluster_grid(out / "predictions.png", test_images.cpu(), preds, confidence, num_clusters=num_classes)
-    total_images = args.steps * args.batch_size * (1 + 2 * args.mu)  # over the whole run, resumed or not
-    results = {"acc": statistics.median(evals[-20:]), "acc_last": evals[-1], "num_labeled": args.num_labeled,
-               "steps": args.steps, "seconds": seconds + time.perf_counter() - t_run,
-               "images_per_second": total_images / max(train_seconds, 1e-9)}
+    common.save_cluster_grid(
+        out / "predictions.png", test_images.cpu(), preds, confidence, num_clusters=num_classes
+    )
+    total_images = (
+        args.steps * args.batch_size * (1 + 2 * args.mu)
+    )  # over the whole run, resumed or not
+    results = {
+        "acc": statistics.median(evals[-20:]),
+        "acc_last": evals[-1],
+        "num_labeled": args.num_labeled,
+        "steps": args.steps,
+        "seconds": seconds + time.perf_counter() - t_run,
+        "images_per_second": total_images / max(train_seconds, 1e-9),
+    }
     print("results: " + " ".join(f"{k}={v:.4g}" for k, v in results.items()), flush=True)
     return common.write_results(out, results)
 

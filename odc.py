@@ -43,6 +43,7 @@ This file on a 2-core CPU (CPU smoke figures; commands in the README), kNN top-1
     CIFAR-10, width-16 ResNet-18, 6 epochs: 31.4 (untrained network 27.7)
     shapes, 16 px, 20 epochs, 3 seeds: 39.9-56.8 (untrained network 18.6-23.8)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -112,8 +113,15 @@ class Args:
 DATASET_DEFAULTS = {
     "cifar100": {"num_clusters": 1000, "min_cluster": 8},
     "stl10": {"image_size": 96, "min_cluster": 150},  # trains on train + unlabeled: 105,000 images
-    "shapes": {"backbone_width": 16, "num_clusters": 50, "min_cluster": 15, "batch_size": 128, "epochs": 10,
-               "eval_every": 5, "log_every": 10},
+    "shapes": {
+        "backbone_width": 16,
+        "num_clusters": 50,
+        "min_cluster": 15,
+        "batch_size": 128,
+        "epochs": 10,
+        "eval_every": 5,
+        "log_every": 10,
+    },
 }
 
 
@@ -124,14 +132,18 @@ class OdcMemory:
     """The sample memory (`features` (N, 256), L2-normalised, and `labels` (N,)) and the centroid
     memory (`centroids` (C, 256), mean memory features, not re-normalised), on one device."""
 
-    def __init__(self, features: torch.Tensor, labels: torch.Tensor, num_clusters: int, momentum: float = 0.5):
+    def __init__(
+        self, features: torch.Tensor, labels: torch.Tensor, num_clusters: int, momentum: float = 0.5
+    ):
         self.features, self.labels = F.normalize(features, dim=1), labels.clone()
         self.num_clusters, self.momentum = num_clusters, momentum
         self.centroids = torch.zeros(num_clusters, features.shape[1], device=features.device)
         self.update_centroids()
 
     @classmethod
-    def initialise(cls, features: torch.Tensor, num_clusters: int, momentum: float = 0.5, seed: int = 0):
+    def initialise(
+        cls, features: torch.Tensor, num_clusters: int, momentum: float = 0.5, seed: int = 0
+    ):
         """k-means (20 iterations) on the normalised features of the untrained network."""
         features = F.normalize(features, dim=1)
         _, labels = common.kmeans(features, num_clusters, iters=20, seed=seed)
@@ -140,7 +152,9 @@ class OdcMemory:
     def update_samples(self, idx: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """f_I <- normalise((1 - m) f_I + m normalise(z)); label_I <- nearest centroid (largest
         dot product). Returns the fraction of the batch whose label changed."""
-        f = (1 - self.momentum) * self.features[idx] + self.momentum * F.normalize(z.detach().float(), dim=1)
+        f = (1 - self.momentum) * self.features[idx] + self.momentum * F.normalize(
+            z.detach().float(), dim=1
+        )
         self.features[idx] = F.normalize(f, dim=1)
         new = (self.features[idx] @ self.centroids.T).argmax(1)
         changed = (new != self.labels[idx]).float().mean()
@@ -183,9 +197,16 @@ class OdcMemory:
             f = self.features[idx]
             centres, side = common.kmeans(f, 2, iters=20, seed=seed)
             # how much closer each member is to centre 1 than to centre 0 (squared distances)
-            margin = 2 * f @ (centres[1] - centres[0]) + centres[0].square().sum() - centres[1].square().sum()
-            take = min(max(int(side.sum()), min_cluster), len(idx) - min_cluster) if len(idx) >= 2 * min_cluster \
+            margin = (
+                2 * f @ (centres[1] - centres[0])
+                + centres[0].square().sum()
+                - centres[1].square().sum()
+            )
+            take = (
+                min(max(int(side.sum()), min_cluster), len(idx) - min_cluster)
+                if len(idx) >= 2 * min_cluster
                 else len(idx) // 2
+            )
             self.labels[idx[margin.topk(take).indices]] = freed
             self.update_centroids(torch.tensor([largest, freed], device=idx.device))
         return len(small)
@@ -194,7 +215,11 @@ class OdcMemory:
         return {"features": self.features, "labels": self.labels, "centroids": self.centroids}
 
     def load_state_dict(self, state: dict) -> None:
-        self.features, self.labels, self.centroids = state["features"], state["labels"], state["centroids"]
+        self.features, self.labels, self.centroids = (
+            state["features"],
+            state["labels"],
+            state["centroids"],
+        )
 
 
 def class_weights(labels: torch.Tensor, num_clusters: int) -> torch.Tensor:
@@ -204,7 +229,9 @@ def class_weights(labels: torch.Tensor, num_clusters: int) -> torch.Tensor:
     return w / w.sum()
 
 
-def odc_loss(logits: torch.Tensor, memory_labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def odc_loss(
+    logits: torch.Tensor, memory_labels: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
     """Class-weighted cross-entropy of the head's logits (B, C) against the memory labels (B,),
     read before this step's memory update."""
     return F.cross_entropy(logits.float(), memory_labels, weight=weights)
@@ -222,7 +249,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(c_out)
         self.shortcut = nn.Sequential()
         if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -235,7 +264,9 @@ class ResNet18(nn.Module):
 
     def __init__(self, width: int = 64):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+        )
         widths, layers, c_in = [width, 2 * width, 4 * width, 8 * width], [], width
         for i, c_out in enumerate(widths):
             layers += [BasicBlock(c_in, c_out, 1 if i == 0 else 2), BasicBlock(c_out, c_out, 1)]
@@ -257,8 +288,14 @@ class ODC(nn.Module):
     def __init__(self, num_clusters: int, width: int = 64):
         super().__init__()
         self.backbone = ResNet18(width)
-        self.neck = nn.Sequential(nn.Linear(self.backbone.dim, 512), nn.BatchNorm1d(512, affine=False, momentum=0.001),
-                                  nn.ReLU(), nn.Dropout(0.5), nn.Linear(512, 256), nn.ReLU())
+        self.neck = nn.Sequential(
+            nn.Linear(self.backbone.dim, 512),
+            nn.BatchNorm1d(512, affine=False, momentum=0.001),
+            nn.ReLU(),
+            nn.Dropout(0.5),
+            nn.Linear(512, 256),
+            nn.ReLU(),
+        )
         self.head = nn.Linear(256, num_clusters)
         for m in self.neck:
             if isinstance(m, nn.Linear):
@@ -276,18 +313,22 @@ class ODC(nn.Module):
 # Evaluation of the frozen backbone
 # --------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def features_of(module: nn.Module, images: torch.Tensor, stats, amp: bool = False, batch_size: int = 512):
+def features_of(
+    module: nn.Module, images: torch.Tensor, stats, amp: bool = False, batch_size: int = 512
+):
     """Outputs of `module` in eval mode for uint8 images, without augmentation, L2-normalised."""
     module.eval()
     out = []
     for i in range(0, len(images), batch_size):
         with torch.autocast(images.device.type, torch.bfloat16, enabled=amp):
-            out.append(module(common.normalize(images[i:i + batch_size], *stats)).float())
+            out.append(module(common.normalize(images[i : i + batch_size], *stats)).float())
     return F.normalize(torch.cat(out), dim=1)
 
 
 @torch.no_grad()
-def recompute_batch_norm(model: nn.Module, images: torch.Tensor, stats, batch_size: int = 256) -> None:
+def recompute_batch_norm(
+    model: nn.Module, images: torch.Tensor, stats, batch_size: int = 256
+) -> None:
     """Replace the running statistics of every batch-norm layer by their exact average over the
     training images (a no-gradient pass in train mode), so an untrained network is not judged on
     default statistics."""
@@ -298,37 +339,58 @@ def recompute_batch_norm(model: nn.Module, images: torch.Tensor, stats, batch_si
         bn.momentum = None  # a cumulative average over all batches
     model.train()
     for i in range(0, len(images), batch_size):
-        model(common.normalize(images[i:i + batch_size], *stats))
+        model(common.normalize(images[i : i + batch_size], *stats))
     for bn, momentum in zip(bns, momenta):
         bn.momentum = momentum
 
 
 @torch.no_grad()
-def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
-                 test_labels: torch.Tensor, k: int = 200, temperature: float = 0.07, chunk: int = 1024) -> float:
+def knn_accuracy(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    k: int = 200,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+) -> float:
     """Weighted kNN on L2-normalised features (Wu et al. 2018): each of the k most similar
     training images votes for its class with weight exp(cosine / T)."""
     num_classes, correct = int(train_labels.max()) + 1, 0
     for i in range(0, len(test_features), chunk):
-        sims, idx = (test_features[i:i + chunk] @ train_features.T).topk(min(k, len(train_features)), dim=1)
+        sims, idx = (test_features[i : i + chunk] @ train_features.T).topk(
+            min(k, len(train_features)), dim=1
+        )
         votes = torch.zeros(len(idx), num_classes, device=idx.device)
         votes.scatter_add_(1, train_labels[idx], (sims / temperature).exp())
-        correct += int((votes.argmax(1) == test_labels[i:i + chunk]).sum())
+        correct += int((votes.argmax(1) == test_labels[i : i + chunk]).sum())
     return correct / len(test_features)
 
 
-def evaluate(model: ODC, train_images, train_labels, test_images, test_labels, stats, num_classes: int,
-             seed: int, amp: bool = False) -> dict:
+def evaluate(
+    model: ODC,
+    train_images,
+    train_labels,
+    test_images,
+    test_labels,
+    stats,
+    num_classes: int,
+    seed: int,
+    amp: bool = False,
+) -> dict:
     """kNN accuracies (k = 200 and 20) and k-means ACC / NMI / ARI of the frozen backbone's
     features, test images against (and k-means fit on) the training images."""
     train_f = features_of(model.backbone, train_images, stats, amp)
     test_f = features_of(model.backbone, test_images, stats, amp)
     centroids, _ = common.kmeans(train_f, num_classes, seed=seed)
     predicted = common.assign_to_centroids(test_f, centroids)
-    return {"knn_acc": knn_accuracy(train_f, train_labels, test_f, test_labels, k=200),
-            "knn20_acc": knn_accuracy(train_f, train_labels, test_f, test_labels, k=20),
-            "acc": common.cluster_accuracy(test_labels, predicted), "nmi": common.nmi(test_labels, predicted),
-            "ari": common.ari(test_labels, predicted)}
+    return {
+        "knn_acc": knn_accuracy(train_f, train_labels, test_f, test_labels, k=200),
+        "knn20_acc": knn_accuracy(train_f, train_labels, test_f, test_labels, k=20),
+        "acc": common.cluster_accuracy(test_labels, predicted),
+        "nmi": common.nmi(test_labels, predicted),
+        "ari": common.ari(test_labels, predicted),
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -337,20 +399,40 @@ def evaluate(model: ODC, train_images, train_labels, test_images, test_labels, s
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """ODC's single view: random resized crop (scale 0.2-1) + flip, colour jitter (0.4, 0.4,
     1.0, 0.5) always, grayscale p = 0.2. (The official +/-2 degree rotation is left out.)"""
-    boxes, flip = common.draw_crops(len(images), scale=(0.2, 1.0), generator=generator, device=images.device)
+    boxes, flip = common.draw_crops(
+        len(images), scale=(0.2, 1.0), generator=generator, device=images.device
+    )
     x = common.resized_crop(images, boxes, flip, images.shape[-2:])
-    return common.photometric_augment(x, generator=generator, brightness=0.4, contrast=0.4, saturation=1.0, hue=0.5,
-                                      jitter_p=1.0, grayscale_p=0.2, blur_p=0.0)
+    return common.photometric_augment(
+        x,
+        generator=generator,
+        brightness=0.4,
+        contrast=0.4,
+        saturation=1.0,
+        hue=0.5,
+        jitter_p=1.0,
+        grayscale_p=0.2,
+        blur_p=0.0,
+    )
 
 
-def train_step(model: ODC, memory: OdcMemory, optimizer, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
-               amp: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(
+    model: ODC,
+    memory: OdcMemory,
+    optimizer,
+    x: torch.Tensor,
+    idx: torch.Tensor,
+    weights: torch.Tensor,
+    amp: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One ODC iteration in the paper's order: forward, the loss against the memory labels as
     they were before this step, the memory update (features, then labels), the optimiser step.
     Returns the loss and the fraction of the batch whose label changed."""
     with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
         z, logits = model(x)  # (B, 256), (B, C)
-    loss = odc_loss(logits, memory.labels[idx].clone(), weights)  # a copy: the update below moves them
+    loss = odc_loss(
+        logits, memory.labels[idx].clone(), weights
+    )  # a copy: the update below moves them
     changed = memory.update_samples(idx, z)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -365,19 +447,34 @@ def train(args: Args) -> dict:
     load = dict(data_dir=args.data_dir, download=args.download, image_size=args.image_size)
     train_set = common.load_dataset(args.dataset, "train", **load)
     test_set = common.load_dataset(args.dataset, "test", **load)
-    images = train_set.images  # what ODC clusters; kNN and k-means evaluation use the labelled train_set
+    images = (
+        train_set.images
+    )  # what ODC clusters; kNN and k-means evaluation use the labelled train_set
     if args.dataset == "stl10":  # STL-10's 100,000 unlabelled images are made for this
         images = torch.cat([images, common.load_dataset("stl10", "unlabeled", **load).images])
     n = len(images)
     if args.num_clusters > n:
-        raise common.ConfigError(f"--num-clusters {args.num_clusters} exceeds the {n} training images")
+        raise common.ConfigError(
+            f"--num-clusters {args.num_clusters} exceeds the {n} training images"
+        )
     if args.num_clusters * args.min_cluster > n:
-        raise common.ConfigError(f"--num-clusters {args.num_clusters} x --min-cluster {args.min_cluster} exceeds the "
-                                 f"{n} training images: the clusters cannot hold their minimum size; lower one of them")
-    out = common.prepare_out_dir(args.out_dir or f"runs/odc-{args.dataset}-{args.seed}", args.resume, args)
-    print(f"odc: {args.dataset} on {device}, {n} training and {len(test_set)} test images ({test_set.split}), "
-          f"C = {args.num_clusters}, ResNet-18 width {args.backbone_width}", flush=True)
-    images, train_images, train_labels = images.to(device), train_set.images.to(device), train_set.labels.to(device)
+        raise common.ConfigError(
+            f"--num-clusters {args.num_clusters} x --min-cluster {args.min_cluster} exceeds the "
+            f"{n} training images: the clusters cannot hold their minimum size; lower one of them"
+        )
+    out = common.prepare_out_dir(
+        args.out_dir or f"runs/odc-{args.dataset}-{args.seed}", args.resume, args
+    )
+    print(
+        f"odc: {args.dataset} on {device}, {n} training and {len(test_set)} test images ({test_set.split}), "
+        f"C = {args.num_clusters}, ResNet-18 width {args.backbone_width}",
+        flush=True,
+    )
+    images, train_images, train_labels = (
+        images.to(device),
+        train_set.images.to(device),
+        train_set.labels.to(device),
+    )
     test_images, test_labels = test_set.images.to(device), test_set.labels.to(device)
     stats, amp = (info.mean, info.std), args.amp and device.type == "cuda"
     num_classes = train_set.num_classes
@@ -387,16 +484,23 @@ def train(args: Args) -> dict:
         model = model.to(memory_format=torch.channels_last)
     head = list(model.head.parameters())
     rest = [p for name, p in model.named_parameters() if not name.startswith("head.")]
-    optimizer = torch.optim.SGD([{"params": rest, "momentum": 0.9}, {"params": head, "momentum": 0.0}],
-                                lr=args.lr, weight_decay=args.weight_decay)  # no momentum on the head: its targets move
+    optimizer = torch.optim.SGD(
+        [{"params": rest, "momentum": 0.9}, {"params": head, "momentum": 0.0}],
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+    )  # no momentum on the head: its targets move
     forward = torch.compile(model) if args.compile else model
     augment_rng = torch.Generator(device=device).manual_seed(args.seed)
     if args.resume:
         state = common.load_checkpoint(out / "checkpoint.pt", map_location=device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        memory = OdcMemory(state["memory"]["features"], state["memory"]["labels"], args.num_clusters,
-                           args.memory_momentum)
+        memory = OdcMemory(
+            state["memory"]["features"],
+            state["memory"]["labels"],
+            args.num_clusters,
+            args.memory_momentum,
+        )
         memory.load_state_dict(state["memory"])  # the centroids as they were, not recomputed
         augment_rng.set_state(state["augment_rng"].cpu())
         torch.set_rng_state(state["torch_rng"].cpu())  # dropout's random numbers
@@ -412,11 +516,24 @@ def train(args: Args) -> dict:
         # The baseline: the untrained network, its batch-norm statistics recomputed on the
         # training images. The memory starts from the same network's neck features (step 1).
         recompute_batch_norm(model, images, stats)
-        baseline = evaluate(model, train_images, train_labels, test_images, test_labels, stats, num_classes,
-                            args.seed, amp)
-        memory = OdcMemory.initialise(features_of(nn.Sequential(model.backbone, model.neck), images, stats, amp),
-                                      args.num_clusters, args.memory_momentum, args.seed)
-        baseline["memory_nmi"] = common.nmi(train_labels, memory.labels[:len(train_labels)])
+        baseline = evaluate(
+            model,
+            train_images,
+            train_labels,
+            test_images,
+            test_labels,
+            stats,
+            num_classes,
+            args.seed,
+            amp,
+        )
+        memory = OdcMemory.initialise(
+            features_of(nn.Sequential(model.backbone, model.neck), images, stats, amp),
+            args.num_clusters,
+            args.memory_momentum,
+            args.seed,
+        )
+        baseline["memory_nmi"] = common.nmi(train_labels, memory.labels[: len(train_labels)])
         logger.log(0, {f"baseline/{k}": v for k, v in baseline.items()})
 
     weights = class_weights(memory.labels, args.num_clusters)
@@ -425,20 +542,24 @@ def train(args: Args) -> dict:
     for epoch in range(start, args.epochs):
         for group in optimizer.param_groups:  # lr x 0.4 for the last part of training
             group["lr"] = args.lr * (0.4 if epoch >= int(args.lr_drop * args.epochs) else 1.0)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)).to(device)
+        order = torch.randperm(
+            n, generator=torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
+        ).to(device)
         model.train()
         handled, seen, losses, changes = 0, 0, [], []
         for b in range(steps_per_epoch):
             step = epoch * steps_per_epoch + b
             t_step = time.perf_counter()
-            idx = order[b * args.batch_size:(b + 1) * args.batch_size]
+            idx = order[b * args.batch_size : (b + 1) * args.batch_size]
             x = common.normalize(augment(images[idx], augment_rng), *stats)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             loss, changed = train_step(forward, memory, optimizer, x, idx, weights, amp)
             if (step + 1) % args.centroid_every == 0:
                 memory.update_centroids()
-            handled += memory.handle_small_clusters(args.min_cluster, seed=args.seed * 1_000_003 + step)
+            handled += memory.handle_small_clusters(
+                args.min_cluster, seed=args.seed * 1_000_003 + step
+            )
             weights = class_weights(memory.labels, args.num_clusters)
             train_seconds += time.perf_counter() - t_step
             seen += len(idx)
@@ -446,36 +567,78 @@ def train(args: Args) -> dict:
             changes.append(changed)
             if (b + 1) % args.log_every == 0 or b + 1 == steps_per_epoch:
                 sizes = torch.bincount(memory.labels, minlength=args.num_clusters)
-                logger.log(epoch + (b + 1) / steps_per_epoch, {
-                    "train/loss": torch.stack(losses).mean(), "train/label_change": torch.stack(changes).mean(),
-                    "train/min_cluster": sizes.min(), "train/max_cluster": sizes.max(), "train/small_handled": handled,
-                    "train/lr": optimizer.param_groups[0]["lr"]}, images=seen)
+                logger.log(
+                    epoch + (b + 1) / steps_per_epoch,
+                    {
+                        "train/loss": torch.stack(losses).mean(),
+                        "train/label_change": torch.stack(changes).mean(),
+                        "train/min_cluster": sizes.min(),
+                        "train/max_cluster": sizes.max(),
+                        "train/small_handled": handled,
+                        "train/lr": optimizer.param_groups[0]["lr"],
+                    },
+                    images=seen,
+                )
                 handled, seen, losses, changes = 0, 0, [], []
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            result = evaluate(model, train_images, train_labels, test_images, test_labels, stats, num_classes,
-                              args.seed, amp)
-            result["memory_nmi"] = common.nmi(train_labels, memory.labels[:len(train_labels)])
+            result = evaluate(
+                model,
+                train_images,
+                train_labels,
+                test_images,
+                test_labels,
+                stats,
+                num_classes,
+                args.seed,
+                amp,
+            )
+            result["memory_nmi"] = common.nmi(train_labels, memory.labels[: len(train_labels)])
             logger.log(epoch + 1, {f"eval/{k}": v for k, v in result.items()})
             seconds += time.perf_counter() - t_run
             t_run = time.perf_counter()
-            common.save_checkpoint(out / "checkpoint.pt", {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "memory": memory.state_dict(),
-                "augment_rng": augment_rng.get_state(), "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None, "epoch": epoch + 1,
-                "seconds": seconds, "train_seconds": train_seconds, "baseline": baseline, "result": result,
-                "args": dataclasses.asdict(args)})
+            common.save_checkpoint(
+                out / "checkpoint.pt",
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "memory": memory.state_dict(),
+                    "augment_rng": augment_rng.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None,
+                    "epoch": epoch + 1,
+                    "seconds": seconds,
+                    "train_seconds": train_seconds,
+                    "baseline": baseline,
+                    "result": result,
+                    "args": dataclasses.asdict(args),
+                },
+            )
 
     # Picture: the 16 largest memory clusters, each row its images closest to the centroid.
     sizes = torch.bincount(memory.labels, minlength=args.num_clusters)
     rank = torch.full_like(sizes, -1)
-    rank[sizes.argsort(descending=True)[:16]] = torch.arange(min(16, args.num_clusters), device=device)
+    rank[sizes.argsort(descending=True)[:16]] = torch.arange(
+        min(16, args.num_clusters), device=device
+    )
     closeness = (memory.features * memory.centroids[memory.labels]).sum(1)
-    common.save_cluster_grid(out / "clusters.png", images, rank[memory.labels], closeness,
-                             num_clusters=min(16, args.num_clusters))
-    results = {**result, "baseline_knn_acc": baseline["knn_acc"], "baseline_knn20_acc": baseline["knn20_acc"],
-               "baseline_acc": baseline["acc"], "baseline_nmi": baseline["nmi"], "baseline_ari": baseline["ari"],
-               "baseline_memory_nmi": baseline["memory_nmi"], "seconds": seconds + time.perf_counter() - t_run,
-               "images_per_second": args.epochs * n / max(train_seconds, 1e-9)}
+    common.save_cluster_grid(
+        out / "clusters.png",
+        images,
+        rank[memory.labels],
+        closeness,
+        num_clusters=min(16, args.num_clusters),
+    )
+    results = {
+        **result,
+        "baseline_knn_acc": baseline["knn_acc"],
+        "baseline_knn20_acc": baseline["knn20_acc"],
+        "baseline_acc": baseline["acc"],
+        "baseline_nmi": baseline["nmi"],
+        "baseline_ari": baseline["ari"],
+        "baseline_memory_nmi": baseline["memory_nmi"],
+        "seconds": seconds + time.perf_counter() - t_run,
+        "images_per_second": args.epochs * n / max(train_seconds, 1e-9),
+    }
     print("results: " + " ".join(f"{k}={v:.4g}" for k, v in results.items()), flush=True)
     return common.write_results(out, results)
 

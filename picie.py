@@ -41,6 +41,7 @@ mIoU / pixel accuracy after training (the untrained network, batch norm recomput
     shapes-seg, 32 px, 6 epochs, 3 seeds: 0.131-0.177 / 0.400-0.558 (0.076-0.107 / 0.235-0.298)
     CamVid, 128 px, batch 32, lr 1e-3, 3 epochs, seed 0: 0.175 / 0.498 (0.127 / 0.365)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -116,13 +117,24 @@ class Args:
 DATASET_DEFAULTS = {
     "cityscapes": {"lr": 1e-3},
     "cityscapes27": {"lr": 1e-3},
-    "shapes-seg": {"image_size": 32, "weights": "none", "epochs": 6, "eval_every": 3, "batch_size": 32, "lr": 1e-3,
-                   "kmeans_images": 1000, "log_every": 10},
+    "shapes-seg": {
+        "image_size": 32,
+        "weights": "none",
+        "epochs": 6,
+        "eval_every": 3,
+        "batch_size": 32,
+        "lr": 1e-3,
+        "kmeans_images": 1000,
+        "log_every": 10,
+    },
 }
 # Splits: Cityscapes follows the official protocol (train on the unlabelled test + train_extra
 # images, evaluate on train + val); the others train on train and evaluate on test (or val).
 SPLITS = {"cityscapes27": ("test+train_extra", "val+train"), "cocostuff27": ("train", "val")}
-STREAMED = ("cocostuff27", "cityscapes27")  # too large for memory: decoded from disk by DataLoader workers
+STREAMED = (
+    "cocostuff27",
+    "cityscapes27",
+)  # too large for memory: decoded from disk by DataLoader workers
 
 
 # --------------------------------------------------------------------------------------------------
@@ -133,8 +145,18 @@ STREAMED = ("cocostuff27", "cityscapes27")  # too large for memory: decoded from
 # grayscale and blur. Deviation: the official code never applies the grayscale (it checks for
 # "gray", its flag adds "grey") and computes a blur radius from the coin that is never in
 # [0.1, 2]; we apply both as intended (method note, step 1).
-PHOTOMETRIC = dict(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.1, jitter_p=0.8, jitter_each=True,
-                   random_order=False, grayscale_p=0.2, blur_p=0.5, blur_sigma=(0.1, 2.0))
+PHOTOMETRIC = dict(
+    brightness=0.3,
+    contrast=0.3,
+    saturation=0.3,
+    hue=0.1,
+    jitter_p=0.8,
+    jitter_each=True,
+    random_order=False,
+    grayscale_p=0.2,
+    blur_p=0.5,
+    blur_sigma=(0.1, 2.0),
+)
 
 
 def draw_epoch_transforms(n: int, min_scale: float = 0.5, generator=None, device=None) -> dict:
@@ -142,14 +164,19 @@ def draw_epoch_transforms(n: int, min_scale: float = 0.5, generator=None, device
     labelling pass and the training pass all see the same views of image i: photometric parameters
     `p1`, `p2` (dicts of (n, ...) tensors), square crop `boxes` (n, 4) = (x0, y0, side, side) in
     fractions of the image (side uniform in [min_scale, 1], position uniform), `flip` (n,)."""
-    p1, p2 = (common.draw_photometric(n, **PHOTOMETRIC, generator=generator, device=device) for _ in range(2))
+    p1, p2 = (
+        common.draw_photometric(n, **PHOTOMETRIC, generator=generator, device=device)
+        for _ in range(2)
+    )
     side = min_scale + (1 - min_scale) * torch.rand(n, generator=generator, device=device)
     x0, y0 = (torch.rand(n, generator=generator, device=device) * (1 - side) for _ in range(2))
     flip = torch.rand(n, generator=generator, device=device) < 0.5
     return {"p1": p1, "p2": p2, "boxes": torch.stack([x0, y0, side, side], 1), "flip": flip}
 
 
-def pick(params: dict, idx: torch.Tensor) -> dict:  # the rows of a batch's images from per-image parameters
+def pick(
+    params: dict, idx: torch.Tensor
+) -> dict:  # the rows of a batch's images from per-image parameters
     return {k: pick(v, idx) if isinstance(v, dict) else v[idx] for k, v in params.items()}
 
 
@@ -177,8 +204,9 @@ def embed(model: nn.Module, x: torch.Tensor, stats, amp: bool = False) -> torch.
         return F.normalize(model(x).float(), dim=1)
 
 
-def view_features(model: nn.Module, images: torch.Tensor, t: dict, view: int, size: int, stats,
-                  amp: bool = False) -> torch.Tensor:
+def view_features(
+    model: nn.Module, images: torch.Tensor, t: dict, view: int, size: int, stats, amp: bool = False
+) -> torch.Tensor:
     """Z_v (B, 128, size/4, size/4) of uint8 images (B, 3, 2 size, 2 size) under their epoch
     transforms t (`pick`ed for the batch). View 1: P1, then crop + flip of the image to size.
     View 2: P2, resized to size, then the same crop + flip of the feature map (Sec. 3.3).
@@ -186,7 +214,12 @@ def view_features(model: nn.Module, images: torch.Tensor, t: dict, view: int, si
     then converts x itself), while its clustering pass applies P1; we apply P1 in every pass."""
     x = images.float() / 255
     if view == 1:
-        return embed(model, geometric(common.apply_photometric(x, t["p1"]), t["boxes"], t["flip"], size), stats, amp)
+        return embed(
+            model,
+            geometric(common.apply_photometric(x, t["p1"]), t["boxes"], t["flip"], size),
+            stats,
+            amp,
+        )
     z = embed(model, shrink(common.apply_photometric(x, t["p2"]), size), stats, amp)
     return F.normalize(geometric(z, t["boxes"], t["flip"]), dim=1)
 
@@ -202,8 +235,17 @@ def sample_pixels(z: torch.Tensor, per_image: int, generator=None) -> torch.Tens
 
 
 @torch.no_grad()
-def cluster_pixels(features_of, source, idx: torch.Tensor, k: int, pixels: int, iters: int, batch_size: int,
-                   seed: int, workers: int = 0) -> tuple[torch.Tensor, float]:
+def cluster_pixels(
+    features_of,
+    source,
+    idx: torch.Tensor,
+    k: int,
+    pixels: int,
+    iters: int,
+    batch_size: int,
+    seed: int,
+    workers: int = 0,
+) -> tuple[torch.Tensor, float]:
     """k-means (K = k) on pixel features of the images `idx` of `source`, `pixels` of them spread
     evenly over the images; `features_of(idx, images)` gives a batch's feature maps. Returns the
     centroids (k, C) and the mean squared distance of the sample to them (the k-means loss).
@@ -221,7 +263,9 @@ def cluster_pixels(features_of, source, idx: torch.Tensor, k: int, pixels: int, 
 def assign_labels(z: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """Nearest centroid (Euclidean) of every pixel of z (B, C, h, w) -> (B, h, w): the argmax of
     2 z . mu_k - |mu_k|^2 (the official compute_negative_euclidean; centroids are not normalised)."""
-    return (2 * cluster_logits(z, centroids) - centroids.square().sum(1)[None, :, None, None]).argmax(1)
+    return (
+        2 * cluster_logits(z, centroids) - centroids.square().sum(1)[None, :, None, None]
+    ).argmax(1)
 
 
 def class_weights(counts: torch.Tensor, balance: str = "proportional") -> torch.Tensor:
@@ -248,15 +292,25 @@ def cluster_logits(z: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bchw,kc->bkhw", z, centroids.to(z.dtype))
 
 
-def picie_loss(z1: torch.Tensor, z2: torch.Tensor, mu1: torch.Tensor, mu2: torch.Tensor, y1: torch.Tensor,
-               y2: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor):
+def picie_loss(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    mu1: torch.Tensor,
+    mu2: torch.Tensor,
+    y1: torch.Tensor,
+    y2: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+):
     """The PiCIE objective (Eq. 5-7): with CE_v the cross-entropy weighted by w_v (mean over
     pixels, weighted as torch's `weight`), features Z (B, C, h, w), labels y (B, h, w),
     L_within = [CE_1(mu_1 . Z1, y1) + CE_2(mu_2 . Z2, y2)] / 2,
     L_cross  = [CE_2(mu_2 . Z1, y2) + CE_1(mu_1 . Z2, y1)] / 2,
     L = (L_within + L_cross) / 2. Returns L, L_within, L_cross."""
+
     def ce(z, mu, y, w):
         return F.cross_entropy(cluster_logits(z.float(), mu), y.long(), weight=w)
+
     within = (ce(z1, mu1, y1, w1) + ce(z2, mu2, y2, w2)) / 2
     cross = (ce(z1, mu2, y2, w2) + ce(z2, mu1, y1, w1)) / 2
     return (within + cross) / 2, within, cross
@@ -278,7 +332,8 @@ def resnet18(weights: str = "imagenet") -> nn.Module:
             raise common.ConfigError(
                 f"--weights imagenet needs {path.name}, which is not in {path.parent} (where torchvision looks for it; "
                 f"$TORCH_HOME moves it) and could not be downloaded from {url} ({e}). Put the file there, or run with "
-                f"--weights none (random initialisation)") from None
+                f"--weights none (random initialisation)"
+            ) from None
         net.load_state_dict(state)
     return net
 
@@ -304,7 +359,9 @@ class PiCIENet(nn.Module):
             levels.append(x)  # res2 (stride 4), res3, res4, res5 (stride 32)
         out = self.lateral[3](levels[3])
         for lateral, level in zip(self.lateral[2::-1], levels[2::-1]):
-            out = F.interpolate(out, size=level.shape[-2:], mode="bilinear", align_corners=False) + lateral(level)
+            out = F.interpolate(
+                out, size=level.shape[-2:], mode="bilinear", align_corners=False
+            ) + lateral(level)
         return out
 
 
@@ -328,7 +385,9 @@ class Squares(torch.utils.data.Dataset):
         return i, image[:, rows, cols], label[rows, cols]
 
 
-def loader_name(dataset: str) -> str:  # --dataset cityscapes means PiCIE's 27 classes (common's cityscapes27)
+def loader_name(
+    dataset: str,
+) -> str:  # --dataset cityscapes means PiCIE's 27 classes (common's cityscapes27)
     return "cityscapes27" if dataset == "cityscapes" else dataset
 
 
@@ -337,7 +396,9 @@ def load_split(args: Args, split: str, device) -> tuple:
     official res2 = 640 for 320). source: (images, labels) on the device, or a `Squares` set
     decoded on demand (STREAMED sets)."""
     name = loader_name(args.dataset)
-    data_dir = args.data_dir or (None if name in ("shapes-seg", "segfolder") else f"data/{args.dataset}")
+    data_dir = args.data_dir or (
+        None if name in ("shapes-seg", "segfolder") else f"data/{args.dataset}"
+    )
     data = common.load_segmentation(name, split, data_dir, image_size=2 * args.image_size)
     squares = Squares(data, 2 * args.image_size)
     if name in STREAMED:
@@ -352,20 +413,33 @@ def batches(source, idx: torch.Tensor, batch_size: int, workers: int = 0):
     on idx's device: slices of in-memory tensors, or decoded from disk by DataLoader workers."""
     if isinstance(source, tuple):
         for s in range(0, len(idx), batch_size):
-            yield idx[s:s + batch_size], source[0][idx[s:s + batch_size]], source[1][idx[s:s + batch_size]]
+            yield (
+                idx[s : s + batch_size],
+                source[0][idx[s : s + batch_size]],
+                source[1][idx[s : s + batch_size]],
+            )
         return
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(source, idx.tolist()), batch_size=batch_size,
-                                         num_workers=workers, pin_memory=idx.is_cuda)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(source, idx.tolist()),
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=idx.is_cuda,
+    )
     for i, images, labels in loader:
-        yield i.to(idx.device), images.to(idx.device, non_blocking=True), labels.to(idx.device, non_blocking=True)
+        yield (
+            i.to(idx.device),
+            images.to(idx.device, non_blocking=True),
+            labels.to(idx.device, non_blocking=True),
+        )
 
 
 # --------------------------------------------------------------------------------------------------
 # Evaluation: fresh k-means, Hungarian matching, pixel accuracy and mIoU
 # --------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def recompute_batch_norm(model: nn.Module, source, idx: torch.Tensor, size: int, stats, batch_size: int,
-                         workers: int = 0) -> None:
+def recompute_batch_norm(
+    model: nn.Module, source, idx: torch.Tensor, size: int, stats, batch_size: int, workers: int = 0
+) -> None:
     """Replace every batch-norm layer's running statistics by their exact average over the
     training images `idx` (un-augmented, a no-gradient pass in train mode), so that an untrained
     network is not judged on default statistics."""
@@ -375,7 +449,9 @@ def recompute_batch_norm(model: nn.Module, source, idx: torch.Tensor, size: int,
         bn.reset_running_stats()
         bn.momentum = None  # a cumulative average over all batches
     model.train()
-    idx = idx[:-1] if len(idx) % batch_size == 1 and len(idx) > 1 else idx  # as in training: no batch of one
+    idx = (
+        idx[:-1] if len(idx) % batch_size == 1 and len(idx) > 1 else idx
+    )  # as in training: no batch of one
     for _, images, _ in batches(source, idx, batch_size, workers):
         model(common.normalize(shrink(images, size), *stats))
     for bn, momentum in zip(bns, momenta):
@@ -383,24 +459,55 @@ def recompute_batch_norm(model: nn.Module, source, idx: torch.Tensor, size: int,
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, train_source, fit_idx: torch.Tensor, eval_source, num_eval: int, num_classes: int,
-             num_clusters: int, size: int, stats, seed: int, pixels: int, iters: int = 20, batch_size: int = 128,
-             workers: int = 0, amp: bool = False, show: int = 6) -> tuple[dict, tuple]:
+def evaluate(
+    model: nn.Module,
+    train_source,
+    fit_idx: torch.Tensor,
+    eval_source,
+    num_eval: int,
+    num_classes: int,
+    num_clusters: int,
+    size: int,
+    stats,
+    seed: int,
+    pixels: int,
+    iters: int = 20,
+    batch_size: int = 128,
+    workers: int = 0,
+    amp: bool = False,
+    show: int = 6,
+) -> tuple[dict, tuple]:
     """Fresh k-means on the features of the un-augmented training images `fit_idx`; each
     evaluation pixel's cluster is the argmax of z . mu (logits upsampled bilinearly to the label
     size); one confusion matrix over the whole split, clusters matched to classes by the Hungarian
     algorithm. Returns the scores (miou, pixel_acc, per-class iou) and `show` images spread evenly
     over the split, their labels and matched predictions (255 where a cluster matched no class)."""
     model.eval()
-    centroids, _ = cluster_pixels(lambda i, images: embed(model, shrink(images, size), stats, amp), train_source,
-                                  fit_idx, num_clusters, pixels, iters, batch_size, seed, workers)
-    conf, shown = torch.zeros(num_classes, num_clusters, dtype=torch.long, device=fit_idx.device), []
+    centroids, _ = cluster_pixels(
+        lambda i, images: embed(model, shrink(images, size), stats, amp),
+        train_source,
+        fit_idx,
+        num_clusters,
+        pixels,
+        iters,
+        batch_size,
+        seed,
+        workers,
+    )
+    conf, shown = (
+        torch.zeros(num_classes, num_clusters, dtype=torch.long, device=fit_idx.device),
+        [],
+    )
     picks = set(torch.linspace(0, num_eval - 1, show).round().long().tolist())
-    for idx, images, labels in batches(eval_source, torch.arange(num_eval, device=fit_idx.device), batch_size, workers):
+    for idx, images, labels in batches(
+        eval_source, torch.arange(num_eval, device=fit_idx.device), batch_size, workers
+    ):
         x = shrink(images, size)
         y = F.interpolate(labels[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
         logits = cluster_logits(embed(model, x, stats, amp), centroids)
-        pred = F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False).argmax(1)
+        pred = F.interpolate(
+            logits, size=(size, size), mode="bilinear", align_corners=False
+        ).argmax(1)
         conf += common.confusion_matrix(pred, y, num_classes, num_clusters=num_clusters)
         keep = [j for j, i in enumerate(idx.tolist()) if i in picks]
         shown.append((x[keep], y[keep], pred[keep]))
@@ -414,19 +521,34 @@ def evaluate(model: nn.Module, train_source, fit_idx: torch.Tensor, eval_source,
 # Training
 # --------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def label_view(model, source, n: int, t: dict, view: int, centroids, num_classes: int, args: Args, stats, amp):
+def label_view(
+    model, source, n: int, t: dict, view: int, centroids, num_classes: int, args: Args, stats, amp
+):
     """Steps 3-4 for one view: every pixel of every training image gets its nearest centroid
     (uint8 (n, h, w), in memory); also the cluster sizes and, as a diagnostic never used in
     training, the confusion of the labels with the truth moved by the same crop and flip."""
     model.eval()
-    labels, counts, conf = None, torch.zeros(len(centroids), dtype=torch.long, device=centroids.device), 0
-    for idx, images, truth in batches(source, torch.arange(n, device=centroids.device), args.batch_size, args.workers):
-        y = assign_labels(view_features(model, images, pick(t, idx), view, args.image_size, stats, amp), centroids)
+    labels, counts, conf = (
+        None,
+        torch.zeros(len(centroids), dtype=torch.long, device=centroids.device),
+        0,
+    )
+    for idx, images, truth in batches(
+        source, torch.arange(n, device=centroids.device), args.batch_size, args.workers
+    ):
+        y = assign_labels(
+            view_features(model, images, pick(t, idx), view, args.image_size, stats, amp), centroids
+        )
         if labels is None:
             labels = torch.empty(n, *y.shape[1:], dtype=torch.uint8, device=y.device)
-        labels[idx], counts = y.to(torch.uint8), counts + torch.bincount(y.flatten(), minlength=len(centroids))
+        labels[idx], counts = (
+            y.to(torch.uint8),
+            counts + torch.bincount(y.flatten(), minlength=len(centroids)),
+        )
         # both views' labels lie in the crop's frame (view 2's through its feature map)
-        truth = common.resized_crop(truth, t["boxes"][idx], t["flip"][idx], y.shape[1:], mode="nearest", fill=255)
+        truth = common.resized_crop(
+            truth, t["boxes"][idx], t["flip"][idx], y.shape[1:], mode="nearest", fill=255
+        )
         conf = conf + common.confusion_matrix(y, truth, num_classes, num_clusters=len(centroids))
     return labels, counts, common.segmentation_scores(conf, hungarian=True)["miou"]
 
@@ -436,30 +558,58 @@ def train(args: Args) -> dict:
     common.set_seed(args.seed)
     info = common.dataset_info(args.dataset, "segment")
     if args.image_size < 16:
-        raise common.ConfigError(f"--image-size {args.image_size}: the network needs at least 16 px")
+        raise common.ConfigError(
+            f"--image-size {args.image_size}: the network needs at least 16 px"
+        )
     train_split, eval_split = SPLITS.get(loader_name(args.dataset), ("train", "test"))
     train_source, n, classes = load_split(args, train_split, device)
     eval_source, num_eval, _ = load_split(args, eval_split, device)
     num_classes, k = len(classes), args.num_clusters or len(classes)
     fit = min(args.kmeans_images, n)
     if not 2 <= k <= 256:  # labels are held as uint8
-        raise common.ConfigError(f"--num-clusters {k}: choose 2 to 256 (the data set has {num_classes} classes)")
+        raise common.ConfigError(
+            f"--num-clusters {k}: choose 2 to 256 (the data set has {num_classes} classes)"
+        )
     if k > min(args.kmeans_pixels, fit * math.ceil(args.image_size / 4) ** 2):
-        raise common.ConfigError(f"--num-clusters {k} exceeds the pixel features k-means sees; raise --kmeans-pixels "
-                                 f"or --kmeans-images, or lower --num-clusters")
-    model = PiCIENet(args.weights).to(device)  # checks the ImageNet weights before anything is written
-    out = common.prepare_out_dir(args.out_dir or f"runs/picie-{args.dataset}-{args.seed}", args.resume, args)
-    print(f"picie: {args.dataset} on {device}, {n} training ({train_split}) and {num_eval} evaluation ({eval_split}) "
-          f"images at {args.image_size} px, K = {k}, ResNet-18 FPN ({args.weights} weights)", flush=True)
+        raise common.ConfigError(
+            f"--num-clusters {k} exceeds the pixel features k-means sees; raise --kmeans-pixels "
+            f"or --kmeans-images, or lower --num-clusters"
+        )
+    model = PiCIENet(args.weights).to(
+        device
+    )  # checks the ImageNet weights before anything is written
+    out = common.prepare_out_dir(
+        args.out_dir or f"runs/picie-{args.dataset}-{args.seed}", args.resume, args
+    )
+    print(
+        f"picie: {args.dataset} on {device}, {n} training ({train_split}) and {num_eval} evaluation ({eval_split}) "
+        f"images at {args.image_size} px, K = {k}, ResNet-18 FPN ({args.weights} weights)",
+        flush=True,
+    )
     stats, amp = (info.mean, info.std), args.amp and device.type == "cuda"
-    if device.type == "cuda" and not args.compile:  # (compiled with channels-last weights, torch 2.11's
-        model = model.to(memory_format=torch.channels_last)  # inductor failed a stride check in conv backward)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)  # no weight decay (official: Adam, lr only)
+    if (
+        device.type == "cuda" and not args.compile
+    ):  # (compiled with channels-last weights, torch 2.11's
+        model = model.to(
+            memory_format=torch.channels_last
+        )  # inductor failed a stride check in conv backward)
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=args.lr
+    )  # no weight decay (official: Adam, lr only)
     forward = torch.compile(model) if args.compile else model
     fit_idx = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))[:fit].to(device)
-    evaluation = dict(num_classes=num_classes, num_clusters=k, size=args.image_size, stats=stats, seed=args.seed,
-                      pixels=args.kmeans_pixels, iters=args.kmeans_iters, batch_size=args.batch_size,
-                      workers=args.workers, amp=amp)
+    evaluation = dict(
+        num_classes=num_classes,
+        num_clusters=k,
+        size=args.image_size,
+        stats=stats,
+        seed=args.seed,
+        pixels=args.kmeans_pixels,
+        iters=args.kmeans_iters,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        amp=amp,
+    )
     if args.resume:
         state = common.load_checkpoint(out / "checkpoint.pt", map_location=device)
         model.load_state_dict(state["model"])
@@ -476,9 +626,13 @@ def train(args: Args) -> dict:
         logger = common.Logger(out, total=args.epochs)
         # The baseline: the untrained network, its batch-norm statistics recomputed on training
         # images. Training starts from this network (deviation: the official code keeps ImageNet's statistics).
-        recompute_batch_norm(model, train_source, fit_idx, args.image_size, stats, args.batch_size, args.workers)
+        recompute_batch_norm(
+            model, train_source, fit_idx, args.image_size, stats, args.batch_size, args.workers
+        )
         baseline, _ = evaluate(forward, train_source, fit_idx, eval_source, num_eval, **evaluation)
-        logger.log(0, {"baseline/miou": baseline["miou"], "baseline/pixel_acc": baseline["pixel_acc"]})
+        logger.log(
+            0, {"baseline/miou": baseline["miou"], "baseline/pixel_acc": baseline["pixel_acc"]}
+        )
 
     shown, t_run = None, time.perf_counter()
     for epoch in range(start, args.epochs):
@@ -491,29 +645,63 @@ def train(args: Args) -> dict:
         for view in (1, 2):  # steps 3-4; the official order: both k-means, then both label passes
             model.eval()
             mu, inertia = cluster_pixels(
-                lambda i, images: view_features(forward, images, pick(t, i), view, args.image_size, stats, amp),
-                train_source, order[:fit], k, args.kmeans_pixels, args.kmeans_iters, args.batch_size, epoch_seed + view,
-                args.workers)
+                lambda i, images: view_features(
+                    forward, images, pick(t, i), view, args.image_size, stats, amp
+                ),
+                train_source,
+                order[:fit],
+                k,
+                args.kmeans_pixels,
+                args.kmeans_iters,
+                args.batch_size,
+                epoch_seed + view,
+                args.workers,
+            )
             centroids.append(mu)
             record[f"cluster/kmeans_loss{view}"] = inertia
         for view in (1, 2):
-            y, counts, label_miou = label_view(forward, train_source, n, t, view, centroids[view - 1], num_classes,
-                                               args, stats, amp)
+            y, counts, label_miou = label_view(
+                forward,
+                train_source,
+                n,
+                t,
+                view,
+                centroids[view - 1],
+                num_classes,
+                args,
+                stats,
+                amp,
+            )
             labels.append(y)
             weights.append(class_weights(counts, args.balance))
             sizes = counts.float() / counts.sum()
-            record.update({f"cluster/min_size{view}": sizes.min(), f"cluster/max_size{view}": sizes.max(),
-                           f"diag/label_miou{view}": label_miou})
+            record.update(
+                {
+                    f"cluster/min_size{view}": sizes.min(),
+                    f"cluster/max_size{view}": sizes.max(),
+                    f"diag/label_miou{view}": label_miou,
+                }
+            )
         logger.log(epoch, record)
 
         model.train()
-        trained = order[:n - 1] if n % args.batch_size == 1 else order  # a lone last image: one value per BN channel
-        steps, seen, sums = math.ceil(len(trained) / args.batch_size), 0, torch.zeros(3, device=device)
-        for b, (idx, images, _) in enumerate(batches(train_source, trained, args.batch_size, args.workers)):
+        trained = (
+            order[: n - 1] if n % args.batch_size == 1 else order
+        )  # a lone last image: one value per BN channel
+        steps, seen, sums = (
+            math.ceil(len(trained) / args.batch_size),
+            0,
+            torch.zeros(3, device=device),
+        )
+        for b, (idx, images, _) in enumerate(
+            batches(train_source, trained, args.batch_size, args.workers)
+        ):
             tb = pick(t, idx)
             z1 = view_features(forward, images, tb, 1, args.image_size, stats, amp)
             z2 = view_features(forward, images, tb, 2, args.image_size, stats, amp)
-            loss, within, cross = picie_loss(z1, z2, *centroids, labels[0][idx], labels[1][idx], *weights)
+            loss, within, cross = picie_loss(
+                z1, z2, *centroids, labels[0][idx], labels[1][idx], *weights
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -521,31 +709,64 @@ def train(args: Args) -> dict:
             seen += len(idx)
             if (b + 1) % args.log_every == 0 or b + 1 == steps:
                 steps_done = b % args.log_every + 1
-                logger.log(epoch + (b + 1) / steps, {
-                    "train/loss": sums[0] / steps_done, "train/loss_within": sums[1] / steps_done,
-                    "train/loss_cross": sums[2] / steps_done}, images=seen)
+                logger.log(
+                    epoch + (b + 1) / steps,
+                    {
+                        "train/loss": sums[0] / steps_done,
+                        "train/loss_within": sums[1] / steps_done,
+                        "train/loss_cross": sums[2] / steps_done,
+                    },
+                    images=seen,
+                )
                 seen, sums = 0, torch.zeros(3, device=device)
         train_seconds += time.perf_counter() - t_epoch
 
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            result, shown = evaluate(forward, train_source, fit_idx, eval_source, num_eval, **evaluation)
-            logger.log(epoch + 1, {"eval/miou": result["miou"], "eval/pixel_acc": result["pixel_acc"]})
+            result, shown = evaluate(
+                forward, train_source, fit_idx, eval_source, num_eval, **evaluation
+            )
+            logger.log(
+                epoch + 1, {"eval/miou": result["miou"], "eval/pixel_acc": result["pixel_acc"]}
+            )
         seconds += time.perf_counter() - t_run
         t_run = time.perf_counter()
-        common.save_checkpoint(out / "checkpoint.pt", {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None, "epoch": epoch + 1,
-            "seconds": seconds, "train_seconds": train_seconds, "baseline": baseline, "result": result,
-            "args": dataclasses.asdict(args)})
+        common.save_checkpoint(
+            out / "checkpoint.pt",
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                "epoch": epoch + 1,
+                "seconds": seconds,
+                "train_seconds": train_seconds,
+                "baseline": baseline,
+                "result": result,
+                "args": dataclasses.asdict(args),
+            },
+        )
 
     if shown is None:  # resumed from the final checkpoint: evaluate again for the picture
-        result, shown = evaluate(forward, train_source, fit_idx, eval_source, num_eval, **evaluation)
+        result, shown = evaluate(
+            forward, train_source, fit_idx, eval_source, num_eval, **evaluation
+        )
     common.save_segmentation_rows(out / "segmentation.png", *shown)
-    results = {"miou": result["miou"], "pixel_acc": result["pixel_acc"], "baseline_miou": baseline["miou"],
-               "baseline_pixel_acc": baseline["pixel_acc"], "iou": [v if v == v else None for v in result["iou"]],
-               "num_clusters": k, "epochs": args.epochs, "seconds": seconds + time.perf_counter() - t_run,
-               "images_per_second": args.epochs * n / max(train_seconds, 1e-9)}  # whole epochs: clustering included
-    print("results: " + " ".join(f"{key}={v:.4g}" for key, v in results.items() if isinstance(v, float)), flush=True)
+    results = {
+        "miou": result["miou"],
+        "pixel_acc": result["pixel_acc"],
+        "baseline_miou": baseline["miou"],
+        "baseline_pixel_acc": baseline["pixel_acc"],
+        "iou": [v if v == v else None for v in result["iou"]],
+        "num_clusters": k,
+        "epochs": args.epochs,
+        "seconds": seconds + time.perf_counter() - t_run,
+        "images_per_second": args.epochs * n / max(train_seconds, 1e-9),
+    }  # whole epochs: clustering included
+    print(
+        "results: "
+        + " ".join(f"{key}={v:.4g}" for key, v in results.items() if isinstance(v, float)),
+        flush=True,
+    )
     return common.write_results(out, results)
 
 

@@ -45,6 +45,7 @@ This file on a 2-core CPU (CPU smoke figures; commands in the README), ACC %:
     shapes (defaults; seeds 0/1/2): k-means 27.5/21.0/30.5, SPICE-Self 29.8/21.5/30.3, SPICE 30.6
     on seed 2 (stage 3 stopped on seeds 0 and 1: a cluster without reliable images)
 """
+
 from __future__ import annotations
 
 import copy
@@ -119,7 +120,7 @@ class Args:
     """share of the 100 nearest neighbours that must agree for a label to be reliable"""
     confidence: float = 0.99
     """top probability a label needs to be reliable"""
-    semi_steps: int = 2 ** 20
+    semi_steps: int = 2**20
     """SPICE-Semi (FixMatch) steps"""
     semi_batch_size: int = 64
     """SPICE-Semi labelled images per step (the unlabelled batch is --semi-mu times it)"""
@@ -144,10 +145,27 @@ DATASET_DEFAULTS = {
     "cifar100-20": {"self_batch": 10000, "self_epochs": 100},
     "stl10": {"image_size": 96, "self_epochs": 100, "consistency_ratio": 0.9},
     "imagefolder": {"consistency_ratio": 0.9},
-    "shapes": {"backbone_width": 8, "image_size": 16, "moco_epochs": 32, "moco_lr": 0.06, "moco_momentum": 0.99,
-               "moco_queue": 2048, "self_epochs": 10, "self_batch": 1000, "semi_steps": 800, "semi_batch_size": 32,
-               "semi_mu": 3, "semi_depth": 10, "semi_widen_factor": 1, "semi_bn_momentum": 0.1, "ema_decay": 0.99,
-               "eval_every": 200, "log_every": 20, "consistency_ratio": 0.9, "confidence": 0.95},
+    "shapes": {
+        "backbone_width": 8,
+        "image_size": 16,
+        "moco_epochs": 32,
+        "moco_lr": 0.06,
+        "moco_momentum": 0.99,
+        "moco_queue": 2048,
+        "self_epochs": 10,
+        "self_batch": 1000,
+        "semi_steps": 800,
+        "semi_batch_size": 32,
+        "semi_mu": 3,
+        "semi_depth": 10,
+        "semi_widen_factor": 1,
+        "semi_bn_momentum": 0.1,
+        "ema_decay": 0.99,
+        "eval_every": 200,
+        "log_every": 20,
+        "consistency_ratio": 0.9,
+        "confidence": 0.95,
+    },
 }
 
 
@@ -159,8 +177,11 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut = (nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-                         if stride != 1 or c_in != c_out else nn.Sequential())
+        self.shortcut = (
+            nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+            if stride != 1 or c_in != c_out
+            else nn.Sequential()
+        )
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -173,7 +194,9 @@ class ResNet18(nn.Module):
 
     def __init__(self, width: int = 64):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+        )
         widths, layers, c_in = [width, 2 * width, 4 * width, 8 * width], [], width
         for i, c_out in enumerate(widths):
             layers += [BasicBlock(c_in, c_out, 1 if i == 0 else 2), BasicBlock(c_out, c_out, 1)]
@@ -205,8 +228,10 @@ class Heads(nn.Module):
 
     def __init__(self, num_heads: int, dim: int, num_clusters: int):
         super().__init__()
-        self.heads = nn.ModuleList(nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, num_clusters))
-                                   for _ in range(num_heads))
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, num_clusters))
+            for _ in range(num_heads)
+        )
 
     def forward(self, features):  # (N, d) -> logits (num_heads, N, K)
         return torch.stack([head(features) for head in self.heads])
@@ -215,13 +240,17 @@ class Heads(nn.Module):
 class WideBlock(nn.Module):
     """BN -> LeakyReLU(0.1) -> conv -> BN -> LeakyReLU -> conv, plus the (first block: activated) input."""
 
-    def __init__(self, c_in: int, c_out: int, stride: int, activate_before_residual: bool, bn_momentum: float):
+    def __init__(
+        self, c_in: int, c_out: int, stride: int, activate_before_residual: bool, bn_momentum: float
+    ):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(c_in, momentum=bn_momentum)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out, momentum=bn_momentum)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, bias=False) if c_in != c_out or stride != 1 else None
+        self.shortcut = (
+            nn.Conv2d(c_in, c_out, 1, stride, bias=False) if c_in != c_out or stride != 1 else None
+        )
         self.activate_before_residual = activate_before_residual
 
     def forward(self, x):
@@ -235,15 +264,29 @@ class WideBlock(nn.Module):
 class WideResNet(nn.Module):
     """WRN-depth-k as FixMatch builds it: a 16-channel stem, stages of widths 16k, 32k, 64k, linear."""
 
-    def __init__(self, num_classes: int, depth: int = 28, widen_factor: int = 2, bn_momentum: float = 0.001):
+    def __init__(
+        self, num_classes: int, depth: int = 28, widen_factor: int = 2, bn_momentum: float = 0.001
+    ):
         super().__init__()
         if (depth - 4) % 6:
-            raise common.ConfigError(f"--semi-depth {depth}: a WideResNet has depth 6 n + 4 (10, 16, 22, 28, ...)")
+            raise common.ConfigError(
+                f"--semi-depth {depth}: a WideResNet has depth 6 n + 4 (10, 16, 22, 28, ...)"
+            )
         n, widths = (depth - 4) // 6, [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
         self.stem = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
-        self.blocks = nn.Sequential(*[
-            WideBlock(widths[s] if i == 0 else widths[s + 1], widths[s + 1], 2 if i == 0 and s > 0 else 1,
-                      s == 0 and i == 0, bn_momentum) for s in range(3) for i in range(n)])
+        self.blocks = nn.Sequential(
+            *[
+                WideBlock(
+                    widths[s] if i == 0 else widths[s + 1],
+                    widths[s + 1],
+                    2 if i == 0 and s > 0 else 1,
+                    s == 0 and i == 0,
+                    bn_momentum,
+                )
+                for s in range(3)
+                for i in range(n)
+            ]
+        )
         self.bn = nn.BatchNorm2d(widths[3], momentum=bn_momentum)
         self.fc = nn.Linear(widths[3], num_classes)
         for m in self.modules():
@@ -292,7 +335,9 @@ def grouped_forward(encoder: nn.Module, x: torch.Tensor, groups: int) -> torch.T
     return torch.cat([encoder(chunk) for chunk in x.chunk(groups)])
 
 
-def shuffled_key_forward(key_encoder: nn.Module, x: torch.Tensor, groups: int, generator=None) -> torch.Tensor:
+def shuffled_key_forward(
+    key_encoder: nn.Module, x: torch.Tensor, groups: int, generator=None
+) -> torch.Tensor:
     """Shuffle-BN on one device: shuffle the key batch, run it in groups (statistics per group,
     each group a random mix of the query groups' images), restore the original order."""
     perm = torch.randperm(len(x), generator=generator, device=x.device)
@@ -302,26 +347,32 @@ def shuffled_key_forward(key_encoder: nn.Module, x: torch.Tensor, groups: int, g
 def moco_augment(images: torch.Tensor, generator=None) -> torch.Tensor:
     """MoCo v2's view: random resized crop (scale 0.2-1) + flip, colour jitter (0.4, 0.4, 0.4,
     0.1) with p = 0.8, grayscale p = 0.2, Gaussian blur sigma 0.1-2 with p = 0.5."""
-    boxes, flip = common.draw_crops(len(images), scale=(0.2, 1.0), generator=generator, device=images.device)
+    boxes, flip = common.draw_crops(
+        len(images), scale=(0.2, 1.0), generator=generator, device=images.device
+    )
     x = common.resized_crop(images, boxes, flip, images.shape[-2:])
     return common.photometric_augment(x, generator=generator)
 
 
 @torch.no_grad()
-def embed(backbone: nn.Module, images: torch.Tensor, stats, amp: bool = False, batch_size: int = 512) -> torch.Tensor:
+def embed(
+    backbone: nn.Module, images: torch.Tensor, stats, amp: bool = False, batch_size: int = 512
+) -> torch.Tensor:
     """A network's outputs (the backbone's: features) for uint8 images in eval mode, in order."""
     backbone.eval()
     out = []
     for i in range(0, len(images), batch_size):
         with torch.autocast(images.device.type, torch.bfloat16, enabled=amp):
-            out.append(backbone(common.normalize(images[i:i + batch_size], *stats)).float())
+            out.append(backbone(common.normalize(images[i : i + batch_size], *stats)).float())
     features = torch.cat(out)
     assert len(features) == len(images), "the embedding has one row per image, in order"
     return features
 
 
 # --- Stage 2: SPICE-Self --------------------------------------------------------------------------
-def prototype_pseudo_labels(probs: torch.Tensor, embedding: torch.Tensor, center_ratio: float = 0.5):
+def prototype_pseudo_labels(
+    probs: torch.Tensor, embedding: torch.Tensor, center_ratio: float = 0.5
+):
     """Step 5 for one head: probs (N, K), embedding (N, d) L2-normalised.
     Prototype c = mean embedding of the 0.5 N / K images with the highest probs[:, c] (ranked per
     column: one image may serve several prototypes); then the N / K images with the highest dot
@@ -337,7 +388,9 @@ def prototype_pseudo_labels(probs: torch.Tensor, embedding: torch.Tensor, center
     return picked.T.reshape(-1), labels
 
 
-def head_loss(logits: torch.Tensor, labels: torch.Tensor, double_softmax: bool = True) -> torch.Tensor:
+def head_loss(
+    logits: torch.Tensor, labels: torch.Tensor, double_softmax: bool = True
+) -> torch.Tensor:
     """Cross-entropy against the pseudo-labels. The official heads end in a softmax and the loss
     applies another one to those probabilities ("double softmax", the default here)."""
     logits = logits.float()
@@ -355,18 +408,32 @@ def select_head(logits: torch.Tensor, embedding: torch.Tensor, double_softmax: b
     return int(losses.argmin()), losses
 
 
-def train_heads(heads: Heads, optimizer, features: torch.Tensor, targets: list, passes: int = 8,
-                batch_size: int = 128, double_softmax: bool = True, generator=None) -> torch.Tensor:
+def train_heads(
+    heads: Heads,
+    optimizer,
+    features: torch.Tensor,
+    targets: list,
+    passes: int = 8,
+    batch_size: int = 128,
+    double_softmax: bool = True,
+    generator=None,
+) -> torch.Tensor:
     """Step 6: `passes` shuffled passes of mini-batches over each head's (index, label) pairs,
     features (N, d) of the strong views; the heads' losses are summed (each head owns its
     parameters, so Adam trains them independently). Returns the mean loss per head."""
     total, steps = torch.zeros(len(targets), device=features.device), 0
     for _ in range(passes):
-        order = torch.randperm(len(targets[0][0]), generator=generator, device=generator.device).to(features.device)
+        order = torch.randperm(len(targets[0][0]), generator=generator, device=generator.device).to(
+            features.device
+        )
         for b in range(0, len(order), batch_size):
-            pos = order[b:b + batch_size]
-            losses = torch.stack([head_loss(head(features[idx[pos]]), labels[pos], double_softmax)
-                                  for head, (idx, labels) in zip(heads.heads, targets)])
+            pos = order[b : b + batch_size]
+            losses = torch.stack(
+                [
+                    head_loss(head(features[idx[pos]]), labels[pos], double_softmax)
+                    for head, (idx, labels) in zip(heads.heads, targets)
+                ]
+            )
             optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()
             optimizer.step()
@@ -379,12 +446,23 @@ def train_heads(heads: Heads, optimizer, features: torch.Tensor, targets: list, 
 def knn_indices(embedding: torch.Tensor, k: int = 100, chunk: int = 1024) -> torch.Tensor:
     """The k most cosine-similar rows of each row of the L2-normalised embedding (itself
     included), in chunks of rows: (N, k) without an N x N matrix."""
-    return torch.cat([(embedding[i:i + chunk] @ embedding.T).topk(k, dim=1).indices
-                      for i in range(0, len(embedding), chunk)])
+    return torch.cat(
+        [
+            (embedding[i : i + chunk] @ embedding.T).topk(k, dim=1).indices
+            for i in range(0, len(embedding), chunk)
+        ]
+    )
 
 
-def reliable_samples(preds: torch.Tensor, confidence: torch.Tensor, neighbours: torch.Tensor, num_clusters: int,
-                     ratio: float = 0.99, threshold: float = 0.99, generator=None) -> torch.Tensor:
+def reliable_samples(
+    preds: torch.Tensor,
+    confidence: torch.Tensor,
+    neighbours: torch.Tensor,
+    num_clusters: int,
+    ratio: float = 0.99,
+    threshold: float = 0.99,
+    generator=None,
+) -> torch.Tensor:
     """Indices of the reliable images: at least ratio x k of the k neighbours (the image itself
     among them) share its predicted cluster, and its top probability exceeds `threshold`; then
     the same number per cluster, the smallest cluster's count, drawn at random."""
@@ -393,13 +471,17 @@ def reliable_samples(preds: torch.Tensor, confidence: torch.Tensor, neighbours: 
     counts = torch.bincount(preds[reliable], minlength=num_clusters)
     if (counts == 0).any():
         empty = torch.nonzero(counts == 0).squeeze(1).tolist()
-        raise common.ConfigError(f"no reliable image in cluster(s) {empty} ({int(reliable.sum())} reliable in all): "
-                                 f"lower --consistency-ratio (now {ratio}) or --confidence (now {threshold}), "
-                                 f"or train the earlier stages longer (self.pt is kept: --stage semi --init-from it)")
+        raise common.ConfigError(
+            f"no reliable image in cluster(s) {empty} ({int(reliable.sum())} reliable in all): "
+            f"lower --consistency-ratio (now {ratio}) or --confidence (now {threshold}), "
+            f"or train the earlier stages longer (self.pt is kept: --stage semi --init-from it)"
+        )
     n_min, keep = int(counts.min()), []
     for c in range(num_clusters):
         members = torch.nonzero(reliable & (preds == c)).squeeze(1)
-        keep.append(members[torch.randperm(len(members), generator=generator)[:n_min].to(members.device)])
+        keep.append(
+            members[torch.randperm(len(members), generator=generator)[:n_min].to(members.device)]
+        )
     return torch.cat(keep)
 
 
@@ -423,7 +505,9 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int, device) -> torch.Tensor:
     """A uniform draw of indices, a function of the step alone (a resumed run draws the same)."""
-    return torch.randint(n, (batch_size,), generator=torch.Generator().manual_seed(seed * 1_000_003 + step)).to(device)
+    return torch.randint(
+        n, (batch_size,), generator=torch.Generator().manual_seed(seed * 1_000_003 + step)
+    ).to(device)
 
 
 def predict(model: nn.Module, images: torch.Tensor, stats, amp: bool = False):
@@ -434,23 +518,31 @@ def predict(model: nn.Module, images: torch.Tensor, stats, amp: bool = False):
 
 def scores(labels: torch.Tensor, preds: torch.Tensor, prefix: str = "") -> dict:
     """ACC (Hungarian), NMI with the geometric normalisation (the official code's), ARI."""
-    return {f"{prefix}acc": common.cluster_accuracy(labels, preds),
-            f"{prefix}nmi": common.nmi(labels, preds, average="geometric"), f"{prefix}ari": common.ari(labels, preds)}
+    return {
+        f"{prefix}acc": common.cluster_accuracy(labels, preds),
+        f"{prefix}nmi": common.nmi(labels, preds, average="geometric"),
+        f"{prefix}ari": common.ari(labels, preds),
+    }
 
 
 # --- Training: one function per stage, each ending in a hand-over file (moco.pt, self.pt) ---------
 @dataclasses.dataclass
 class Run:
     """What every stage needs besides the arguments."""
+
     out: Path
     device: torch.device
     stats: tuple
     amp: bool
     checkpoint: dict  # the interrupted stage's checkpoint when resuming, else {}
     totals: dict  # seconds, train_seconds, images over the whole pipeline so far
-    t_last: float = dataclasses.field(default_factory=time.perf_counter)  # when totals["seconds"] last grew
+    t_last: float = dataclasses.field(
+        default_factory=time.perf_counter
+    )  # when totals["seconds"] last grew
 
-    def inputs(self, images: torch.Tensor) -> torch.Tensor:  # uint8 -> normalised (channels-last on CUDA)
+    def inputs(
+        self, images: torch.Tensor
+    ) -> torch.Tensor:  # uint8 -> normalised (channels-last on CUDA)
         x = common.normalize(images, *self.stats)
         return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
 
@@ -466,7 +558,9 @@ class Run:
         self.totals["seconds"], self.t_last = self.totals["seconds"] + now - self.t_last, now
         return self.totals
 
-    def save(self, name: str, state: dict) -> None:  # a checkpoint or hand-over file, with the totals
+    def save(
+        self, name: str, state: dict
+    ) -> None:  # a checkpoint or hand-over file, with the totals
         common.save_checkpoint(self.out / name, {**state, "totals": dict(self.tick())})
 
 
@@ -480,7 +574,9 @@ def train_moco(args: Args, run: Run, images: torch.Tensor) -> dict:
     if queue_size != args.moco_queue:  # else every image meets its own stale keys as negatives
         print(f"moco: queue capped at {queue_size} keys, half the {n} images", flush=True)
     queue = MocoQueue(queue_size, 128, run.device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.moco_lr, momentum=0.9, weight_decay=1e-4)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=args.moco_lr, momentum=0.9, weight_decay=1e-4
+    )
     forward = torch.compile(model) if args.compile else model
     state, start = run.resumed("moco"), 0
     if state:
@@ -490,7 +586,9 @@ def train_moco(args: Args, run: Run, images: torch.Tensor) -> dict:
         queue.keys, queue.ptr, start = state["queue"], state["queue_ptr"], state["epoch"]
     logger = common.Logger(run.out, total=args.moco_epochs, start=start)
     for epoch in range(start, args.moco_epochs):
-        lr = args.moco_lr * 0.5 * (1 + math.cos(math.pi * epoch / args.moco_epochs))  # cosine, per epoch
+        lr = (
+            args.moco_lr * 0.5 * (1 + math.cos(math.pi * epoch / args.moco_epochs))
+        )  # cosine, per epoch
         for group in optimizer.param_groups:
             group["lr"] = lr
         rng = torch.Generator(run.device).manual_seed(args.seed * 1_000_003 + epoch)
@@ -499,7 +597,7 @@ def train_moco(args: Args, run: Run, images: torch.Tensor) -> dict:
         losses, accs, seen = [], [], 0
         for b in range(steps):
             t_step = time.perf_counter()
-            x = images[order[b * args.batch_size:(b + 1) * args.batch_size]]
+            x = images[order[b * args.batch_size : (b + 1) * args.batch_size]]
             x_q, x_k = run.inputs(moco_augment(x, rng)), run.inputs(moco_augment(x, rng))
             with torch.autocast(run.device.type, torch.bfloat16, enabled=run.amp):
                 q = grouped_forward(forward, x_q, args.bn_groups)
@@ -516,26 +614,49 @@ def train_moco(args: Args, run: Run, images: torch.Tensor) -> dict:
             losses.append(loss.detach()), accs.append(acc)
             seen += 2 * len(x)
             if (b + 1) % args.log_every == 0 or b + 1 == steps:
-                logger.log(epoch + (b + 1) / steps, {"moco/loss": torch.stack(losses).mean(),
-                                                     "moco/instance_acc": torch.stack(accs).mean(), "moco/lr": lr},
-                           images=seen)
+                logger.log(
+                    epoch + (b + 1) / steps,
+                    {
+                        "moco/loss": torch.stack(losses).mean(),
+                        "moco/instance_acc": torch.stack(accs).mean(),
+                        "moco/lr": lr,
+                    },
+                    images=seen,
+                )
                 losses, accs, seen = [], [], 0
-        run.save("checkpoint.pt", {
-            "stage": "moco", "epoch": epoch + 1, "model": model.state_dict(), "key_encoder": key_encoder.state_dict(),
-            "optimizer": optimizer.state_dict(), "queue": queue.keys, "queue_ptr": queue.ptr})
+        run.save(
+            "checkpoint.pt",
+            {
+                "stage": "moco",
+                "epoch": epoch + 1,
+                "model": model.state_dict(),
+                "key_encoder": key_encoder.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "queue": queue.keys,
+                "queue_ptr": queue.ptr,
+            },
+        )
     return model.backbone.state_dict()
 
 
-def kmeans_baseline(args: Args, run: Run, backbone: nn.Module, train_images, eval_images, eval_labels) -> dict:
+def kmeans_baseline(
+    args: Args, run: Run, backbone: nn.Module, train_images, eval_images, eval_labels
+) -> dict:
     """k-means with K clusters on the stage-1 embedding of the training images, applied to the
     evaluated split's embedding: the baseline that SPICE-Self must beat."""
     fit = F.normalize(embed(backbone, train_images, run.stats, run.amp), dim=1)
-    evaluated = fit if eval_images is train_images else F.normalize(embed(backbone, eval_images, run.stats, run.amp), 1)
+    evaluated = (
+        fit
+        if eval_images is train_images
+        else F.normalize(embed(backbone, eval_images, run.stats, run.amp), 1)
+    )
     centroids, _ = common.kmeans(fit, args.num_clusters, seed=args.seed)
     return scores(eval_labels, common.assign_to_centroids(evaluated, centroids), "kmeans_")
 
 
-def train_self(args: Args, run: Run, backbone: nn.Module, images, labels, eval_images, eval_labels) -> tuple:
+def train_self(
+    args: Args, run: Run, backbone: nn.Module, images, labels, eval_images, eval_labels
+) -> tuple:
     """Stage 2 on the frozen backbone (kept in eval mode); returns the selected head and the
     SPICE-Self figures on the evaluated split."""
     torch.manual_seed(args.seed + 1)
@@ -543,10 +664,15 @@ def train_self(args: Args, run: Run, backbone: nn.Module, images, labels, eval_i
     features = embed(backbone, images, run.stats, run.amp)  # (n, d): unaugmented, for selection
     embedding = F.normalize(features, dim=1)  # prototypes and similarities live here
     heads = Heads(args.num_heads, backbone.dim, args.num_clusters).to(run.device)
-    optimizer = torch.optim.Adam(heads.parameters(), lr=0.005)  # no weight decay (official configuration)
+    optimizer = torch.optim.Adam(
+        heads.parameters(), lr=0.005
+    )  # no weight decay (official configuration)
     n, size = len(images), min(args.self_batch, len(images))
     if size < args.self_batch:
-        print(f"self: N = {size}, all the images (fewer than --self-batch {args.self_batch})", flush=True)
+        print(
+            f"self: N = {size}, all the images (fewer than --self-batch {args.self_batch})",
+            flush=True,
+        )
     state, start, best = run.resumed("self"), 0, 0
     if state:
         heads.load_state_dict(state["heads"])
@@ -558,55 +684,124 @@ def train_self(args: Args, run: Run, backbone: nn.Module, images, labels, eval_i
         order = torch.randperm(n, generator=rng, device=run.device)
         for d in range(n // size):
             t_step = time.perf_counter()
-            draw = order[d * size:(d + 1) * size]
-            weak = embed(backbone, common.weak_augment(images[draw], generator=rng), run.stats, run.amp)
+            draw = order[d * size : (d + 1) * size]
+            weak = embed(
+                backbone, common.weak_augment(images[draw], generator=rng), run.stats, run.amp
+            )
             # SCAN's strong view: flip, 4 RandAugment ops always applied, Cutout of random side up to half
-            strong = embed(backbone, common.strong_augment(images[draw], num_ops=4, prob=1.0, random_cutout=True,
-                                                           cutout_size=images.shape[-1] // 2, generator=rng),
-                           run.stats, run.amp)
+            strong = embed(
+                backbone,
+                common.strong_augment(
+                    images[draw],
+                    num_ops=4,
+                    prob=1.0,
+                    random_cutout=True,
+                    cutout_size=images.shape[-1] // 2,
+                    generator=rng,
+                ),
+                run.stats,
+                run.amp,
+            )
             with torch.no_grad():
                 probs = heads(weak).softmax(-1)  # (heads, N, K): step 4
             targets = [prototype_pseudo_labels(p, embedding[draw]) for p in probs]  # step 5
-            losses = train_heads(heads, optimizer, strong, targets, double_softmax=args.double_softmax,
-                                 generator=rng)  # step 6
+            losses = train_heads(
+                heads, optimizer, strong, targets, double_softmax=args.double_softmax, generator=rng
+            )  # step 6
             run.totals["train_seconds"] += time.perf_counter() - t_step
             run.totals["images"] += 2 * size
-            logger.log(epoch + (d + 1) / (n // size), {"self/loss": losses.mean(), "self/loss_min": losses.min()},
-                       images=2 * size)
+            logger.log(
+                epoch + (d + 1) / (n // size),
+                {"self/loss": losses.mean(), "self/loss_min": losses.min()},
+                images=2 * size,
+            )
         with torch.no_grad():
             logits = heads(features)
         best, selection = select_head(logits, embedding, args.double_softmax)
-        oracle = [common.cluster_accuracy(labels, head_logits.argmax(1)) for head_logits in logits]  # chooses nothing
-        logger.log(epoch + 1, {"self/selected_head": best, "self/selection_loss": selection[best],
-                               "oracle/selected_head_acc": oracle[best], "oracle/best_head_acc": max(oracle)})
-        run.save("checkpoint.pt", {"stage": "self", "epoch": epoch + 1, "heads": heads.state_dict(),
-                                   "optimizer": optimizer.state_dict(), "best": best})
+        oracle = [
+            common.cluster_accuracy(labels, head_logits.argmax(1)) for head_logits in logits
+        ]  # chooses nothing
+        logger.log(
+            epoch + 1,
+            {
+                "self/selected_head": best,
+                "self/selection_loss": selection[best],
+                "oracle/selected_head_acc": oracle[best],
+                "oracle/best_head_acc": max(oracle),
+            },
+        )
+        run.save(
+            "checkpoint.pt",
+            {
+                "stage": "self",
+                "epoch": epoch + 1,
+                "heads": heads.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "best": best,
+            },
+        )
     head = heads.heads[best]
     preds, confidence = predict(nn.Sequential(backbone, head), eval_images, run.stats, run.amp)
-    common.save_cluster_grid(run.out / "self_clusters.png", eval_images, preds, confidence,
-                             num_clusters=args.num_clusters)
+    common.save_cluster_grid(
+        run.out / "self_clusters.png",
+        eval_images,
+        preds,
+        confidence,
+        num_clusters=args.num_clusters,
+    )
     return head, {**scores(eval_labels, preds, "self_"), "selected_head": best}
 
 
-def train_semi(args: Args, run: Run, backbone: nn.Module, head: nn.Module, images, labels, eval_images,
-               eval_labels) -> dict:
+def train_semi(
+    args: Args,
+    run: Run,
+    backbone: nn.Module,
+    head: nn.Module,
+    images,
+    labels,
+    eval_images,
+    eval_labels,
+) -> dict:
     """Stage 3: reliable labels from the stage-2 classifier and the stage-1 embedding, then
     FixMatch training a new WideResNet; returns the final EMA model's figures and the count."""
     torch.manual_seed(args.seed + 2)
     embedding = F.normalize(embed(backbone, images, run.stats, run.amp), dim=1)
     preds, confidence = predict(nn.Sequential(backbone, head), images, run.stats, run.amp)
     neighbours = knn_indices(embedding, k=min(100, len(images)))
-    reliable = reliable_samples(preds, confidence, neighbours, args.num_clusters, args.consistency_ratio,
-                                args.confidence, generator=torch.Generator().manual_seed(args.seed))
-    oracle = common.cluster_accuracy(labels[reliable], preds[reliable])  # a diagnostic: chooses nothing
-    print(f"semi: {len(reliable)} reliable images ({len(reliable) // args.num_clusters} per cluster), oracle accuracy "
-          f"of their cluster labels {oracle:.4f}", flush=True)
+    reliable = reliable_samples(
+        preds,
+        confidence,
+        neighbours,
+        args.num_clusters,
+        args.consistency_ratio,
+        args.confidence,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    oracle = common.cluster_accuracy(
+        labels[reliable], preds[reliable]
+    )  # a diagnostic: chooses nothing
+    print(
+        f"semi: {len(reliable)} reliable images ({len(reliable) // args.num_clusters} per cluster), oracle accuracy "
+        f"of their cluster labels {oracle:.4f}",
+        flush=True,
+    )
     x_images, x_labels = images[reliable], preds[reliable]
-    model = run.place(WideResNet(args.num_clusters, args.semi_depth, args.semi_widen_factor, args.semi_bn_momentum))
+    model = run.place(
+        WideResNet(
+            args.num_clusters, args.semi_depth, args.semi_widen_factor, args.semi_bn_momentum
+        )
+    )
     ema = copy.deepcopy(model).requires_grad_(False)
-    groups = [{"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": 5e-4},  # not BN, biases
-              {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
-    optimizer = torch.optim.SGD(groups, lr=0.03, momentum=0.9, nesterov=True)  # lr 0.03 cos(7 pi k / 16 K)
+    groups = [
+        {
+            "params": [p for p in model.parameters() if p.ndim > 1],
+            "weight_decay": 5e-4,
+        },  # not BN, biases
+        {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.SGD(
+        groups, lr=0.03, momentum=0.9, nesterov=True
+    )  # lr 0.03 cos(7 pi k / 16 K)
     forward = torch.compile(model) if args.compile else model
     rng = torch.Generator(run.device).manual_seed(args.seed)
     state, start = run.resumed("semi"), 0
@@ -624,8 +819,13 @@ def train_semi(args: Args, run: Run, backbone: nn.Module, head: nn.Module, image
         xi = batch_indices(len(x_images), b, step, args.seed, run.device)
         ui = batch_indices(len(images), args.semi_mu * b, step, args.seed + 1, run.device)
         u = images[ui]
-        inputs = torch.cat([common.weak_augment(x_images[xi], generator=rng), common.weak_augment(u, generator=rng),
-                            common.strong_augment(u, cutout_size=u.shape[-1] // 2, generator=rng)])
+        inputs = torch.cat(
+            [
+                common.weak_augment(x_images[xi], generator=rng),
+                common.weak_augment(u, generator=rng),
+                common.strong_augment(u, cutout_size=u.shape[-1] // 2, generator=rng),
+            ]
+        )
         with torch.autocast(run.device.type, torch.bfloat16, enabled=run.amp):
             logits = forward(run.inputs(inputs)).float()
         logits_x, logits_weak, logits_strong = logits.split([len(xi), len(ui), len(ui)])
@@ -638,18 +838,49 @@ def train_semi(args: Args, run: Run, backbone: nn.Module, head: nn.Module, image
         run.totals["images"] += len(inputs)
         seen += len(inputs)
         if (step + 1) % args.log_every == 0 or step + 1 == args.semi_steps:
-            logger.log(step + 1, {"semi/loss": loss, "semi/loss_u": loss_u, "semi/mask": mask.mean(),
-                                  "semi/lr": optimizer.param_groups[0]["lr"]}, images=seen)
+            logger.log(
+                step + 1,
+                {
+                    "semi/loss": loss,
+                    "semi/loss_u": loss_u,
+                    "semi/mask": mask.mean(),
+                    "semi/lr": optimizer.param_groups[0]["lr"],
+                },
+                images=seen,
+            )
             seen = 0
         if (step + 1) % args.eval_every == 0 or step + 1 == args.semi_steps:
-            logger.log(step + 1, {f"eval/{k}": v for k, v in
-                                  scores(eval_labels, predict(ema, eval_images, run.stats, run.amp)[0]).items()})
-            run.save("checkpoint.pt", {
-                "stage": "semi", "step": step + 1, "model": model.state_dict(), "ema": ema.state_dict(),
-                "optimizer": optimizer.state_dict(), "rng": rng.get_state()})
-    preds, confidence = predict(ema, eval_images, run.stats, run.amp)  # the final EMA model, never a chosen one
-    common.save_cluster_grid(run.out / "clusters.png", eval_images, preds, confidence, num_clusters=args.num_clusters)
-    return {**scores(eval_labels, preds), "num_reliable": len(reliable), "oracle_reliable_acc": oracle}
+            logger.log(
+                step + 1,
+                {
+                    f"eval/{k}": v
+                    for k, v in scores(
+                        eval_labels, predict(ema, eval_images, run.stats, run.amp)[0]
+                    ).items()
+                },
+            )
+            run.save(
+                "checkpoint.pt",
+                {
+                    "stage": "semi",
+                    "step": step + 1,
+                    "model": model.state_dict(),
+                    "ema": ema.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "rng": rng.get_state(),
+                },
+            )
+    preds, confidence = predict(
+        ema, eval_images, run.stats, run.amp
+    )  # the final EMA model, never a chosen one
+    common.save_cluster_grid(
+        run.out / "clusters.png", eval_images, preds, confidence, num_clusters=args.num_clusters
+    )
+    return {
+        **scores(eval_labels, preds),
+        "num_reliable": len(reliable),
+        "oracle_reliable_acc": oracle,
+    }
 
 
 def load_handover(args: Args) -> dict:
@@ -657,53 +888,90 @@ def load_handover(args: Args) -> dict:
     wanted = {"self": "moco.pt", "semi": "self.pt"}[args.stage]
     path = Path(args.init_from) / wanted if Path(args.init_from).is_dir() else Path(args.init_from)
     if not path.is_file():
-        raise common.ConfigError(f"--init-from {args.init_from}: no {wanted} there; --stage {args.stage} starts from "
-                                 f"the {wanted} that an earlier run's previous stage wrote into its --out-dir")
+        raise common.ConfigError(
+            f"--init-from {args.init_from}: no {wanted} there; --stage {args.stage} starts from "
+            f"the {wanted} that an earlier run's previous stage wrote into its --out-dir"
+        )
     state = common.load_checkpoint(path)
     if state.get("stage") != wanted[:-3]:
-        raise common.ConfigError(f"--init-from {path} is a {state.get('stage')!r} hand-over; --stage {args.stage} "
-                                 f"needs {wanted}")
+        raise common.ConfigError(
+            f"--init-from {path} is a {state.get('stage')!r} hand-over; --stage {args.stage} "
+            f"needs {wanted}"
+        )
     for key in ("dataset", "protocol", "backbone_width", "image_size", "num_clusters"):
         if state["args"][key] != getattr(args, key):
-            raise common.ConfigError(f"--init-from {path} was made with --{key.replace('_', '-')} "
-                                     f"{state['args'][key]}, this run has {getattr(args, key)}: pass the same value")
+            raise common.ConfigError(
+                f"--init-from {path} was made with --{key.replace('_', '-')} "
+                f"{state['args'][key]}, this run has {getattr(args, key)}: pass the same value"
+            )
     return state
 
 
 def train(args: Args) -> dict:
     if args.stage not in ("all", "moco", "self", "semi") or args.protocol not in ("split", "all"):
-        raise common.ConfigError(f"--stage must be all, moco, self or semi (got {args.stage!r}) and --protocol "
-                                 f"split or all (got {args.protocol!r})")
+        raise common.ConfigError(
+            f"--stage must be all, moco, self or semi (got {args.stage!r}) and --protocol "
+            f"split or all (got {args.protocol!r})"
+        )
     if (args.init_from is None) == (args.stage in ("self", "semi")):
-        raise common.ConfigError("--init-from goes with --stage self (moco.pt) or --stage semi (self.pt), and only "
-                                 f"with them (here: --stage {args.stage}, --init-from {args.init_from})")
+        raise common.ConfigError(
+            "--init-from goes with --stage self (moco.pt) or --stage semi (self.pt), and only "
+            f"with them (here: --stage {args.stage}, --init-from {args.init_from})"
+        )
     device = common.select_device(args.device)
     common.set_seed(args.seed)
     info = common.dataset_info(args.dataset, "classify")
     load = dict(data_dir=args.data_dir, download=args.download, image_size=args.image_size)
-    train_set, test_set = (common.load_dataset(args.dataset, split, **load) for split in ("train", "test"))
+    train_set, test_set = (
+        common.load_dataset(args.dataset, split, **load) for split in ("train", "test")
+    )
     images, labels = train_set.images.to(device), train_set.labels.to(device)  # what is clustered
-    eval_images, eval_labels = test_set.images.to(device), test_set.labels.to(device)  # below: aliases, no copies
+    eval_images, eval_labels = (
+        test_set.images.to(device),
+        test_set.labels.to(device),
+    )  # below: aliases, no copies
     if args.protocol == "all":  # the paper's main table: cluster and evaluate train + test
         images, labels = torch.cat([images, eval_images]), torch.cat([labels, eval_labels])
         eval_images, eval_labels = images, labels
     pretrain = images  # MoCo's images; STL-10 adds its 100,000 unlabelled ones, made for this
     if args.dataset == "stl10":
-        pretrain = torch.cat([images, common.load_dataset("stl10", "unlabeled", **load).images.to(device)])
+        pretrain = torch.cat(
+            [images, common.load_dataset("stl10", "unlabeled", **load).images.to(device)]
+        )
     args = dataclasses.replace(args, num_clusters=args.num_clusters or train_set.num_classes)
     if not 2 <= args.num_clusters <= min(len(images), args.self_batch):
-        raise common.ConfigError(f"--num-clusters {args.num_clusters}: need 2 to min(images {len(images)}, "
-                                 f"--self-batch {args.self_batch}) clusters")
+        raise common.ConfigError(
+            f"--num-clusters {args.num_clusters}: need 2 to min(images {len(images)}, "
+            f"--self-batch {args.self_batch}) clusters"
+        )
     if not 1 <= args.bn_groups <= args.batch_size <= len(pretrain):
-        raise common.ConfigError(f"need 1 <= --bn-groups ({args.bn_groups}) <= --batch-size ({args.batch_size}) <= "
-                                 f"the {len(pretrain)} training images")
+        raise common.ConfigError(
+            f"need 1 <= --bn-groups ({args.bn_groups}) <= --batch-size ({args.batch_size}) <= "
+            f"the {len(pretrain)} training images"
+        )
     handover = load_handover(args) if args.init_from else {}
-    out = common.prepare_out_dir(args.out_dir or f"runs/spice-{args.dataset}-{args.seed}", args.resume, args)
-    print(f"spice: {args.dataset} on {device}, stage {args.stage}, protocol {args.protocol}: {len(images)} images "
-          f"into {args.num_clusters} clusters, evaluated on {len(eval_images)}", flush=True)
-    checkpoint = common.load_checkpoint(out / "checkpoint.pt", map_location=device) if args.resume else {}
-    totals = checkpoint.get("totals", handover.get("totals", {"seconds": 0.0, "train_seconds": 0.0, "images": 0}))
-    run = Run(out, device, (info.mean, info.std), args.amp and device.type == "cuda", checkpoint, dict(totals))
+    out = common.prepare_out_dir(
+        args.out_dir or f"runs/spice-{args.dataset}-{args.seed}", args.resume, args
+    )
+    print(
+        f"spice: {args.dataset} on {device}, stage {args.stage}, protocol {args.protocol}: {len(images)} images "
+        f"into {args.num_clusters} clusters, evaluated on {len(eval_images)}",
+        flush=True,
+    )
+    checkpoint = (
+        common.load_checkpoint(out / "checkpoint.pt", map_location=device) if args.resume else {}
+    )
+    totals = checkpoint.get(
+        "totals", handover.get("totals", {"seconds": 0.0, "train_seconds": 0.0, "images": 0})
+    )
+    run = Run(
+        out,
+        device,
+        (info.mean, info.std),
+        args.amp and device.type == "cuda",
+        checkpoint,
+        dict(totals),
+    )
     results = dict(handover.get("results", {}))
     backbone = ResNet18(args.backbone_width).to(device)
     if handover:
@@ -721,17 +989,26 @@ def train(args: Args) -> dict:
             print("baseline: " + " ".join(f"{k}={v:.4g}" for k, v in results.items()), flush=True)
             handover = {"backbone": backbone.state_dict()}
         elif stage == "self":
-            head, figures = train_self(args, run, backbone, images, labels, eval_images, eval_labels)
+            head, figures = train_self(
+                args, run, backbone, images, labels, eval_images, eval_labels
+            )
             results.update(figures)
             handover = {"backbone": backbone.state_dict(), "head": head.state_dict()}
         else:
             head = Heads(1, backbone.dim, args.num_clusters).heads[0].to(device)
             head.load_state_dict(handover["head"])
-            results.update(train_semi(args, run, backbone, head, images, labels, eval_images, eval_labels))
+            results.update(
+                train_semi(args, run, backbone, head, images, labels, eval_images, eval_labels)
+            )
         if stage != "semi":
-            run.save(f"{stage}.pt", {**handover, "stage": stage, "results": results, "args": dataclasses.asdict(args)})
-    results.update(seconds=run.tick()["seconds"],
-                   images_per_second=run.totals["images"] / max(run.totals["train_seconds"], 1e-9))
+            run.save(
+                f"{stage}.pt",
+                {**handover, "stage": stage, "results": results, "args": dataclasses.asdict(args)},
+            )
+    results.update(
+        seconds=run.tick()["seconds"],
+        images_per_second=run.totals["images"] / max(run.totals["train_seconds"], 1e-9),
+    )
     print("results: " + " ".join(f"{k}={v:.4g}" for k, v in results.items()), flush=True)
     return common.write_results(out, results)
 

@@ -1,5 +1,6 @@
 """Augmentation on the device: shapes, dtypes and ranges; independence per sample;
 reproducibility; agreement with PIL's definitions; labels moving with their pixels."""
+
 import math
 
 import numpy as np
@@ -20,14 +21,17 @@ def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.mark.parametrize("fn", [
-    lambda x, g: common.weak_augment(x, generator=g),
-    lambda x, g: common.strong_augment(x, generator=g),
-    lambda x, g: common.strong_augment(x, num_ops=4, random_cutout=True, generator=g),
-    lambda x, g: common.randaugment(x, generator=g),
-    lambda x, g: common.photometric_augment(x, generator=g),
-    lambda x, g: common.cutout(x, generator=g),
-])
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda x, g: common.weak_augment(x, generator=g),
+        lambda x, g: common.strong_augment(x, generator=g),
+        lambda x, g: common.strong_augment(x, num_ops=4, random_cutout=True, generator=g),
+        lambda x, g: common.randaugment(x, generator=g),
+        lambda x, g: common.photometric_augment(x, generator=g),
+        lambda x, g: common.cutout(x, generator=g),
+    ],
+)
 def test_shape_dtype_range_independence_and_reproducibility(images, fn):
     for x in (images, images.float() / 255):
         out = fn(x, gen(1))
@@ -47,9 +51,13 @@ def test_weak_augment_is_a_flip_and_a_reflect_padded_crop(images):
     out = common.weak_augment(x, generator=gen(4))
     padded = F.pad(x.float(), (4, 4, 4, 4), mode="reflect")
     for i in range(len(x)):
-        candidates = [padded[i, :, dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)]
+        candidates = [
+            padded[i, :, dy : dy + 32, dx : dx + 32] for dy in range(9) for dx in range(9)
+        ]
         candidates += [c.flip(-1) for c in candidates]
-        assert any(torch.equal(out[i].float(), c) for c in candidates), f"sample {i} is no flip+crop"
+        assert any(torch.equal(out[i].float(), c) for c in candidates), (
+            f"sample {i} is no flip+crop"
+        )
     no_flip = common.weak_augment(x, flip=False, translate=0.0, generator=gen(5))
     assert torch.equal(no_flip, x)
 
@@ -57,7 +65,9 @@ def test_weak_augment_is_a_flip_and_a_reflect_padded_crop(images):
 def test_identity_settings_leave_the_batch_unchanged(images):
     assert torch.equal(common.randaugment(images, prob=0.0, generator=gen()), images)
     assert torch.equal(common.cutout(images, size=0, generator=gen()), images)
-    params = common.draw_photometric(len(images), jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, generator=gen())
+    params = common.draw_photometric(
+        len(images), jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, generator=gen()
+    )
     assert torch.equal(common.apply_photometric(images, params), images)
 
 
@@ -90,15 +100,41 @@ PIL_REFERENCES = [  # (op, magnitude, PIL's version, largest allowed mean |diffe
     ("brightness", 0.3, lambda p: ImageEnhance.Brightness(p).enhance(0.3), 1.0),
     ("sharpness", 0.3, lambda p: ImageEnhance.Sharpness(p).enhance(0.3), 1.0),
     ("rotate", 20, lambda p: p.rotate(20, resample=Image.BILINEAR, fillcolor=GREY), 2.0),
-    ("translate_x", 0.25, lambda p: p.transform(p.size, Image.AFFINE, (1, 0, 8, 0, 1, 0), fillcolor=GREY), 0.0),
-    ("translate_y", -0.25, lambda p: p.transform(p.size, Image.AFFINE, (1, 0, 0, 0, 1, -8), fillcolor=GREY), 0.0),
+    (
+        "translate_x",
+        0.25,
+        lambda p: p.transform(p.size, Image.AFFINE, (1, 0, 8, 0, 1, 0), fillcolor=GREY),
+        0.0,
+    ),
+    (
+        "translate_y",
+        -0.25,
+        lambda p: p.transform(p.size, Image.AFFINE, (1, 0, 0, 0, 1, -8), fillcolor=GREY),
+        0.0,
+    ),
     # shear about the centre: PIL's transform with the matching offset
-    ("shear_x", 0.3, lambda p: p.transform(p.size, Image.AFFINE, (1, 0.3, -4.8, 0, 1, 0), Image.BILINEAR, fillcolor=GREY), 2.0),
-    ("shear_y", -0.3, lambda p: p.transform(p.size, Image.AFFINE, (1, 0, 0, -0.3, 1, 4.8), Image.BILINEAR, fillcolor=GREY), 2.0),
+    (
+        "shear_x",
+        0.3,
+        lambda p: p.transform(
+            p.size, Image.AFFINE, (1, 0.3, -4.8, 0, 1, 0), Image.BILINEAR, fillcolor=GREY
+        ),
+        2.0,
+    ),
+    (
+        "shear_y",
+        -0.3,
+        lambda p: p.transform(
+            p.size, Image.AFFINE, (1, 0, 0, -0.3, 1, 4.8), Image.BILINEAR, fillcolor=GREY
+        ),
+        2.0,
+    ),
 ]
 
 
-@pytest.mark.parametrize("name,magnitude,reference,tolerance", PIL_REFERENCES, ids=[r[0] for r in PIL_REFERENCES])
+@pytest.mark.parametrize(
+    "name,magnitude,reference,tolerance", PIL_REFERENCES, ids=[r[0] for r in PIL_REFERENCES]
+)
 def test_randaugment_ops_match_pil(images, name, magnitude, reference, tolerance):
     x = common._to_float(images[:12])
     m = torch.full((len(x),), float(magnitude))
@@ -109,13 +145,19 @@ def test_randaugment_ops_match_pil(images, name, magnitude, reference, tolerance
     ours = common._restore(out, torch.uint8).int()
     pil = from_pil([reference(p) for p in to_pil(images[:12])]).int()
     assert (ours - pil).abs().float().mean() <= tolerance + 1e-6
-    assert not torch.equal(ours, images[:12].int()) or name == "identity", "the op must change the images"
+    assert not torch.equal(ours, images[:12].int()) or name == "identity", (
+        "the op must change the images"
+    )
 
 
 def test_randaugment_table_is_the_papers():
     table = {name: (lo, hi) for name, lo, hi in common.RANDAUGMENT_OPS}
     assert len(table) == 14
-    assert table["rotate"] == (-30, 30) and table["shear_x"] == (-0.3, 0.3) and table["translate_y"] == (-0.3, 0.3)
+    assert (
+        table["rotate"] == (-30, 30)
+        and table["shear_x"] == (-0.3, 0.3)
+        and table["translate_y"] == (-0.3, 0.3)
+    )
     assert table["brightness"] == (0.05, 0.95) and table["solarize"] == (0, 1)
     assert {int(math.floor(4 + 5 * u)) for u in torch.rand(1000).tolist()} == {4, 5, 6, 7, 8}
     assert table["posterize"] == (4, 9)
@@ -123,6 +165,7 @@ def test_randaugment_table_is_the_papers():
 
 def test_hue_and_blur_match_torchvision(images):
     from torchvision.transforms import functional as TF
+
     x = images[:6].float() / 255
     shift = torch.tensor([-0.1, -0.05, 0.0, 0.03, 0.07, 0.1])
     ours = common._adjust_hue(x, shift)
@@ -143,7 +186,9 @@ def test_photometric_parameters_can_be_fixed_per_image(images):
     # PiCIE draws one coin per jitter op; MoCo one coin for the whole jitter
     each = common.draw_photometric(4000, jitter_each=True, generator=gen(9))
     joint = common.draw_photometric(4000, generator=gen(9))
-    moved = lambda p: torch.stack([p["brightness"] != 1, p["contrast"] != 1, p["saturation"] != 1], 1)  # noqa: E731
+    moved = lambda p: torch.stack(
+        [p["brightness"] != 1, p["contrast"] != 1, p["saturation"] != 1], 1
+    )  # noqa: E731
     assert moved(joint).float().std(1).max() == 0  # all three move together
     assert moved(each).float().std(1).max() > 0
     assert abs(float(moved(each).float().mean()) - 0.8) < 0.03
@@ -172,20 +217,34 @@ def test_resized_crop_known_boxes(images):
     assert torch.equal(common.resized_crop(x, whole, yes, 32), x.flip(-1))
     # a box reaching outside the image is filled: 255 for labels
     labels = torch.randint(0, 5, (4, 32, 32))
-    out = common.resized_crop(labels, torch.tensor([[0.5, 0.0, 1.0, 1.0]]).repeat(4, 1), no, 32, "nearest", 255)
+    out = common.resized_crop(
+        labels, torch.tensor([[0.5, 0.0, 1.0, 1.0]]).repeat(4, 1), no, 32, "nearest", 255
+    )
     assert torch.equal(out[:, :, :16], labels[:, :, 16:]) and bool((out[:, :, 16:] == 255).all())
     # an enlarged crop at the image's corner keeps the edge pixels' values: no fill bleeds in
     flat = torch.full((2, 3, 32, 32), 200, dtype=torch.uint8)
-    assert bool((common.resized_crop(flat, torch.tensor([[0.0, 0.0, 0.5, 0.5]] * 2), no[:2], 32) == 200).all())
-    assert bool((common.resized_crop(flat.float(), torch.tensor([[0.5, 0.5, 0.5, 0.5]] * 2), no[:2], 32,
-                                     fill=-1.0) == 200).all())
+    assert bool(
+        (
+            common.resized_crop(flat, torch.tensor([[0.0, 0.0, 0.5, 0.5]] * 2), no[:2], 32) == 200
+        ).all()
+    )
+    assert bool(
+        (
+            common.resized_crop(
+                flat.float(), torch.tensor([[0.5, 0.5, 0.5, 0.5]] * 2), no[:2], 32, fill=-1.0
+            )
+            == 200
+        ).all()
+    )
 
 
 def test_crop_and_flip_move_labels_with_their_pixels():
     g = gen(12)
     blocks = torch.randint(0, 7, (16, 5, 6), generator=g)
     labels = blocks.repeat_interleave(8, 1).repeat_interleave(8, 2)  # (16, 40, 48) in 8x8 blocks
-    image = (labels[:, None].repeat(1, 3, 1, 1) * 30).to(torch.uint8)  # pixel value encodes its label
+    image = (labels[:, None].repeat(1, 3, 1, 1) * 30).to(
+        torch.uint8
+    )  # pixel value encodes its label
     boxes, flip = common.draw_crops(16, scale=(0.1, 1.0), aspect=48 / 40, generator=g)
     img_out = common.resized_crop(image, boxes, flip, (24, 24), mode="nearest")
     lab_out = common.resized_crop(labels, boxes, flip, (24, 24), mode="nearest", fill=255)
@@ -193,7 +252,9 @@ def test_crop_and_flip_move_labels_with_their_pixels():
     # bilinear images stay aligned too: off the block edges they agree with the labels
     img_bil = common.resized_crop(image, boxes, flip, (24, 24))
     assert (img_bil[:, 0].long() == lab_out * 30).float().mean() > 0.6
-    assert (common.resized_crop(image, boxes, ~flip, (24, 24))[:, 0].long() == lab_out * 30).float().mean() < 0.5
+    assert (
+        common.resized_crop(image, boxes, ~flip, (24, 24))[:, 0].long() == lab_out * 30
+    ).float().mean() < 0.5
 
 
 def test_normalize_uses_the_statistics():

@@ -2,6 +2,7 @@
 pseudo-labels, OHEM, the two networks' initialisation, output stride 16, the schedule and weight
 decay groups, sliding-window evaluation, the split, a smoke run with resume (in memory and
 streamed from a tiny VOC tree), bad input, and a learning test on shapes-seg."""
+
 import json
 import math
 import urllib.error
@@ -24,29 +25,41 @@ def test_cps_loss_on_a_constructed_example_is_symmetric_and_passes_no_gradient_t
     # Two pixels, three classes. Network 1 says (class 0, class 2), network 2 says (class 1, class 2).
     l1 = torch.tensor([[2.0, 0.5, 0.0], [0.0, 1.0, 3.0]]).T.reshape(1, 3, 1, 2)
     l2 = torch.tensor([[0.0, 1.0, -1.0], [0.5, 0.0, 2.0]]).T.reshape(1, 3, 1, 2)
-    by_hand = ((ce([2.0, 0.5, 0.0], 1) + ce([0.0, 1.0, 3.0], 2)) / 2  # CE(p1, argmax p2), mean over pixels
-               + (ce([0.0, 1.0, -1.0], 0) + ce([0.5, 0.0, 2.0], 2)) / 2)  # CE(p2, argmax p1)
+    by_hand = (
+        (ce([2.0, 0.5, 0.0], 1) + ce([0.0, 1.0, 3.0], 2)) / 2  # CE(p1, argmax p2), mean over pixels
+        + (ce([0.0, 1.0, -1.0], 0) + ce([0.5, 0.0, 2.0], 2)) / 2
+    )  # CE(p2, argmax p1)
     assert cps.cross_pseudo_supervision_loss(l1, l2).item() == pytest.approx(by_hand, rel=1e-6)
     # symmetric in the two networks, on random logits too
     a, b = torch.randn(2, 5, 3, 4, 4, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(cps.cross_pseudo_supervision_loss(a, b), cps.cross_pseudo_supervision_loss(b, a))
+    assert torch.allclose(
+        cps.cross_pseudo_supervision_loss(a, b), cps.cross_pseudo_supervision_loss(b, a)
+    )
     # Gradients: each network's logits get exactly the gradient of CE against the other's fixed
     # argmax; nothing flows through the pseudo-labels (a soft or undetached target would add some).
     a, b = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
     cps.cross_pseudo_supervision_loss(a, b).backward()
     a_ref, b_ref = a.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)
-    (F.cross_entropy(a_ref, b.detach().argmax(1)) + F.cross_entropy(b_ref, a.detach().argmax(1))).backward()
-    assert torch.allclose(a.grad, a_ref.grad, atol=1e-7) and torch.allclose(b.grad, b_ref.grad, atol=1e-7)
+    (
+        F.cross_entropy(a_ref, b.detach().argmax(1)) + F.cross_entropy(b_ref, a.detach().argmax(1))
+    ).backward()
+    assert torch.allclose(a.grad, a_ref.grad, atol=1e-7) and torch.allclose(
+        b.grad, b_ref.grad, atol=1e-7
+    )
     # with given (CutMix) pseudo-labels, the loss uses them, not the argmax of the logits
     y = torch.zeros(1, 1, 2, dtype=torch.long)
-    given = ((ce([2.0, 0.5, 0.0], 0) + ce([0.0, 1.0, 3.0], 0)) / 2
-             + (ce([0.0, 1.0, -1.0], 0) + ce([0.5, 0.0, 2.0], 0)) / 2)
+    given = (ce([2.0, 0.5, 0.0], 0) + ce([0.0, 1.0, 3.0], 0)) / 2 + (
+        ce([0.0, 1.0, -1.0], 0) + ce([0.5, 0.0, 2.0], 0)
+    ) / 2
     assert cps.cross_pseudo_supervision_loss(l1, l2, y, y).item() == pytest.approx(given, rel=1e-6)
 
 
 def test_mixed_pseudo_label_is_the_argmax_of_the_mixed_predictions():
     g = torch.Generator().manual_seed(1)
-    la, lb = torch.randn(4, 6, 20, 24, generator=g, requires_grad=True), torch.randn(4, 6, 20, 24, generator=g)
+    la, lb = (
+        torch.randn(4, 6, 20, 24, generator=g, requires_grad=True),
+        torch.randn(4, 6, 20, 24, generator=g),
+    )
     mask = cps.box_masks(cps.draw_boxes(4, 20, 24, generator=g), 20, 24)
     pseudo = cps.mixed_pseudo_labels(la, lb, mask)
     # pixel by pixel: network's argmax on the source image that the mask put there
@@ -64,16 +77,27 @@ def test_box_masks_have_the_stated_area_and_toggle_where_boxes_overlap():
     area = (heights * widths).float() / (120 * 90)
     # each box covers a / 3 of the image, a ~ U(0.25, 0.5), up to rounding of its sides to pixels
     assert area.min() > 0.25 / 3 - 0.01 and area.max() < 0.5 / 3 + 0.01
-    assert area.min() < 0.25 / 3 + 0.005 and area.max() > 0.5 / 3 - 0.005, "the whole range is drawn"
-    assert (boxes[..., :2] >= 0).all() and (boxes[..., 2] <= 120).all() and (boxes[..., 3] <= 90).all()
+    assert area.min() < 0.25 / 3 + 0.005 and area.max() > 0.5 / 3 - 0.005, (
+        "the whole range is drawn"
+    )
+    assert (
+        (boxes[..., :2] >= 0).all() and (boxes[..., 2] <= 120).all() and (boxes[..., 3] <= 90).all()
+    )
     aspect = heights.float() / widths.float()
     assert aspect.min() < 0.5 and aspect.max() > 2, "a random aspect ratio"
-    one = cps.box_masks(cps.draw_boxes(500, 64, 64, n_boxes=1, generator=g), 64, 64)  # one box: a in [0.25, 0.5]
+    one = cps.box_masks(
+        cps.draw_boxes(500, 64, 64, n_boxes=1, generator=g), 64, 64
+    )  # one box: a in [0.25, 0.5]
     assert 0.24 < one.mean((1, 2, 3)).min() and one.mean((1, 2, 3)).max() < 0.51
     # toggling: two boxes overlapping in a 2 x 2 square; a third covering one pixel of it
     boxes = torch.tensor([[[0, 0, 4, 4], [2, 2, 6, 6], [3, 3, 4, 4]]])
     mask = cps.box_masks(boxes[:, :2], 8, 8)[0, 0]
-    assert mask.sum() == 16 + 16 - 2 * 4 and mask[2:4, 2:4].sum() == 0 and mask[0, 0] == 1 and mask[5, 5] == 1
+    assert (
+        mask.sum() == 16 + 16 - 2 * 4
+        and mask[2:4, 2:4].sum() == 0
+        and mask[0, 0] == 1
+        and mask[5, 5] == 1
+    )
     mask3 = cps.box_masks(boxes, 8, 8)[0, 0]
     assert mask3[3, 3] == 1 and mask3[2, 2] == 0 and mask3.shape == (8, 8)
 
@@ -84,12 +108,18 @@ def test_ohem_keeps_the_hard_pixels_and_at_least_min_kept():
     logits = torch.stack([torch.log(p), torch.log(1 - p)]).reshape(1, 2, 1, 5)
     target = torch.tensor([[[0, 0, 0, 0, 255]]])
     nll = -torch.log(p[:4])
-    assert cps.supervised_loss(logits, target, 1).item() == pytest.approx(nll[[1, 2]].mean().item(), rel=1e-5)
+    assert cps.supervised_loss(logits, target, 1).item() == pytest.approx(
+        nll[[1, 2]].mean().item(), rel=1e-5
+    )
     # min_kept 3: the threshold rises to the third-smallest probability (0.8)
-    assert cps.supervised_loss(logits, target, 3).item() == pytest.approx(nll[[1, 2, 3]].mean().item(), rel=1e-5)
+    assert cps.supervised_loss(logits, target, 3).item() == pytest.approx(
+        nll[[1, 2, 3]].mean().item(), rel=1e-5
+    )
     # fewer labelled pixels than min_kept: plain cross-entropy (as the official code); and without OHEM
     assert cps.supervised_loss(logits, target).item() == pytest.approx(nll.mean().item(), rel=1e-5)
-    assert cps.supervised_loss(logits, target, 10).item() == pytest.approx(nll.mean().item(), rel=1e-5)
+    assert cps.supervised_loss(logits, target, 10).item() == pytest.approx(
+        nll.mean().item(), rel=1e-5
+    )
 
 
 def test_the_two_networks_share_backbone_weights_and_differ_in_their_heads():
@@ -98,8 +128,10 @@ def test_the_two_networks_share_backbone_weights_and_differ_in_their_heads():
     backbone1 = {k: v for k, v in net1.state_dict().items() if k.startswith(("stem", "layers"))}
     backbone2 = {k: v for k, v in net2.state_dict().items() if k.startswith(("stem", "layers"))}
     assert len(backbone1) > 50 and all(torch.equal(backbone1[k], backbone2[k]) for k in backbone1)
-    heads = [[m.weight for part in net.head() for m in part.modules() if isinstance(m, nn.Conv2d)]
-             for net in (net1, net2)]
+    heads = [
+        [m.weight for part in net.head() for m in part.modules() if isinstance(m, nn.Conv2d)]
+        for net in (net1, net2)
+    ]
     assert len(heads[0]) == 10 and all(not torch.allclose(w1, w2) for w1, w2 in zip(*heads))
     # Kaiming normal, fan in: the classifier's weights have std sqrt(2 / 256)
     assert net1.classifier.weight.std().item() == pytest.approx(math.sqrt(2 / 256), rel=0.1)
@@ -107,8 +139,10 @@ def test_the_two_networks_share_backbone_weights_and_differ_in_their_heads():
     assert not torch.allclose(net1.eval()(x), net2.eval()(x)), "different networks from the start"
 
 
-@pytest.mark.parametrize("name,channels", [("resnet18", (64, 512)), ("resnet50", (256, 2048)),
-                                           ("resnet101", (256, 2048))])
+@pytest.mark.parametrize(
+    "name,channels",
+    [("resnet18", (64, 512)), ("resnet50", (256, 2048)), ("resnet101", (256, 2048))],
+)
 def test_every_backbone_has_output_stride_16(name, channels):
     torch.manual_seed(0)
     net = cps.DeepLabV3Plus(3, cps.resnet(name, "none")).eval()
@@ -118,14 +152,18 @@ def test_every_backbone_has_output_stride_16(name, channels):
         high = net.layers[3](net.layers[2](net.layers[1](low)))
         assert low.shape == (1, channels[0], 16, 24) and high.shape == (1, channels[1], 4, 6)
         assert net(x).shape == (1, 3, 64, 96)
-    rates = [m.dilation[0] for m in net.layers[3].modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+    rates = [
+        m.dilation[0]
+        for m in net.layers[3].modules()
+        if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)
+    ]
     assert rates == ([2, 2, 2, 2] if name == "resnet18" else [2, 4, 8])
 
 
 def test_poly_schedule():
     assert cps.poly_lr(0, 100, 0.01) == pytest.approx(0.01)
-    assert cps.poly_lr(50, 100, 0.01) == pytest.approx(0.01 * 0.5 ** 0.9)
-    assert cps.poly_lr(99, 100, 0.01) == pytest.approx(0.01 * 0.01 ** 0.9)
+    assert cps.poly_lr(50, 100, 0.01) == pytest.approx(0.01 * 0.5**0.9)
+    assert cps.poly_lr(99, 100, 0.01) == pytest.approx(0.01 * 0.01**0.9)
     assert cps.poly_lr(100, 100, 0.01) == 0.0
 
 
@@ -163,7 +201,9 @@ def test_sliding_window_equals_a_single_forward_when_the_image_fits_and_stitches
 
 def test_random_scale_crop_moves_labels_with_their_pixels_and_pads_0_and_255():
     g = torch.Generator().manual_seed(0)
-    labels = torch.randint(0, 5, (6, 8, 8), generator=g).repeat_interleave(8, 1).repeat_interleave(8, 2)  # 64 x 64
+    labels = (
+        torch.randint(0, 5, (6, 8, 8), generator=g).repeat_interleave(8, 1).repeat_interleave(8, 2)
+    )  # 64 x 64
     images = 10.0 ** labels[:, None].float().expand(-1, 3, -1, -1)  # each pixel's value: 10^label
     sizes = torch.tensor([[64, 64]] * 6)
     x, y = cps.random_scale_crop(images, labels, sizes, 48, generator=g)
@@ -176,11 +216,17 @@ def test_random_scale_crop_moves_labels_with_their_pixels_and_pads_0_and_255():
     assert pure.float().mean() > 0.6 and torch.equal(power[pure].round(), y[pure].float())
     # scale 0.5 of a 64 image in a 64 crop: the 32 x 32 image centred, padding around it
     x, y = cps.random_scale_crop(images[:1], labels[:1], sizes[:1], 64, scales=(0.5,), generator=g)
-    assert (y[0, 16:48, 16:48] != 255).all() and (y[0, :16] == 255).all() and (y[0, :, 48:] == 255).all()
+    assert (
+        (y[0, 16:48, 16:48] != 255).all()
+        and (y[0, :16] == 255).all()
+        and (y[0, :, 48:] == 255).all()
+    )
     assert (x[0, :, :16] == 0).all() and (x[0, :, 16:48, 16:48] >= 1).all()
     # the true size counts, not the padded canvas: a 40 x 64 image on a 64 x 64 canvas
     padded = torch.where(torch.arange(64)[None, :, None] < 40, labels[:1], 255)
-    x, y = cps.random_scale_crop(images[:1], padded, torch.tensor([[40, 64]]), 64, scales=(1.0,), generator=g)
+    x, y = cps.random_scale_crop(
+        images[:1], padded, torch.tensor([[40, 64]]), 64, scales=(1.0,), generator=g
+    )
     assert (y[0, :12] == 255).all() and (y[0, 12:52] != 255).all(), "centred vertically"
 
 
@@ -201,28 +247,62 @@ def test_labeled_split_by_ratio_and_by_list(tmp_path):
 def small_shapes_seg(monkeypatch):
     """shapes-seg with 48 images per split instead of 1,000 / 200, so a run takes seconds."""
     real = common.make_shapes_seg
-    monkeypatch.setattr(common, "make_shapes_seg", lambda n, seed=0, size=64: real(min(n, 48), seed, size))
+    monkeypatch.setattr(
+        common, "make_shapes_seg", lambda n, seed=0, size=64: real(min(n, 48), seed, size)
+    )
 
 
-SMOKE = ["--dataset", "shapes-seg", "--image-size", "32", "--crop-size", "32", "--batch-size", "2",
-         "--iterations", "4", "--eval-every", "2", "--log-every", "2", "--labeled-ratio", "1/8", "--device", "cpu"]
+SMOKE = [
+    "--dataset",
+    "shapes-seg",
+    "--image-size",
+    "32",
+    "--crop-size",
+    "32",
+    "--batch-size",
+    "2",
+    "--iterations",
+    "4",
+    "--eval-every",
+    "2",
+    "--log-every",
+    "2",
+    "--labeled-ratio",
+    "1/8",
+    "--device",
+    "cpu",
+]
 
 
-def test_smoke_run_writes_its_files_and_resume_reaches_the_same_result(tmp_path, interrupted_run, small_shapes_seg):
+def test_smoke_run_writes_its_files_and_resume_reaches_the_same_result(
+    tmp_path, interrupted_run, small_shapes_seg
+):
     straight = cps.main(SMOKE + ["--out-dir", str(tmp_path / "a")])
     for name in ("args.json", "log.jsonl", "checkpoint.pt", "results.json", "segmentation.png"):
         assert (tmp_path / "a" / name).exists(), name
     keys = {"miou", "pixel_acc", "seconds", "images_per_second"}
     assert keys <= set(json.loads((tmp_path / "a" / "results.json").read_text()))
-    assert 0 <= straight["miou"] <= 1 and 0 <= straight["pixel_acc"] <= 1 and straight["images_per_second"] > 0
-    assert straight["cps_weight"] == 1.0 and straight["num_labeled"] == 6, "VOC's lambda with CutMix; 48 / 8"
+    assert (
+        0 <= straight["miou"] <= 1
+        and 0 <= straight["pixel_acc"] <= 1
+        and straight["images_per_second"] > 0
+    )
+    assert straight["cps_weight"] == 1.0 and straight["num_labeled"] == 6, (
+        "VOC's lambda with CutMix; 48 / 8"
+    )
     records = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     train = [r for r in records if "train/loss_sup" in r]
-    assert len(train) == 2 and all(math.isfinite(r["train/loss_sup"]) and r["train/loss_cps"] > 0 for r in train)
-    assert all(0 <= r["diag/agreement"] <= 1 and "perf/img_per_s" in r and "perf/eta_s" in r for r in train)
+    assert len(train) == 2 and all(
+        math.isfinite(r["train/loss_sup"]) and r["train/loss_cps"] > 0 for r in train
+    )
+    assert all(
+        0 <= r["diag/agreement"] <= 1 and "perf/img_per_s" in r and "perf/eta_s" in r for r in train
+    )
     assert sum("eval/miou" in r for r in records) == 2
 
-    interrupted_run(cps.main, SMOKE + ["--out-dir", str(tmp_path / "b")])  # dies after the first checkpoint
+    interrupted_run(
+        cps.main, SMOKE + ["--out-dir", str(tmp_path / "b")]
+    )  # dies after the first checkpoint
     assert common.load_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 2
     with pytest.raises(SystemExit, match="--resume"):  # a run in progress is not overwritten
         cps.main(SMOKE + ["--out-dir", str(tmp_path / "b")])
@@ -237,7 +317,9 @@ def test_smoke_run_writes_its_files_and_resume_reaches_the_same_result(tmp_path,
 def test_without_cutmix_and_supervised_only(tmp_path, small_shapes_seg):
     plain = cps.main(SMOKE + ["--no-cutmix", "--iterations", "2", "--out-dir", str(tmp_path / "a")])
     assert plain["cps_weight"] == 1.5, "VOC's lambda without CutMix"
-    baseline = cps.main(SMOKE + ["--cps-weight", "0", "--iterations", "2", "--out-dir", str(tmp_path / "b")])
+    baseline = cps.main(
+        SMOKE + ["--cps-weight", "0", "--iterations", "2", "--out-dir", str(tmp_path / "b")]
+    )
     records = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert baseline["cps_weight"] == 0 and all(r.get("train/loss_cps", 0) == 0 for r in records)
     assert baseline["images_per_second"] > 0
@@ -246,6 +328,7 @@ def test_without_cutmix_and_supervised_only(tmp_path, small_shapes_seg):
 def write_voc(root, sizes, seed=0):
     """A tiny VOC2012 tree with images of different sizes: 2 classes painted as halves, void borders."""
     from PIL import Image
+
     base = root / "VOCdevkit" / "VOC2012"
     for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (base / sub).mkdir(parents=True, exist_ok=True)
@@ -255,7 +338,7 @@ def write_voc(root, sizes, seed=0):
         for i, name in enumerate(ids):
             h, w = sizes[i % len(sizes)]
             label = np.zeros((h, w), np.uint8)
-            label[:, w // 2:] = 1 + i % 2
+            label[:, w // 2 :] = 1 + i % 2
             label[0] = 255
             image = (g.random((h, w, 3)) * 60 + label[..., None] * 60).astype(np.uint8)
             Image.fromarray(image).save(base / "JPEGImages" / f"{name}.jpg")
@@ -265,49 +348,103 @@ def write_voc(root, sizes, seed=0):
 
 def test_voc_streams_images_of_different_sizes_with_an_official_split_list(tmp_path, capsys):
     write_voc(tmp_path, [(40, 56), (48, 36), (33, 64)])
-    (tmp_path / "labeled.txt").write_text("image/2007_train1.jpg\tlabel/2007_train1.png\n"
-                                          "image/2007_train4.jpg\tlabel/2007_train4.png\n")
-    result = cps.main(["--dataset", "voc", "--data-dir", str(tmp_path), "--backbone", "resnet18", "--weights", "none",
-                       "--crop-size", "32", "--batch-size", "2", "--iterations", "2", "--workers", "0",
-                       "--labeled-list", str(tmp_path / "labeled.txt"), "--out-dir", str(tmp_path / "run"),
-                       "--device", "cpu"])
+    (tmp_path / "labeled.txt").write_text(
+        "image/2007_train1.jpg\tlabel/2007_train1.png\n"
+        "image/2007_train4.jpg\tlabel/2007_train4.png\n"
+    )
+    result = cps.main(
+        [
+            "--dataset",
+            "voc",
+            "--data-dir",
+            str(tmp_path),
+            "--backbone",
+            "resnet18",
+            "--weights",
+            "none",
+            "--crop-size",
+            "32",
+            "--batch-size",
+            "2",
+            "--iterations",
+            "2",
+            "--workers",
+            "0",
+            "--labeled-list",
+            str(tmp_path / "labeled.txt"),
+            "--out-dir",
+            str(tmp_path / "run"),
+            "--device",
+            "cpu",
+        ]
+    )
     out = capsys.readouterr().out
     assert "the 2 images of" in out and "6 unlabelled (train), 2 evaluation images (val)" in out
     assert result["num_labeled"] == 2 and len(result["iou"]) == 21 and 0 <= result["miou"] <= 1
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--dataset", "cifar10"], "not a known segmentation"),
-    (["--dataset", "camvid", "--data-dir", "/nonexistent/camvid"], "/nonexistent/camvid"),
-    (["--labeled-ratio", "0"], "fraction in"),
-    (["--labeled-ratio", "3/2"], "fraction in"),
-    (["--labeled-ratio", "1"], "every training image is labelled"),
-    (["--labeled-list", "/nonexistent/list.txt"], "file not found"),
-    (["--labeled-list", "{unknown}"], "not in the training set"),
-    (["--labeled-list", "{empty}"], "is empty"),
-    (["--batch-size", "1"], "at least 2"),
-    (["--crop-size", "16"], "at least 32"),
-    (["--labeled-ratio", "one/8"], None),  # argparse's own message, on stderr
-])
-def test_bad_input_is_a_clear_message_before_anything_is_written(tmp_path, argv, message, small_shapes_seg):
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--dataset", "cifar10"], "not a known segmentation"),
+        (["--dataset", "camvid", "--data-dir", "/nonexistent/camvid"], "/nonexistent/camvid"),
+        (["--labeled-ratio", "0"], "fraction in"),
+        (["--labeled-ratio", "3/2"], "fraction in"),
+        (["--labeled-ratio", "1"], "every training image is labelled"),
+        (["--labeled-list", "/nonexistent/list.txt"], "file not found"),
+        (["--labeled-list", "{unknown}"], "not in the training set"),
+        (["--labeled-list", "{empty}"], "is empty"),
+        (["--batch-size", "1"], "at least 2"),
+        (["--crop-size", "16"], "at least 32"),
+        (["--labeled-ratio", "one/8"], None),  # argparse's own message, on stderr
+    ],
+)
+def test_bad_input_is_a_clear_message_before_anything_is_written(
+    tmp_path, argv, message, small_shapes_seg
+):
     (tmp_path / "unknown.txt").write_text("1\n7\nno_such_image\n")
     (tmp_path / "empty.txt").write_text("\n")
     argv = [a.format(unknown=tmp_path / "unknown.txt", empty=tmp_path / "empty.txt") for a in argv]
-    base = ["--dataset", "shapes-seg", "--out-dir", str(tmp_path / "run"), "--iterations", "1", "--device", "cpu"]
+    base = [
+        "--dataset",
+        "shapes-seg",
+        "--out-dir",
+        str(tmp_path / "run"),
+        "--iterations",
+        "1",
+        "--device",
+        "cpu",
+    ]
     with pytest.raises(SystemExit, match=message):
         cps.main(base + argv)
     assert not (tmp_path / "run").exists(), "nothing is written before the input is checked"
 
 
-def test_missing_imagenet_weights_offline_name_the_file_and_the_way_out(tmp_path, monkeypatch, small_shapes_seg):
+def test_missing_imagenet_weights_offline_name_the_file_and_the_way_out(
+    tmp_path, monkeypatch, small_shapes_seg
+):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty cache
-    with pytest.raises(SystemExit, match=r"resnet50-0676ba61\.pth.*hub.checkpoints.*--weights none") as error:
-        cps.main(["--dataset", "shapes-seg", "--backbone", "resnet50", "--weights", "imagenet",
-                  "--out-dir", str(tmp_path / "run"), "--device", "cpu"])
+    with pytest.raises(
+        SystemExit, match=r"resnet50-0676ba61\.pth.*hub.checkpoints.*--weights none"
+    ) as error:
+        cps.main(
+            [
+                "--dataset",
+                "shapes-seg",
+                "--backbone",
+                "resnet50",
+                "--weights",
+                "imagenet",
+                "--out-dir",
+                str(tmp_path / "run"),
+                "--device",
+                "cpu",
+            ]
+        )
     assert str(tmp_path / "torch") in str(error.value)
     assert not (tmp_path / "run").exists()
 
@@ -322,6 +459,19 @@ def test_cps_learns_shapes_seg_within_a_cpu_budget(tmp_path):
     #   --cps-weight 0 (twin)   mIoU 0.248 / 0.255 / 0.249, pixel accuracy 0.726 / 0.710 / 0.727
     # So CPS learns, but within a CPU budget from random weights it does not beat its supervised
     # twin in mIoU (README, CPS: Results and Known gaps); this test guards the learning only.
-    result = cps.main(["--dataset", "shapes-seg", "--seed", "0", "--device", "cpu", "--out-dir", str(tmp_path / "run")])
-    assert result["num_labeled"] == 8 and result["cps_weight"] == 1.0 and result["iterations"] == 200
+    result = cps.main(
+        [
+            "--dataset",
+            "shapes-seg",
+            "--seed",
+            "0",
+            "--device",
+            "cpu",
+            "--out-dir",
+            str(tmp_path / "run"),
+        ]
+    )
+    assert (
+        result["num_labeled"] == 8 and result["cps_weight"] == 1.0 and result["iterations"] == 200
+    )
     assert result["miou"] >= 0.19 and result["pixel_acc"] > 0.703

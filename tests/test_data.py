@@ -1,5 +1,6 @@
 """Data: the synthetic sets, image folders (with their cache and their errors), the offline
 message, segmentation layouts, and (when ../shared/data exists) the real CIFAR-10 and CamVid."""
+
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +39,10 @@ def test_shapes_colour_says_nothing_and_raw_pixel_kmeans_is_near_chance():
 
 
 def test_synthetic_statistics_match_the_table():
-    for name, images in (("shapes", common.load_dataset("shapes").images),
-                         ("shapes-seg", common.load_segmentation("shapes-seg").tensors()[0])):
+    for name, images in (
+        ("shapes", common.load_dataset("shapes").images),
+        ("shapes-seg", common.load_segmentation("shapes-seg").tensors()[0]),
+    ):
         x = images.float() / 255
         info = common.dataset_info(name)
         assert torch.allclose(x.mean((0, 2, 3)), torch.tensor(info.mean), atol=2e-3)
@@ -90,15 +93,22 @@ def test_image_folder_loads_converts_and_caches(folder, tmp_path, monkeypatch):
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])  # grayscale -> RGB
     assert len(list(cache.glob("*.pt"))) == 1
     # the second load reads the cache, decoding nothing
-    monkeypatch.setattr(common, "_read_image", lambda *a: (_ for _ in ()).throw(AssertionError("decoded")))
+    monkeypatch.setattr(
+        common, "_read_image", lambda *a: (_ for _ in ()).throw(AssertionError("decoded"))
+    )
     again = common.load_dataset("imagefolder", data_dir=folder, image_size=12, cache_dir=cache)
     assert torch.equal(again.images, data.images)
     monkeypatch.undo()
     # an edited folder is decoded again, not served stale from the cache
     write(folder / "train" / "dog" / "e.png", np.zeros((12, 12, 3), dtype=np.uint8))
-    assert len(common.load_dataset("imagefolder", data_dir=folder, image_size=12, cache_dir=cache)) == 5
+    assert (
+        len(common.load_dataset("imagefolder", data_dir=folder, image_size=12, cache_dir=cache))
+        == 5
+    )
     # no "test" split: evaluation falls back to "val" and says so
-    test = common.load_dataset("imagefolder", "test", data_dir=folder, image_size=12, cache_dir=cache)
+    test = common.load_dataset(
+        "imagefolder", "test", data_dir=folder, image_size=12, cache_dir=cache
+    )
     assert test.split == "val" and len(test) == 2
 
 
@@ -120,7 +130,11 @@ def test_offline_cifar10_says_where_it_looked_and_what_to_do(tmp_path):
     with pytest.raises(common.ConfigError) as e:
         common.load_dataset("cifar10", data_dir=tmp_path / "data")
     message = str(e.value)
-    assert str((tmp_path / "data").resolve()) in message and "--download" in message and "shapes" in message
+    assert (
+        str((tmp_path / "data").resolve()) in message
+        and "--download" in message
+        and "shapes" in message
+    )
     with pytest.raises(common.ConfigError, match="choose one of"):
         common.load_dataset("cifar11")
     with pytest.raises(common.ConfigError, match="not a known classification data set"):
@@ -163,7 +177,10 @@ def test_segfolder_with_and_without_class_names(tmp_path):
     root = tmp_path / "seg"
     for split in ("train", "val"):
         write(root / split / "images" / "x.jpg", np.zeros((8, 8, 3), dtype=np.uint8))
-        write(root / split / "masks" / "x.png", np.array([[0, 2, 255, 1]] * 8, dtype=np.uint8).repeat(2, 1))
+        write(
+            root / split / "masks" / "x.png",
+            np.array([[0, 2, 255, 1]] * 8, dtype=np.uint8).repeat(2, 1),
+        )
     data = common.load_segmentation("segfolder", data_dir=root)
     assert data.classes == ["0", "1", "2"]  # inferred from the largest label value
     (root / "classes.txt").write_text("0 sky\n1 road\n2 car\n3 bus\n")
@@ -180,19 +197,41 @@ def test_voc_cityscapes_and_cocostuff_layouts(tmp_path):
     write(voc / "JPEGImages" / "2007_000032.jpg", img)
     write(voc / "SegmentationClassAug" / "2007_000032.png", lab)
     (voc / "ImageSets" / "Segmentation").mkdir(parents=True)
-    (voc / "ImageSets" / "Segmentation" / "train_aug.txt").write_text("/JPEGImages/2007_000032.jpg /SegmentationClassAug/2007_000032.png\n")
+    (voc / "ImageSets" / "Segmentation" / "train_aug.txt").write_text(
+        "/JPEGImages/2007_000032.jpg /SegmentationClassAug/2007_000032.png\n"
+    )
     data = common.load_segmentation("voc", data_dir=tmp_path / "voc")
     assert data.num_classes == 21 and len(data) == 1 and data[0][1].unique().tolist() == [15]
 
     city = tmp_path / "city"
     write(city / "leftImg8bit" / "val" / "bonn" / "bonn_0_0_leftImg8bit.png", img)
-    write(city / "gtFine" / "val" / "bonn" / "bonn_0_0_gtFine_labelIds.png", np.array([[0, 7, 26, 33, 9, 24]] * 4, dtype=np.uint8))
-    assert common.load_segmentation("cityscapes", "val", data_dir=city)[0][1][0].tolist() == [255, 0, 13, 18, 255, 11]
-    assert common.load_segmentation("cityscapes27", "val", data_dir=city)[0][1][0].tolist() == [255, 0, 19, 26, 2, 17]
+    write(
+        city / "gtFine" / "val" / "bonn" / "bonn_0_0_gtFine_labelIds.png",
+        np.array([[0, 7, 26, 33, 9, 24]] * 4, dtype=np.uint8),
+    )
+    assert common.load_segmentation("cityscapes", "val", data_dir=city)[0][1][0].tolist() == [
+        255,
+        0,
+        13,
+        18,
+        255,
+        11,
+    ]
+    assert common.load_segmentation("cityscapes27", "val", data_dir=city)[0][1][0].tolist() == [
+        255,
+        0,
+        19,
+        26,
+        2,
+        17,
+    ]
 
     coco = tmp_path / "coco"
     write(coco / "images" / "val2017" / "000000000139.jpg", img)
-    write(coco / "annotations" / "val2017" / "000000000139.png", np.array([[0, 105, 255, 2, 170, 181]] * 4, dtype=np.uint8))
+    write(
+        coco / "annotations" / "val2017" / "000000000139.png",
+        np.array([[0, 105, 255, 2, 170, 181]] * 4, dtype=np.uint8),
+    )
     (coco / "curated" / "val2017").mkdir(parents=True)
     (coco / "curated" / "val2017" / "Coco164kFull_Stuff_Coarse_7.txt").write_text("000000000139\n")
     data = common.load_segmentation("cocostuff27", "val", data_dir=coco)
@@ -210,18 +249,28 @@ def test_cocostuff_table_maps_each_fine_id_once():
 
 
 def test_pad_collate_pads_images_with_zero_and_labels_with_ignore():
-    batch = [(torch.ones(3, 4, 5, dtype=torch.uint8), torch.zeros(4, 5, dtype=torch.long)),
-             (torch.ones(3, 6, 3, dtype=torch.uint8), torch.ones(6, 3, dtype=torch.long))]
+    batch = [
+        (torch.ones(3, 4, 5, dtype=torch.uint8), torch.zeros(4, 5, dtype=torch.long)),
+        (torch.ones(3, 6, 3, dtype=torch.uint8), torch.ones(6, 3, dtype=torch.long)),
+    ]
     images, labels = common.pad_collate(batch)
     assert images.shape == (2, 3, 6, 5) and labels.shape == (2, 6, 5)
-    assert images[0, :, 4:].sum() == 0 and bool((labels[0, 4:] == 255).all()) and bool((labels[1, :, 3:] == 255).all())
+    assert (
+        images[0, :, 4:].sum() == 0
+        and bool((labels[0, 4:] == 255).all())
+        and bool((labels[1, :, 3:] == 255).all())
+    )
 
 
 # --- real data (optional: only where ../shared/data exists) -------------------------------------
 @pytest.mark.skipif(not (SHARED_DATA / "cifar10").is_dir(), reason="no ../shared/data/cifar10 here")
 def test_real_cifar10_through_the_image_folder_loader(tmp_path):
-    train = common.load_dataset("cifar10", "train", data_dir=SHARED_DATA / "cifar10", cache_dir=tmp_path)
-    test = common.load_dataset("cifar10", "test", data_dir=SHARED_DATA / "cifar10", cache_dir=tmp_path)
+    train = common.load_dataset(
+        "cifar10", "train", data_dir=SHARED_DATA / "cifar10", cache_dir=tmp_path
+    )
+    test = common.load_dataset(
+        "cifar10", "test", data_dir=SHARED_DATA / "cifar10", cache_dir=tmp_path
+    )
     assert train.images.shape == (50000, 3, 32, 32) and len(test) == 10000
     assert torch.bincount(train.labels).tolist() == [5000] * 10 and train.classes[0] == "airplane"
     mean = (train.images.float() / 255).mean((0, 2, 3))
@@ -230,7 +279,10 @@ def test_real_cifar10_through_the_image_folder_loader(tmp_path):
 
 @pytest.mark.skipif(not (SHARED_DATA / "camvid").is_dir(), reason="no ../shared/data/camvid here")
 def test_real_camvid_through_the_segmentation_loader():
-    sizes = {s: len(common.load_segmentation("camvid", s, data_dir=SHARED_DATA / "camvid")) for s in ("train", "val", "test")}
+    sizes = {
+        s: len(common.load_segmentation("camvid", s, data_dir=SHARED_DATA / "camvid"))
+        for s in ("train", "val", "test")
+    }
     assert sizes == {"train": 367, "val": 101, "test": 233}
     data = common.load_segmentation("camvid", "val", data_dir=SHARED_DATA / "camvid", image_size=90)
     images, labels = data.tensors()
@@ -246,8 +298,18 @@ def test_mnist_files_become_rgb_images(tmp_path):
     raw.mkdir(parents=True)
     images = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
     for prefix in ("train", "t10k"):
-        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(np.array([2051, 3, 28, 28], ">i4").tobytes() + images.tobytes())
-        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(np.array([2049, 3], ">i4").tobytes() + bytes([7, 0, 3]))
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
+            np.array([2051, 3, 28, 28], ">i4").tobytes() + images.tobytes()
+        )
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
+            np.array([2049, 3], ">i4").tobytes() + bytes([7, 0, 3])
+        )
     data = common.load_dataset("mnist", data_dir=tmp_path)
-    assert data.images.shape == (3, 3, 28, 28) and data.labels.tolist() == [7, 0, 3] and data.num_classes == 10
-    assert torch.equal(data.images[:, 0], torch.from_numpy(images)) and torch.equal(data.images[:, 2], data.images[:, 0])
+    assert (
+        data.images.shape == (3, 3, 28, 28)
+        and data.labels.tolist() == [7, 0, 3]
+        and data.num_classes == 10
+    )
+    assert torch.equal(data.images[:, 0], torch.from_numpy(images)) and torch.equal(
+        data.images[:, 2], data.images[:, 0]
+    )

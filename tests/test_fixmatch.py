@@ -1,5 +1,6 @@
 """fixmatch.py: the paper's pieces on constructed inputs, a smoke run with resume, bad input,
 and a learning test against the supervised-only baseline."""
+
 import json
 import math
 
@@ -15,7 +16,9 @@ def test_loss_is_the_supervised_term_when_nothing_is_confident():
     g = torch.Generator().manual_seed(0)
     logits_x, y = torch.randn(4, 5, generator=g), torch.tensor([0, 1, 2, 3])
     weak, strong = torch.randn(12, 5, generator=g), torch.randn(12, 5, generator=g)
-    loss, loss_s, loss_u, mask, _ = fixmatch.fixmatch_loss(logits_x, y, weak, strong, threshold=1.01)
+    loss, loss_s, loss_u, mask, _ = fixmatch.fixmatch_loss(
+        logits_x, y, weak, strong, threshold=1.01
+    )
     assert mask.sum() == 0 and loss_u == 0
     assert torch.allclose(loss, F.cross_entropy(logits_x, y)) and torch.allclose(loss, loss_s)
 
@@ -24,19 +27,23 @@ def test_unlabelled_term_is_divided_by_all_unlabelled_samples():
     weak = torch.zeros(8, 3)
     weak[:3, 1] = 10.0  # three confident predictions of class 1; five uniform (1/3) ones
     strong = torch.randn(8, 3, generator=torch.Generator().manual_seed(1))
-    _, _, loss_u, mask, pseudo = fixmatch.fixmatch_loss(torch.zeros(2, 3), torch.tensor([0, 1]), weak, strong,
-                                                        threshold=0.95, lambda_u=1.0)
+    _, _, loss_u, mask, pseudo = fixmatch.fixmatch_loss(
+        torch.zeros(2, 3), torch.tensor([0, 1]), weak, strong, threshold=0.95, lambda_u=1.0
+    )
     assert mask.tolist() == [1, 1, 1, 0, 0, 0, 0, 0] and pseudo[:3].tolist() == [1, 1, 1]
     expected = F.cross_entropy(strong[:3], torch.tensor([1, 1, 1]), reduction="sum") / 8  # not / 3
     assert torch.allclose(loss_u, expected)
     # lambda_u scales it, and no gradient flows through the pseudo-labels (the weak logits)
     weak.requires_grad_(True)
     strong.requires_grad_(True)
-    total, loss_s, loss_u, _, _ = fixmatch.fixmatch_loss(torch.zeros(2, 3), torch.tensor([0, 1]), weak, strong,
-                                                         lambda_u=2.0)
+    total, loss_s, loss_u, _, _ = fixmatch.fixmatch_loss(
+        torch.zeros(2, 3), torch.tensor([0, 1]), weak, strong, lambda_u=2.0
+    )
     assert torch.allclose(total, loss_s + 2 * loss_u)
     total.backward()
-    assert weak.grad is None and strong.grad[:3].abs().sum() > 0 and strong.grad[3:].abs().sum() == 0
+    assert (
+        weak.grad is None and strong.grad[:3].abs().sum() > 0 and strong.grad[3:].abs().sum() == 0
+    )
 
 
 def test_cosine_schedule_end_points():
@@ -93,14 +100,38 @@ def test_labeled_split_is_balanced_seeded_and_inside_the_training_set():
 
 
 def test_batch_indices_cover_every_item_once_per_pass():
-    first_pass = torch.cat([fixmatch.batch_indices(40, 8, step, seed=0, device="cpu") for step in range(5)])
+    first_pass = torch.cat(
+        [fixmatch.batch_indices(40, 8, step, seed=0, device="cpu") for step in range(5)]
+    )
     assert sorted(first_pass.tolist()) == list(range(40))
     crossing = fixmatch.batch_indices(40, 16, 2, seed=0, device="cpu")  # items 32..47: two passes
-    assert len(crossing) == 16 and torch.equal(crossing, fixmatch.batch_indices(40, 16, 2, seed=0, device="cpu"))
+    assert len(crossing) == 16 and torch.equal(
+        crossing, fixmatch.batch_indices(40, 16, 2, seed=0, device="cpu")
+    )
 
 
-SMOKE = ["--dataset", "shapes", "--depth", "10", "--widen-factor", "1", "--num-labeled", "20", "--batch-size", "8",
-         "--mu", "2", "--steps", "6", "--eval-every", "3", "--log-every", "2", "--device", "cpu"]
+SMOKE = [
+    "--dataset",
+    "shapes",
+    "--depth",
+    "10",
+    "--widen-factor",
+    "1",
+    "--num-labeled",
+    "20",
+    "--batch-size",
+    "8",
+    "--mu",
+    "2",
+    "--steps",
+    "6",
+    "--eval-every",
+    "3",
+    "--log-every",
+    "2",
+    "--device",
+    "cpu",
+]
 
 
 def test_smoke_run_writes_its_files_and_resume_reaches_the_same_result(tmp_path, interrupted_run):
@@ -125,12 +156,15 @@ def test_smoke_run_writes_its_files_and_resume_reaches_the_same_result(tmp_path,
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--num-labeled", "6000"], "exceeds"),
-    (["--num-labeled", "45"], "multiple"),
-    (["--dataset", "cifar11"], "not a known"),
-    (["--dataset", "imagefolder", "--data-dir", "/nonexistent/folder"], "/nonexistent/folder"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--num-labeled", "6000"], "exceeds"),
+        (["--num-labeled", "45"], "multiple"),
+        (["--dataset", "cifar11"], "not a known"),
+        (["--dataset", "imagefolder", "--data-dir", "/nonexistent/folder"], "/nonexistent/folder"),
+    ],
+)
 def test_bad_input_is_a_clear_message_before_training(tmp_path, argv, message):
     base = ["--dataset", "shapes", "--out-dir", str(tmp_path / "run"), "--steps", "2"]
     with pytest.raises(SystemExit, match=message):
@@ -147,8 +181,23 @@ def test_fixmatch_beats_the_supervised_baseline_on_shapes(tmp_path):
     # labels per class the gain was 0.9 to 4.8 points (0.382 vs 0.373, 0.432 vs 0.389, 0.518 vs 0.470).
     # After the resized_crop edge fix (commit fc4138b; RandAugment's rotations and shears read the
     # edge pixels near the border), 250 labels: 0.919 vs 0.853, 0.908 vs 0.878, 0.900 vs 0.872.
-    argv = ["--dataset", "shapes", "--image-size", "16", "--num-labeled", "250", "--seed", "0", "--device", "cpu"]
+    argv = [
+        "--dataset",
+        "shapes",
+        "--image-size",
+        "16",
+        "--num-labeled",
+        "250",
+        "--seed",
+        "0",
+        "--device",
+        "cpu",
+    ]
     fixmatch_run = fixmatch.main(argv + ["--out-dir", str(tmp_path / "fixmatch")])
-    supervised = fixmatch.main(argv + ["--out-dir", str(tmp_path / "supervised"), "--lambda-u", "0"])
-    assert supervised["acc_last"] > 0.6  # the baseline learns too: the comparison is not against chance
+    supervised = fixmatch.main(
+        argv + ["--out-dir", str(tmp_path / "supervised"), "--lambda-u", "0"]
+    )
+    assert (
+        supervised["acc_last"] > 0.6
+    )  # the baseline learns too: the comparison is not against chance
     assert fixmatch_run["acc_last"] >= supervised["acc_last"] + 0.01

@@ -1,4 +1,5 @@
 """k-means: exact recovery of separated blobs, monotone inertia, cosine mode, chunking."""
+
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,5 +1,6 @@
 """Metrics: Hungarian matching against brute force, clustering accuracy, NMI and ARI on cases
 worked out by hand (scikit-learn's definitions), segmentation scores on constructed matrices."""
+
 import itertools
 import math
 
@@ -18,7 +19,9 @@ def brute_force_min(cost):
     return min(cost[list(p), range(m)].sum() for p in itertools.permutations(range(n), m))
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (2, 2), (3, 3), (5, 5), (7, 7), (3, 6), (6, 3), (2, 7), (7, 4), (1, 5)])
+@pytest.mark.parametrize(
+    "shape", [(1, 1), (2, 2), (3, 3), (5, 5), (7, 7), (3, 6), (6, 3), (2, 7), (7, 4), (1, 5)]
+)
 def test_hungarian_matches_brute_force(shape):
     rng = np.random.default_rng(sum(shape))
     for trial in range(5):
@@ -75,7 +78,10 @@ def test_nmi_and_ari_hand_checked():
     assert common.nmi(y, p, average="geometric") == pytest.approx(1 / math.sqrt(1.5))
     # pairs: TP = 1 (the 0-0 pair), FN = 1, FP = 0, TN = 4 -> ARI = 2 (1*4 - 0) / (2*5 + 1*4) = 4/7
     assert common.ari(y, p) == pytest.approx(4 / 7)
-    assert common.nmi([0, 1, 0, 1], [5, 6, 5, 6]) == 1.0 and common.ari([0, 1, 0, 1], [5, 6, 5, 6]) == 1.0
+    assert (
+        common.nmi([0, 1, 0, 1], [5, 6, 5, 6]) == 1.0
+        and common.ari([0, 1, 0, 1], [5, 6, 5, 6]) == 1.0
+    )
     # independent labelings: no information, worse-than-chance ARI
     assert common.nmi([0, 0, 1, 1], [0, 1, 0, 1]) == 0.0
     assert common.ari([0, 0, 1, 1], [0, 1, 0, 1]) == pytest.approx(-0.5)
@@ -85,8 +91,14 @@ def test_nmi_and_ari_degenerate_labelings_follow_scikit_learn():
     # both sides one cluster: a perfect match (sklearn returns 1.0 for both)
     assert common.nmi([1, 1, 1], [0, 0, 0]) == 1.0 and common.ari([1, 1, 1], [0, 0, 0]) == 1.0
     # one side a single cluster, the other split: MI = 0 -> NMI 0, and ARI 0
-    assert common.nmi([0, 0, 0, 0], [0, 1, 2, 3]) == 0.0 and common.ari([0, 0, 0, 0], [0, 1, 2, 3]) == 0.0
-    assert common.nmi([0, 1, 2, 3], [0, 0, 0, 0]) == 0.0 and common.ari([0, 1, 2, 3], [0, 0, 0, 0]) == 0.0
+    assert (
+        common.nmi([0, 0, 0, 0], [0, 1, 2, 3]) == 0.0
+        and common.ari([0, 0, 0, 0], [0, 1, 2, 3]) == 0.0
+    )
+    assert (
+        common.nmi([0, 1, 2, 3], [0, 0, 0, 0]) == 0.0
+        and common.ari([0, 1, 2, 3], [0, 0, 0, 0]) == 0.0
+    )
     # every sample its own cluster on both sides: perfect
     assert common.ari([0, 1, 2], [2, 1, 0]) == 1.0 and common.nmi([0, 1, 2], [2, 1, 0]) == 1.0
     with pytest.raises(ValueError):

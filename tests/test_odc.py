@@ -1,6 +1,7 @@
 """odc.py: the memories, class weights and loss order on constructed inputs, kNN and batch-norm
 recomputation, a smoke run with resume, bad input, and a learning test against the untrained
 network."""
+
 import json
 import math
 
@@ -26,14 +27,21 @@ def test_memory_update_is_the_normalised_momentum_average_then_the_nearest_centr
     before_f, before_l = memory.features.clone(), memory.labels.clone()
     idx = torch.tensor([0, 5, 9])
     z = torch.zeros(3, 8)
-    z[0, 0], z[1, 2], z[1, 1], z[2, 2] = 3.0, 7.0, -3.0, 0.1  # sample 0 (label 0) -> e0; 5 (label 1), 9 (2) -> e2
+    z[0, 0], z[1, 2], z[1, 1], z[2, 2] = (
+        3.0,
+        7.0,
+        -3.0,
+        0.1,
+    )  # sample 0 (label 0) -> e0; 5 (label 1), 9 (2) -> e2
     changed = memory.update_samples(idx, z)
     expected = F.normalize(0.5 * before_f[idx] + 0.5 * F.normalize(z, dim=1), dim=1)
     assert torch.allclose(memory.features[idx], expected, atol=1e-6)
     assert torch.allclose(memory.features.norm(dim=1), torch.ones(12), atol=1e-6)
     rest = torch.ones(12, dtype=torch.bool)
     rest[idx] = False
-    assert torch.equal(memory.features[rest], before_f[rest]) and torch.equal(memory.labels[rest], before_l[rest])
+    assert torch.equal(memory.features[rest], before_f[rest]) and torch.equal(
+        memory.labels[rest], before_l[rest]
+    )
     # only sample 5 changes label (1 -> 2): the scale of z does not matter, only its direction
     assert memory.labels[idx].tolist() == [0, 2, 2]
     assert changed.item() == pytest.approx(1 / 3)
@@ -61,13 +69,15 @@ def test_centroid_recomputation_equals_a_plain_loop():
     old = memory.centroids.clone()
     memory.labels[:20] = 0
     memory.update_centroids(torch.tensor([0]))
-    assert torch.allclose(memory.centroids[0], memory.features[memory.labels == 0].mean(0), atol=1e-5)
+    assert torch.allclose(
+        memory.centroids[0], memory.features[memory.labels == 0].mean(0), atol=1e-5
+    )
     assert torch.equal(memory.centroids[1:], old[1:])
 
 
 def test_class_weights_are_inverse_square_root_sizes_summing_to_one():
     weights = odc.class_weights(torch.tensor([0, 1, 1, 1, 1, 3]), num_clusters=4)
-    raw = torch.tensor([1.0, 0.5, 1e-5 ** -0.5, 1.0])  # sizes 1, 4, 0, 1
+    raw = torch.tensor([1.0, 0.5, 1e-5**-0.5, 1.0])  # sizes 1, 4, 0, 1
     assert torch.allclose(weights, raw / raw.sum())
     assert weights.sum().item() == pytest.approx(1.0)
 
@@ -75,7 +85,9 @@ def test_class_weights_are_inverse_square_root_sizes_summing_to_one():
 def blobs(*parts, seed=0):
     """Features: for each (count, axes) part, `count` points near the sum of those unit axes."""
     g = torch.Generator().manual_seed(seed)
-    features = torch.cat([torch.zeros(n, 8).index_fill_(1, torch.tensor(axes), 1.0) for n, axes in parts])
+    features = torch.cat(
+        [torch.zeros(n, 8).index_fill_(1, torch.tensor(axes), 1.0) for n, axes in parts]
+    )
     return features + 0.01 * torch.randn(len(features), 8, generator=g)
 
 
@@ -89,14 +101,18 @@ def test_small_clusters_are_dissolved_and_the_largest_split_along_its_structure(
     sizes = torch.bincount(memory.labels, minlength=4)
     assert len(sizes) == 4 and sizes.min() >= 10, "exactly C clusters, none small"
     # only members of the small cluster and of the split one moved
-    assert torch.equal(memory.labels[60:100], labels[60:100]) and torch.equal(memory.labels[103:], labels[103:])
+    assert torch.equal(memory.labels[60:100], labels[60:100]) and torch.equal(
+        memory.labels[103:], labels[103:]
+    )
     # the small cluster joined its nearest centroid (0); 2-means then split cluster 0 along its
     # blobs: blob a with the 3 dissolved members on one side, blob b on the other, ids 0 and 2
     side_a, side_b = memory.labels[list(range(30)) + [100, 101, 102]], memory.labels[30:60]
     assert len(side_a.unique()) == 1 and len(side_b.unique()) == 1
     assert {int(side_a[0]), int(side_b[0])} == {0, 2}
     for c in range(4):
-        assert torch.allclose(memory.centroids[c], memory.features[memory.labels == c].mean(0), atol=1e-5)
+        assert torch.allclose(
+            memory.centroids[c], memory.features[memory.labels == c].mean(0), atol=1e-5
+        )
 
 
 def test_a_split_gives_both_halves_the_minimum_size():
@@ -159,14 +175,22 @@ def test_the_loss_uses_the_labels_from_before_the_update_and_the_step_follows():
 
 
 def test_weighted_knn_on_constructed_neighbourhoods():
-    train = F.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.2, 0.8]]), dim=1)
+    train = F.normalize(
+        torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.2, 0.8]]), dim=1
+    )
     train_labels = torch.tensor([0, 0, 1, 1, 1])
     test = F.normalize(torch.tensor([[1.0, 0.05], [0.05, 1.0]]), dim=1)
     assert odc.knn_accuracy(train, train_labels, test, torch.tensor([0, 1]), k=2) == 1.0
     assert odc.knn_accuracy(train, train_labels, test, torch.tensor([1, 1]), k=2) == 0.5
     # with all 5 neighbours, the temperature decides: at T = 0.07 the close pair outvotes three far ones
-    assert odc.knn_accuracy(train, train_labels, test[:1], torch.tensor([0]), k=5, temperature=0.07) == 1.0
-    assert odc.knn_accuracy(train, train_labels, test[:1], torch.tensor([1]), k=5, temperature=100.0) == 1.0
+    assert (
+        odc.knn_accuracy(train, train_labels, test[:1], torch.tensor([0]), k=5, temperature=0.07)
+        == 1.0
+    )
+    assert (
+        odc.knn_accuracy(train, train_labels, test[:1], torch.tensor([1]), k=5, temperature=100.0)
+        == 1.0
+    )
 
 
 def test_batch_norm_recomputation_gives_the_average_over_all_images():
@@ -188,23 +212,64 @@ def test_augment_keeps_shape_and_dtype_and_draws_from_the_generator():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-SMOKE = ["--dataset", "shapes", "--image-size", "16", "--backbone-width", "4", "--epochs", "2", "--eval-every", "1",
-         "--batch-size", "256", "--num-clusters", "20", "--min-cluster", "30", "--log-every", "10", "--device", "cpu"]
+SMOKE = [
+    "--dataset",
+    "shapes",
+    "--image-size",
+    "16",
+    "--backbone-width",
+    "4",
+    "--epochs",
+    "2",
+    "--eval-every",
+    "1",
+    "--batch-size",
+    "256",
+    "--num-clusters",
+    "20",
+    "--min-cluster",
+    "30",
+    "--log-every",
+    "10",
+    "--device",
+    "cpu",
+]
 
 
 def test_smoke_run_writes_its_files_and_resume_reaches_the_same_result(tmp_path, interrupted_run):
     straight = odc.main(SMOKE + ["--out-dir", str(tmp_path / "a")])
     for name in ("args.json", "log.jsonl", "checkpoint.pt", "results.json", "clusters.png"):
         assert (tmp_path / "a" / name).exists(), name
-    keys = {"knn_acc", "knn20_acc", "baseline_knn_acc", "acc", "nmi", "ari", "baseline_acc", "seconds",
-            "images_per_second"}
-    assert keys <= set(straight) and keys <= set(json.loads((tmp_path / "a" / "results.json").read_text()))
-    assert all(0 <= straight[k] <= 1 for k in ("knn_acc", "knn20_acc", "baseline_knn_acc", "acc", "nmi", "ari"))
+    keys = {
+        "knn_acc",
+        "knn20_acc",
+        "baseline_knn_acc",
+        "acc",
+        "nmi",
+        "ari",
+        "baseline_acc",
+        "seconds",
+        "images_per_second",
+    }
+    assert keys <= set(straight) and keys <= set(
+        json.loads((tmp_path / "a" / "results.json").read_text())
+    )
+    assert all(
+        0 <= straight[k] <= 1
+        for k in ("knn_acc", "knn20_acc", "baseline_knn_acc", "acc", "nmi", "ari")
+    )
     records = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     train_records = [r for r in records if "train/loss" in r]
-    assert len(train_records) == 2 * 2 and all(math.isfinite(r["train/loss"]) for r in train_records)
-    assert all(r["train/min_cluster"] >= 30 for r in train_records), "small clusters are handled every step"
-    assert sum("eval/knn_acc" in r for r in records) == 2 and sum("baseline/knn_acc" in r for r in records) == 1
+    assert len(train_records) == 2 * 2 and all(
+        math.isfinite(r["train/loss"]) for r in train_records
+    )
+    assert all(r["train/min_cluster"] >= 30 for r in train_records), (
+        "small clusters are handled every step"
+    )
+    assert (
+        sum("eval/knn_acc" in r for r in records) == 2
+        and sum("baseline/knn_acc" in r for r in records) == 1
+    )
 
     interrupted_run(odc.main, SMOKE + ["--out-dir", str(tmp_path / "b")])  # dies after epoch 1
     assert common.load_checkpoint(tmp_path / "b" / "checkpoint.pt")["epoch"] == 1
@@ -219,13 +284,25 @@ def test_smoke_run_writes_its_files_and_resume_reaches_the_same_result(tmp_path,
     assert torch.equal(memory_a["features"], memory_b["features"])
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--num-clusters", "6000"], "exceeds the 5000 training images"),
-    (["--num-clusters", "50", "--min-cluster", "101"], "cannot hold"),
-    (["--dataset", "cifar11"], "not a known"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--num-clusters", "6000"], "exceeds the 5000 training images"),
+        (["--num-clusters", "50", "--min-cluster", "101"], "cannot hold"),
+        (["--dataset", "cifar11"], "not a known"),
+    ],
+)
 def test_bad_input_is_a_clear_message_before_training(tmp_path, argv, message):
-    base = ["--dataset", "shapes", "--out-dir", str(tmp_path / "run"), "--epochs", "1", "--device", "cpu"]
+    base = [
+        "--dataset",
+        "shapes",
+        "--out-dir",
+        str(tmp_path / "run"),
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+    ]
     with pytest.raises(SystemExit, match=message):
         odc.main(base + argv)
     assert not (tmp_path / "run").exists(), "nothing is written before the input is checked"
@@ -239,9 +316,25 @@ def test_odc_features_beat_the_untrained_network_on_shapes(tmp_path):
     # of 21 to 35 points (k = 20: 0.621 / 0.567 / 0.690 vs 0.223 / 0.195 / 0.214).
     # After the resized_crop edge fix (commit fc4138b: no dark rim on enlarged crops): 0.589 / 0.499 /
     # 0.447 vs the same baselines, 23 to 35 points (k = 20: 0.704 / 0.614 / 0.608).
-    argv = ["--dataset", "shapes", "--image-size", "16", "--epochs", "20", "--eval-every", "20", "--seed", "0",
-            "--device", "cpu", "--out-dir", str(tmp_path / "run")]
+    argv = [
+        "--dataset",
+        "shapes",
+        "--image-size",
+        "16",
+        "--epochs",
+        "20",
+        "--eval-every",
+        "20",
+        "--seed",
+        "0",
+        "--device",
+        "cpu",
+        "--out-dir",
+        str(tmp_path / "run"),
+    ]
     result = odc.main(argv)
     assert result["knn_acc"] >= result["baseline_knn_acc"] + 0.10
     assert result["knn20_acc"] >= result["baseline_knn20_acc"] + 0.20
-    assert result["memory_nmi"] > result["baseline_memory_nmi"], "the memory labels came closer to the classes"
+    assert result["memory_nmi"] > result["baseline_memory_nmi"], (
+        "the memory labels came closer to the classes"
+    )

@@ -1,6 +1,7 @@
 """picie.py: equivariance of the two views, per-image transforms fixed for an epoch, the four-term
 loss, class weights, the FPN, Hungarian-matched evaluation on constructed inputs, a smoke run with
 resume, bad input, and a learning test against the untrained network."""
+
 import json
 import math
 import urllib.error
@@ -19,15 +20,28 @@ STATS = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # features of [0, 1] images as they 
 
 def identity_transforms(n, boxes, flip):
     """Epoch transforms with no photometric change and the given crops and flips."""
-    plain = common.draw_photometric(n, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, random_order=False)
+    plain = common.draw_photometric(
+        n, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, random_order=False
+    )
     return {"p1": plain, "p2": plain, "boxes": boxes, "flip": flip}
 
 
 def smooth_images(n, size, seed=0):
     """uint8 images (n, 3, size, size) without fine detail, so resampling chains nearly agree."""
     g = torch.Generator().manual_seed(seed)
-    return (F.interpolate(torch.rand(n, 3, 3, 3, generator=g), size=(size, size), mode="bicubic",
-                          align_corners=False).clamp(0, 1) * 255).round().to(torch.uint8)
+    return (
+        (
+            F.interpolate(
+                torch.rand(n, 3, 3, 3, generator=g),
+                size=(size, size),
+                mode="bicubic",
+                align_corners=False,
+            ).clamp(0, 1)
+            * 255
+        )
+        .round()
+        .to(torch.uint8)
+    )
 
 
 def test_the_geometric_transform_of_a_feature_map_equals_the_features_of_the_transformed_input():
@@ -36,12 +50,17 @@ def test_the_geometric_transform_of_a_feature_map_equals_the_features_of_the_tra
     torch.manual_seed(0)
     f = nn.Conv2d(3, 8, 1)
     x = torch.rand(4, 3, 24, 24)
-    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.25, 0.1, 0.5, 0.5], [0.1, 0.4, 0.6, 0.6], [0.3, 0.0, 0.7, 0.7]])
+    boxes = torch.tensor(
+        [[0.0, 0.0, 1.0, 1.0], [0.25, 0.1, 0.5, 0.5], [0.1, 0.4, 0.6, 0.6], [0.3, 0.0, 0.7, 0.7]]
+    )
     flip = torch.tensor([False, True, False, True])
     with torch.no_grad():
         for size in (24, 12):
-            assert torch.allclose(picie.geometric(f(x), boxes, flip, size), f(picie.geometric(x, boxes, flip, size)),
-                                  atol=1e-5)
+            assert torch.allclose(
+                picie.geometric(f(x), boxes, flip, size),
+                f(picie.geometric(x, boxes, flip, size)),
+                atol=1e-5,
+            )
         unflipped = picie.geometric(f(x), boxes, torch.zeros(4, dtype=torch.bool))
         assert not torch.allclose(unflipped[1], f(picie.geometric(x, boxes, flip))[1], atol=1e-2)
 
@@ -53,7 +72,9 @@ def test_the_two_views_are_aligned_pixel_for_pixel():
     torch.manual_seed(0)
     net = nn.Sequential(nn.AvgPool2d(4), nn.Conv2d(3, 16, 1))
     images = smooth_images(6, 64)
-    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.5, 0.5, 0.5, 0.5], [0.1, 0.3, 0.6, 0.6]]).repeat(2, 1)
+    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.5, 0.5, 0.5, 0.5], [0.1, 0.3, 0.6, 0.6]]).repeat(
+        2, 1
+    )
     flip = torch.tensor([False, False, False, True, True, True])
     t = identity_transforms(6, boxes, flip)
     with torch.no_grad():
@@ -61,13 +82,24 @@ def test_the_two_views_are_aligned_pixel_for_pixel():
         z2 = picie.view_features(net, images, t, 2, 32, STATS)
         assert z1.shape == z2.shape == (6, 16, 8, 8)
         error = (z1 - z2).norm(dim=1)  # per pixel; both unit vectors
-        wrong_flip = (z1 - picie.view_features(net, images, identity_transforms(6, boxes, ~flip), 2, 32, STATS))
-        shifted = boxes.clone()  # each box moved by a fifth of the image, vertically, staying inside it
-        shifted[:, 1] = torch.where(boxes[:, 1] + boxes[:, 3] <= 0.8, boxes[:, 1] + 0.2, boxes[:, 1] - 0.2)
-        wrong_box = (z1 - picie.view_features(net, images, identity_transforms(6, shifted, flip), 2, 32, STATS))
+        wrong_flip = z1 - picie.view_features(
+            net, images, identity_transforms(6, boxes, ~flip), 2, 32, STATS
+        )
+        shifted = (
+            boxes.clone()
+        )  # each box moved by a fifth of the image, vertically, staying inside it
+        shifted[:, 1] = torch.where(
+            boxes[:, 1] + boxes[:, 3] <= 0.8, boxes[:, 1] + 0.2, boxes[:, 1] - 0.2
+        )
+        wrong_box = z1 - picie.view_features(
+            net, images, identity_transforms(6, shifted, flip), 2, 32, STATS
+        )
         # measured: error mean 0.011, max 0.063; wrong flip 0.23, wrong box 0.17 on average
         assert error.max() < 0.1
-        assert wrong_flip.norm(dim=1).mean() > 10 * error.mean() and wrong_box.norm(dim=1).mean() > 10 * error.mean()
+        assert (
+            wrong_flip.norm(dim=1).mean() > 10 * error.mean()
+            and wrong_box.norm(dim=1).mean() > 10 * error.mean()
+        )
 
 
 def test_photometric_parameters_are_fixed_per_image_within_an_epoch():
@@ -75,7 +107,9 @@ def test_photometric_parameters_are_fixed_per_image_within_an_epoch():
     t = picie.draw_epoch_transforms(n, 0.5, torch.Generator().manual_seed(3))
     again = picie.draw_epoch_transforms(n, 0.5, torch.Generator().manual_seed(3))
     other = picie.draw_epoch_transforms(n, 0.5, torch.Generator().manual_seed(4))
-    assert all(torch.equal(t["p1"][k], again["p1"][k]) for k in t["p1"]) and torch.equal(t["boxes"], again["boxes"])
+    assert all(torch.equal(t["p1"][k], again["p1"][k]) for k in t["p1"]) and torch.equal(
+        t["boxes"], again["boxes"]
+    )
     assert not torch.equal(t["p1"]["brightness"], other["p1"]["brightness"])
     assert not torch.equal(t["p1"]["brightness"], t["p2"]["brightness"]), "the two views draw apart"
     side, (x0, y0) = t["boxes"][:, 2], t["boxes"][:, :2].T
@@ -85,7 +119,9 @@ def test_photometric_parameters_are_fixed_per_image_within_an_epoch():
     # passes see different batches), and differ between the views.
     torch.manual_seed(0)
     net = nn.Conv2d(3, 4, 1)
-    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    images = torch.randint(
+        0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+    )
     with torch.no_grad():
         for view in (1, 2):
             whole = picie.view_features(net, images, t, view, 16, STATS)
@@ -108,7 +144,9 @@ def test_four_term_loss_on_a_constructed_example():
     def ce(z, mu, y, w):  # by hand: sum_i w_yi (-log softmax(z_i . mu)_yi) / sum_i w_yi
         num = den = 0.0
         for i in range(2):
-            logits = [sum(z[0, c, 0, i].item() * mu[k, c].item() for c in range(2)) for k in range(2)]
+            logits = [
+                sum(z[0, c, 0, i].item() * mu[k, c].item() for c in range(2)) for k in range(2)
+            ]
             target = y[0, 0, i].item()
             nll = -(logits[target] - math.log(sum(math.exp(v) for v in logits)))
             num, den = num + w[target].item() * nll, den + w[target].item()
@@ -129,21 +167,32 @@ def test_four_term_loss_on_a_constructed_example():
 
 def test_labels_are_the_nearest_centroid_and_logits_the_dot_product():
     z = F.normalize(torch.tensor([[1.0, 0.1], [0.6, 0.8]]), dim=1).T.reshape(1, 2, 1, 2)
-    centroids = torch.tensor([[0.9, 0.0], [2.0, 2.0]])  # pixel 1 is nearer centroid 0, yet closer in angle to 1
+    centroids = torch.tensor(
+        [[0.9, 0.0], [2.0, 2.0]]
+    )  # pixel 1 is nearer centroid 0, yet closer in angle to 1
     assert picie.assign_labels(z, centroids).tolist() == [[[0, 0]]]
     assert torch.allclose(picie.cluster_logits(z, centroids)[0, :, 0, 1], centroids @ z[0, :, 0, 1])
 
 
 def test_class_weights():
     counts = torch.tensor([6, 3, 0, 1])
-    assert torch.allclose(picie.class_weights(counts, "proportional"), torch.tensor([0.6, 0.3, 0.0, 0.1]))
-    assert torch.allclose(picie.class_weights(counts, "inverse"), torch.tensor([1 / 9, 2 / 9, 0.0, 2 / 3]))
+    assert torch.allclose(
+        picie.class_weights(counts, "proportional"), torch.tensor([0.6, 0.3, 0.0, 0.1])
+    )
+    assert torch.allclose(
+        picie.class_weights(counts, "inverse"), torch.tensor([1 / 9, 2 / 9, 0.0, 2 / 3])
+    )
     assert torch.allclose(picie.class_weights(counts, "none"), torch.full((4,), 0.25))
     # inverse weights make the weighted cross-entropy the mean over clusters of each cluster's mean
-    logits, y = torch.randn(10, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([0] * 6 + [1] * 3 + [3])
+    logits, y = (
+        torch.randn(10, 4, generator=torch.Generator().manual_seed(0)),
+        torch.tensor([0] * 6 + [1] * 3 + [3]),
+    )
     nll = F.cross_entropy(logits, y, reduction="none")
     per_cluster = torch.stack([nll[y == k].mean() for k in (0, 1, 3)]).mean()
-    assert torch.allclose(F.cross_entropy(logits, y, weight=picie.class_weights(counts, "inverse")), per_cluster)
+    assert torch.allclose(
+        F.cross_entropy(logits, y, weight=picie.class_weights(counts, "inverse")), per_cluster
+    )
     with pytest.raises(ValueError):
         picie.class_weights(counts, "sqrt")
 
@@ -154,11 +203,15 @@ def test_fpn_output_is_128_channels_at_stride_4_and_sums_all_four_levels():
     with torch.no_grad():
         assert net(torch.randn(1, 3, 320, 320)).shape == (1, 128, 80, 80)
         assert net(torch.randn(2, 3, 64, 96)).shape == (2, 128, 16, 24)
-        for i, lateral in enumerate(net.lateral):  # lateral projections reduced to biases 1, 2, 4, 8
+        for i, lateral in enumerate(
+            net.lateral
+        ):  # lateral projections reduced to biases 1, 2, 4, 8
             lateral.weight.zero_()
-            lateral.bias.fill_(2.0 ** i)
+            lateral.bias.fill_(2.0**i)
         assert torch.allclose(net(torch.randn(1, 3, 64, 64)), torch.full((1, 128, 16, 16), 15.0))
-    assert sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) == 20, "ResNet-18's own, none in the decoder"
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) == 20, (
+        "ResNet-18's own, none in the decoder"
+    )
 
 
 def test_hungarian_matched_miou_on_a_constructed_confusion_matrix():
@@ -199,14 +252,37 @@ def test_evaluation_recovers_a_segmentation_the_features_separate():
     train_images, train_labels = band_images(16, 32, seed=0)
     eval_images, eval_labels = band_images(8, 32, seed=1)
     scores, (shown_x, shown_y, shown_pred) = picie.evaluate(
-        Colours(), (train_images, train_labels), torch.arange(16), (eval_images, eval_labels), 8, num_classes=3,
-        num_clusters=3, size=16, stats=STATS, seed=0, pixels=10_000, batch_size=5, show=4)
+        Colours(),
+        (train_images, train_labels),
+        torch.arange(16),
+        (eval_images, eval_labels),
+        8,
+        num_classes=3,
+        num_clusters=3,
+        size=16,
+        stats=STATS,
+        seed=0,
+        pixels=10_000,
+        batch_size=5,
+        show=4,
+    )
     assert scores["miou"] == pytest.approx(1.0) and scores["pixel_acc"] == pytest.approx(1.0)
     assert shown_x.shape == (4, 3, 16, 16) and torch.equal(shown_pred, shown_y)
     assert torch.equal(shown_y, eval_labels[[0, 2, 5, 7], ::2, ::2]), "images spread over the split"
     # with a feature that cannot see colour, the same evaluation is at chance level
-    blind, _ = picie.evaluate(Grey(), (train_images, train_labels), torch.arange(16), (eval_images, eval_labels), 8,
-                              num_classes=3, num_clusters=3, size=16, stats=STATS, seed=0, pixels=10_000)
+    blind, _ = picie.evaluate(
+        Grey(),
+        (train_images, train_labels),
+        torch.arange(16),
+        (eval_images, eval_labels),
+        8,
+        num_classes=3,
+        num_clusters=3,
+        size=16,
+        stats=STATS,
+        seed=0,
+        pixels=10_000,
+    )
     assert blind["miou"] < 0.5
 
 
@@ -214,25 +290,63 @@ def test_evaluation_recovers_a_segmentation_the_features_separate():
 def small_shapes_seg(monkeypatch):
     """shapes-seg with 48 images per split instead of 1,000 / 200, so a run takes seconds."""
     real = common.make_shapes_seg
-    monkeypatch.setattr(common, "make_shapes_seg", lambda n, seed=0, size=64: real(min(n, 48), seed, size))
+    monkeypatch.setattr(
+        common, "make_shapes_seg", lambda n, seed=0, size=64: real(min(n, 48), seed, size)
+    )
 
 
-SMOKE = ["--dataset", "shapes-seg", "--weights", "none", "--image-size", "16", "--epochs", "2", "--eval-every", "1",
-         "--batch-size", "16", "--kmeans-images", "24", "--kmeans-iters", "5", "--log-every", "2", "--device", "cpu"]
+SMOKE = [
+    "--dataset",
+    "shapes-seg",
+    "--weights",
+    "none",
+    "--image-size",
+    "16",
+    "--epochs",
+    "2",
+    "--eval-every",
+    "1",
+    "--batch-size",
+    "16",
+    "--kmeans-images",
+    "24",
+    "--kmeans-iters",
+    "5",
+    "--log-every",
+    "2",
+    "--device",
+    "cpu",
+]
 
 
-def test_smoke_run_writes_its_files_and_resume_reaches_the_same_result(tmp_path, interrupted_run, small_shapes_seg):
+def test_smoke_run_writes_its_files_and_resume_reaches_the_same_result(
+    tmp_path, interrupted_run, small_shapes_seg
+):
     straight = picie.main(SMOKE + ["--out-dir", str(tmp_path / "a")])
     for name in ("args.json", "log.jsonl", "checkpoint.pt", "results.json", "segmentation.png"):
         assert (tmp_path / "a" / name).exists(), name
-    keys = {"miou", "pixel_acc", "baseline_miou", "baseline_pixel_acc", "seconds", "images_per_second"}
-    assert keys <= set(straight) and keys <= set(json.loads((tmp_path / "a" / "results.json").read_text()))
-    assert all(0 <= straight[k] <= 1 for k in ("miou", "pixel_acc", "baseline_miou", "baseline_pixel_acc"))
+    keys = {
+        "miou",
+        "pixel_acc",
+        "baseline_miou",
+        "baseline_pixel_acc",
+        "seconds",
+        "images_per_second",
+    }
+    assert keys <= set(straight) and keys <= set(
+        json.loads((tmp_path / "a" / "results.json").read_text())
+    )
+    assert all(
+        0 <= straight[k] <= 1 for k in ("miou", "pixel_acc", "baseline_miou", "baseline_pixel_acc")
+    )
     assert straight["num_clusters"] == 5, "K defaults to the number of classes"
     records = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     losses = [r["train/loss"] for r in records if "train/loss" in r]
     assert len(losses) == 2 * 2 and all(math.isfinite(v) for v in losses)
-    assert sum("eval/miou" in r for r in records) == 2 and sum("baseline/miou" in r for r in records) == 1
+    assert (
+        sum("eval/miou" in r for r in records) == 2
+        and sum("baseline/miou" in r for r in records) == 1
+    )
     assert sum("cluster/kmeans_loss1" in r for r in records) == 2
 
     interrupted_run(picie.main, SMOKE + ["--out-dir", str(tmp_path / "b")])  # dies after epoch 1
@@ -247,7 +361,9 @@ def test_smoke_run_writes_its_files_and_resume_reaches_the_same_result(tmp_path,
     assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
 
 
-def test_cityscapes_trains_on_test_and_train_extra_and_evaluates_27_classes_on_val_and_train(tmp_path, capsys):
+def test_cityscapes_trains_on_test_and_train_extra_and_evaluates_27_classes_on_val_and_train(
+    tmp_path, capsys
+):
     # A tiny Cityscapes tree, 40 x 80 images: the official protocol's splits, streamed from disk.
     from PIL import Image
 
@@ -259,19 +375,46 @@ def test_cityscapes_trains_on_test_and_train_extra_and_evaluates_27_classes_on_v
     for split, count in (("test", 2), ("train_extra", 3), ("val", 1), ("train", 2)):
         for i in range(count):
             stem = f"bonn_{split}_{i}"
-            write(tmp_path / "leftImg8bit" / split / "bonn" / f"{stem}_leftImg8bit.png",
-                  g.integers(0, 256, (40, 80, 3), dtype=np.uint8))
+            write(
+                tmp_path / "leftImg8bit" / split / "bonn" / f"{stem}_leftImg8bit.png",
+                g.integers(0, 256, (40, 80, 3), dtype=np.uint8),
+            )
             if split != "train_extra":  # train_extra has no labels
-                write(tmp_path / "gtFine" / split / "bonn" / f"{stem}_gtFine_labelIds.png",
-                      g.integers(0, 34, (40, 80), dtype=np.uint8))
-    result = picie.main(["--dataset", "cityscapes", "--data-dir", str(tmp_path), "--weights", "none",
-                         "--image-size", "16", "--epochs", "1", "--batch-size", "2", "--workers", "0",
-                         "--out-dir", str(tmp_path / "run"), "--device", "cpu"])
+                write(
+                    tmp_path / "gtFine" / split / "bonn" / f"{stem}_gtFine_labelIds.png",
+                    g.integers(0, 34, (40, 80), dtype=np.uint8),
+                )
+    result = picie.main(
+        [
+            "--dataset",
+            "cityscapes",
+            "--data-dir",
+            str(tmp_path),
+            "--weights",
+            "none",
+            "--image-size",
+            "16",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "2",
+            "--workers",
+            "0",
+            "--out-dir",
+            str(tmp_path / "run"),
+            "--device",
+            "cpu",
+        ]
+    )
     out = capsys.readouterr().out
     assert "5 training (test+train_extra) and 3 evaluation (val+train) images" in out
     assert result["num_clusters"] == 27 and len(result["iou"]) == 27
-    assert 0 <= result["miou"] <= 1 and "lr" in json.loads((tmp_path / "run" / "args.json").read_text())
-    assert json.loads((tmp_path / "run" / "args.json").read_text())["lr"] == 1e-3, "Cityscapes' learning rate"
+    assert 0 <= result["miou"] <= 1 and "lr" in json.loads(
+        (tmp_path / "run" / "args.json").read_text()
+    )
+    assert json.loads((tmp_path / "run" / "args.json").read_text())["lr"] == 1e-3, (
+        "Cityscapes' learning rate"
+    )
 
 
 def test_squares_crop_the_centre_and_batches_stream_them_in_order():
@@ -279,36 +422,66 @@ def test_squares_crop_the_centre_and_batches_stream_them_in_order():
     labels = torch.arange(2 * 4 * 6).reshape(2, 4, 6)
     squares = picie.Squares(common.SegmentationSet(["a"], "train", images=images, labels=labels), 4)
     i, image, label = squares[1]
-    assert i == 1 and torch.equal(image, images[1, :, :, 1:5]) and torch.equal(label, labels[1, :, 1:5])
+    assert (
+        i == 1
+        and torch.equal(image, images[1, :, :, 1:5])
+        and torch.equal(label, labels[1, :, 1:5])
+    )
     order = torch.tensor([1, 0])
-    (idx, x, y), = list(picie.batches(squares, order, batch_size=2))
+    ((idx, x, y),) = list(picie.batches(squares, order, batch_size=2))
     assert idx.tolist() == [1, 0]
     assert torch.equal(x, images[[1, 0], :, :, 1:5]) and torch.equal(y, labels[[1, 0], :, 1:5])
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--dataset", "cifar10"], "not a known segmentation"),
-    (["--dataset", "camvid", "--data-dir", "/nonexistent/camvid"], "/nonexistent/camvid"),
-    (["--num-clusters", "300"], "choose 2 to 256"),
-    (["--num-clusters", "40", "--kmeans-pixels", "30"], "exceeds the pixel features"),
-    (["--image-size", "8"], "at least 16"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--dataset", "cifar10"], "not a known segmentation"),
+        (["--dataset", "camvid", "--data-dir", "/nonexistent/camvid"], "/nonexistent/camvid"),
+        (["--num-clusters", "300"], "choose 2 to 256"),
+        (["--num-clusters", "40", "--kmeans-pixels", "30"], "exceeds the pixel features"),
+        (["--image-size", "8"], "at least 16"),
+    ],
+)
 def test_bad_input_is_a_clear_message_before_training(tmp_path, argv, message, small_shapes_seg):
-    base = ["--dataset", "shapes-seg", "--out-dir", str(tmp_path / "run"), "--epochs", "1", "--device", "cpu"]
+    base = [
+        "--dataset",
+        "shapes-seg",
+        "--out-dir",
+        str(tmp_path / "run"),
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+    ]
     with pytest.raises(SystemExit, match=message):
         picie.main(base + argv)
     assert not (tmp_path / "run").exists(), "nothing is written before the input is checked"
 
 
-def test_missing_imagenet_weights_offline_name_the_file_and_the_way_out(tmp_path, monkeypatch, small_shapes_seg):
+def test_missing_imagenet_weights_offline_name_the_file_and_the_way_out(
+    tmp_path, monkeypatch, small_shapes_seg
+):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty cache
-    with pytest.raises(SystemExit, match=r"resnet18-f37072fd\.pth.*hub.checkpoints.*--weights none") as error:
-        picie.main(["--dataset", "shapes-seg", "--weights", "imagenet", "--out-dir", str(tmp_path / "run"),
-                    "--device", "cpu"])
+    with pytest.raises(
+        SystemExit, match=r"resnet18-f37072fd\.pth.*hub.checkpoints.*--weights none"
+    ) as error:
+        picie.main(
+            [
+                "--dataset",
+                "shapes-seg",
+                "--weights",
+                "imagenet",
+                "--out-dir",
+                str(tmp_path / "run"),
+                "--device",
+                "cpu",
+            ]
+        )
     assert str(tmp_path / "torch") in str(error.value)
     assert not (tmp_path / "run").exists()
 
@@ -320,8 +493,18 @@ def test_picie_beats_the_untrained_network_on_shapes_seg(tmp_path):
     # Measured mIoU after training vs the untrained network (batch norm recomputed), seeds 0 / 1 / 2:
     # 0.177 vs 0.107, 0.133 vs 0.076, 0.131 vs 0.091, a gain of 4.0 to 7.0 points (pixel accuracy
     # 0.558 / 0.400 / 0.412 vs 0.298 / 0.235 / 0.270).
-    argv = ["--dataset", "shapes-seg", "--eval-every", "6", "--seed", "0", "--device", "cpu",
-            "--out-dir", str(tmp_path / "run")]
+    argv = [
+        "--dataset",
+        "shapes-seg",
+        "--eval-every",
+        "6",
+        "--seed",
+        "0",
+        "--device",
+        "cpu",
+        "--out-dir",
+        str(tmp_path / "run"),
+    ]
     result = picie.main(argv)
     assert result["epochs"] == 6 and result["num_clusters"] == 5
     assert result["miou"] >= result["baseline_miou"] + 0.02

@@ -1,5 +1,6 @@
 """Run plumbing: the command line from a dataclass, out-dir rules, devices, the logger,
 atomic checkpoints, results.json, pictures and the self-benchmark."""
+
 import dataclasses
 import json
 import subprocess
@@ -35,20 +36,49 @@ def test_every_field_is_a_flag_with_its_help(capsys):
     with pytest.raises(SystemExit):
         common.parse_args(Args, ["--help"])
     text = capsys.readouterr().out
-    for flag, help_text in (("--num-labeled", "labelled images, n"), ("--labeled-ratio", "fraction of the pool"),
-                            ("--cutmix, --no-cutmix", "CutMix on unlabelled"), ("--init-from", "previous stage"),
-                            ("--stage {all,moco,self}", "which stage")):
+    for flag, help_text in (
+        ("--num-labeled", "labelled images, n"),
+        ("--labeled-ratio", "fraction of the pool"),
+        ("--cutmix, --no-cutmix", "CutMix on unlabelled"),
+        ("--init-from", "previous stage"),
+        ("--stage {all,moco,self}", "which stage"),
+    ):
         assert flag in text and help_text in text
     assert "(default: 4000)" in text
 
 
 def test_types_booleans_fractions_and_choices():
-    args = common.parse_args(Args, ["--num-labeled", "40", "--labeled-ratio", "1/8", "--no-cutmix",
-                                    "--stage", "moco", "--init-from", "runs/x/checkpoint.pt", "--lr", "1e-3"])
-    assert args == Args(num_labeled=40, labeled_ratio=0.125, cutmix=False, stage="moco",
-                        init_from="runs/x/checkpoint.pt", lr=0.001)
+    args = common.parse_args(
+        Args,
+        [
+            "--num-labeled",
+            "40",
+            "--labeled-ratio",
+            "1/8",
+            "--no-cutmix",
+            "--stage",
+            "moco",
+            "--init-from",
+            "runs/x/checkpoint.pt",
+            "--lr",
+            "1e-3",
+        ],
+    )
+    assert args == Args(
+        num_labeled=40,
+        labeled_ratio=0.125,
+        cutmix=False,
+        stage="moco",
+        init_from="runs/x/checkpoint.pt",
+        lr=0.001,
+    )
     assert common.parse_args(Args, []) == Args()
-    for bad in (["--labeled-ratio", "one/8"], ["--stage", "semi"], ["--num-labeled", "4.5"], ["--unknown", "1"]):
+    for bad in (
+        ["--labeled-ratio", "one/8"],
+        ["--stage", "semi"],
+        ["--num-labeled", "4.5"],
+        ["--unknown", "1"],
+    ):
         with pytest.raises(SystemExit):
             common.parse_args(Args, bad)
 
@@ -77,9 +107,24 @@ def test_out_dir_rules(tmp_path):
 
 def test_shared_flags_are_designs_in_order():
     # DESIGN.md (Runs): the flags every script shares, with the same names and help
-    assert list(common.SHARED_ARGS) == ["dataset", "data_dir", "out_dir", "download", "seed", "device",
-                                        "batch_size", "eval_every", "resume", "amp", "compile"]
-    assert all(text for name, text in common.SHARED_ARGS.items() if name not in ("batch_size", "eval_every"))
+    assert list(common.SHARED_ARGS) == [
+        "dataset",
+        "data_dir",
+        "out_dir",
+        "download",
+        "seed",
+        "device",
+        "batch_size",
+        "eval_every",
+        "resume",
+        "amp",
+        "compile",
+    ]
+    assert all(
+        text
+        for name, text in common.SHARED_ARGS.items()
+        if name not in ("batch_size", "eval_every")
+    )
 
 
 def test_select_device():
@@ -124,20 +169,40 @@ def test_checkpoint_survives_a_crash_during_save(tmp_path, monkeypatch):
 
 
 def test_results_are_fractions(tmp_path):
-    written = common.write_results(tmp_path, {"acc": torch.tensor(0.9), "kmeans_acc": 0.5, "seconds": 12.0})
-    assert json.loads((tmp_path / "results.json").read_text()) == written == {"acc": pytest.approx(0.9), "kmeans_acc": 0.5, "seconds": 12.0}
-    for bad in ({"acc": 91.8}, {"self_nmi": -0.1}, {"miou": 1.5}, {"ari": 83.6}, {"self_ari": -1.5}):
+    written = common.write_results(
+        tmp_path, {"acc": torch.tensor(0.9), "kmeans_acc": 0.5, "seconds": 12.0}
+    )
+    assert (
+        json.loads((tmp_path / "results.json").read_text())
+        == written
+        == {"acc": pytest.approx(0.9), "kmeans_acc": 0.5, "seconds": 12.0}
+    )
+    for bad in (
+        {"acc": 91.8},
+        {"self_nmi": -0.1},
+        {"miou": 1.5},
+        {"ari": 83.6},
+        {"self_ari": -1.5},
+    ):
         with pytest.raises(ValueError, match="fraction"):
             common.write_results(tmp_path, bad)
-    assert common.write_results(tmp_path, {"self_ari": -0.02}) == {"self_ari": -0.02}, "ARI below chance is negative"
+    assert common.write_results(tmp_path, {"self_ari": -0.02}) == {"self_ari": -0.02}, (
+        "ARI below chance is negative"
+    )
 
 
 def test_pictures_are_written(tmp_path):
     from PIL import Image
+
     images = torch.randint(0, 255, (30, 3, 8, 8), dtype=torch.uint8)
     labels = torch.arange(30) % 3
-    common.save_cluster_grid(tmp_path / "clusters.png", images, labels, scores=torch.rand(30), per_row=4)
-    assert Image.open(tmp_path / "clusters.png").size == (4 * 9 + 1, 3 * 9 + 1)  # one row per cluster
+    common.save_cluster_grid(
+        tmp_path / "clusters.png", images, labels, scores=torch.rand(30), per_row=4
+    )
+    assert Image.open(tmp_path / "clusters.png").size == (
+        4 * 9 + 1,
+        3 * 9 + 1,
+    )  # one row per cluster
     targets, preds = torch.randint(0, 4, (2, 8, 8)), torch.randint(0, 4, (2, 8, 8))
     targets[0, 0, 0] = 255
     common.save_segmentation_rows(tmp_path / "seg.png", images[:2], targets, preds)
@@ -147,8 +212,13 @@ def test_pictures_are_written(tmp_path):
 
 
 def test_python_common_py_prints_its_benchmark():
-    result = subprocess.run([sys.executable, "common.py", "cpu"], cwd=Path(common.__file__).parent,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "common.py", "cpu"],
+        cwd=Path(common.__file__).parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     figures = dict(line.split("=", 1) for line in result.stdout.split())
     for key in ("weak_aug_img_per_s", "strong_aug_img_per_s", "kmeans_s", "hungarian_s"):

@@ -1,6 +1,7 @@
 """spice.py: the pieces of the three stages on constructed inputs with known answers, a smoke
 run of every stage (alone, from the previous stage's file, and resumed), bad input, and a
 learning test against k-means on the same embedding."""
+
 import json
 import math
 
@@ -22,7 +23,9 @@ def test_prototypes_and_pseudo_labels_on_a_constructed_example():
     # Images 0-2 lie near 0 degrees, 3-5 near 90, image 6 half-way, image 7 opposite both.
     embedding = unit([0, 10, 20, 90, 80, 70, 45, 225])
     p0 = torch.tensor([0.9, 0.8, 0.3, 0.1, 0.2, 0.35, 0.5, 0.4])
-    probs = torch.stack([p0, 1 - p0], 1)  # the head is most sure of 0, 1 (cluster 0) and 3, 4 (cluster 1)
+    probs = torch.stack(
+        [p0, 1 - p0], 1
+    )  # the head is most sure of 0, 1 (cluster 0) and 3, 4 (cluster 1)
     idx, labels = spice.prototype_pseudo_labels(probs, embedding)
     # N / K = 4 per cluster; prototypes from the top 0.5 N / K = 2: mean of images 0, 1 (at 5 degrees) and
     # of 3, 4 (at 85); each prototype's 4 nearest images get its label, image 6 is among both.
@@ -53,20 +56,31 @@ def test_head_loss_is_cross_entropy_on_the_softmax_outputs_by_default():
     expected = -(p[[0, 1], y] - p.exp().sum(1).log()).mean()  # cross-entropy of softmax(p)
     assert spice.head_loss(logits, y).item() == pytest.approx(expected.item(), rel=1e-6)
     assert spice.head_loss(logits, y, double_softmax=False).item() == pytest.approx(
-        F.cross_entropy(logits, y).item(), rel=1e-6)
+        F.cross_entropy(logits, y).item(), rel=1e-6
+    )
 
 
 def test_head_selection_picks_the_head_with_the_lowest_loss():
     g = torch.Generator().manual_seed(1)
     clusters = torch.arange(60) % 3
-    embedding = F.normalize(F.one_hot(clusters, 5).float() + 0.1 * torch.randn(60, 5, generator=g), dim=1)
-    logits = torch.stack([torch.randn(60, 3, generator=g),  # a random head
-                          8.0 * F.one_hot(clusters, 3).float(),  # a head that agrees with the embedding
-                          torch.zeros(60, 3)])  # an undecided head
+    embedding = F.normalize(
+        F.one_hot(clusters, 5).float() + 0.1 * torch.randn(60, 5, generator=g), dim=1
+    )
+    logits = torch.stack(
+        [
+            torch.randn(60, 3, generator=g),  # a random head
+            8.0 * F.one_hot(clusters, 3).float(),  # a head that agrees with the embedding
+            torch.zeros(60, 3),
+        ]
+    )  # an undecided head
     best, losses = spice.select_head(logits, embedding)
-    for h in range(3):  # each loss is the head's loss on its own prototype labels over the whole split
+    for h in range(
+        3
+    ):  # each loss is the head's loss on its own prototype labels over the whole split
         idx, labels = spice.prototype_pseudo_labels(logits[h].softmax(-1), embedding)
-        assert losses[h].item() == pytest.approx(spice.head_loss(logits[h][idx], labels).item(), rel=1e-6)
+        assert losses[h].item() == pytest.approx(
+            spice.head_loss(logits[h][idx], labels).item(), rel=1e-6
+        )
     assert best == 1 == int(losses.argmin())
     # the selection follows the loss, whatever the head's position
     best, _ = spice.select_head(logits[[2, 0, 1]], embedding)
@@ -85,11 +99,28 @@ def test_chunked_knn_equals_the_dense_computation():
 def test_reliable_samples_keep_exactly_the_agreeing_confident_ones():
     preds = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
     confidence = torch.tensor([0.99, 0.995, 0.999, 0.999, 0.999, 0.999, 0.995, 0.999])
-    neighbours = torch.tensor([[0, 1, 2, 3], [1, 0, 2, 4], [2, 0, 1, 3], [3, 4, 5, 6],
-                               [4, 5, 6, 7], [5, 4, 6, 7], [6, 4, 5, 0], [7, 0, 1, 2]])
+    neighbours = torch.tensor(
+        [
+            [0, 1, 2, 3],
+            [1, 0, 2, 4],
+            [2, 0, 1, 3],
+            [3, 4, 5, 6],
+            [4, 5, 6, 7],
+            [5, 4, 6, 7],
+            [6, 4, 5, 0],
+            [7, 0, 1, 2],
+        ]
+    )
     # agreement: 4, 3, 4, 1 | 4, 4, 3, 1 of 4; image 0 fails the confidence (not above 0.99)
-    kept = spice.reliable_samples(preds, confidence, neighbours, 2, ratio=0.75, threshold=0.99,
-                                  generator=torch.Generator().manual_seed(0))
+    kept = spice.reliable_samples(
+        preds,
+        confidence,
+        neighbours,
+        2,
+        ratio=0.75,
+        threshold=0.99,
+        generator=torch.Generator().manual_seed(0),
+    )
     # reliable: 1, 2 in cluster 0 and 4, 5, 6 in cluster 1; balanced to 2 per cluster
     assert sorted(kept[:2].tolist()) == [1, 2]
     assert len(kept) == 4 and set(kept[2:].tolist()) < {4, 5, 6}
@@ -100,8 +131,12 @@ def test_reliable_samples_keep_exactly_the_agreeing_confident_ones():
 
 def test_reliable_samples_stop_clearly_on_an_empty_cluster():
     preds = torch.tensor([0, 0, 1, 1, 2, 2])
-    neighbours = torch.tensor([[0, 1], [1, 0], [2, 0], [3, 1], [4, 5], [5, 4]])  # cluster 1 disagrees
-    with pytest.raises(spice.common.ConfigError, match=r"cluster\(s\) \[1\].*--consistency-ratio.*--confidence"):
+    neighbours = torch.tensor(
+        [[0, 1], [1, 0], [2, 0], [3, 1], [4, 5], [5, 4]]
+    )  # cluster 1 disagrees
+    with pytest.raises(
+        spice.common.ConfigError, match=r"cluster\(s\) \[1\].*--consistency-ratio.*--confidence"
+    ):
         spice.reliable_samples(preds, torch.ones(6), neighbours, 3, ratio=1.0, threshold=0.5)
 
 
@@ -121,7 +156,9 @@ def test_moco_loss_on_a_constructed_example():
     loss, acc = spice.moco_loss(q, q.clone(), queue, temperature=0.2)
     assert loss.item() == pytest.approx(-math.log(math.exp(5) / (math.exp(5) + 6)), rel=1e-5)
     assert acc.item() == 1.0
-    loss, acc = spice.moco_loss(q, -q, torch.cat([q, queue]), temperature=0.2)  # a queued key beats the positive
+    loss, acc = spice.moco_loss(
+        q, -q, torch.cat([q, queue]), temperature=0.2
+    )  # a queued key beats the positive
     assert acc.item() == 0.0
 
 
@@ -131,59 +168,140 @@ def test_momentum_update_moves_parameters_only():
         q.weight.fill_(2.0), k.weight.fill_(1.0), k.running_mean.fill_(5.0)
     spice.momentum_update(k, q, momentum=0.9)
     assert torch.allclose(k.weight, torch.full((3,), 1.1))
-    assert torch.equal(k.running_mean, torch.full((3,), 5.0)), "the key encoder keeps its own statistics"
+    assert torch.equal(k.running_mean, torch.full((3,), 5.0)), (
+        "the key encoder keeps its own statistics"
+    )
 
 
 def test_shuffled_key_forward_restores_the_order_and_normalises_per_group():
     x = torch.randn(12, 3, generator=torch.Generator().manual_seed(3))
     linear = nn.Linear(3, 2)  # a per-sample network: the output must be row for row the plain one
-    assert torch.allclose(spice.shuffled_key_forward(linear, x, 3, torch.Generator().manual_seed(0)), linear(x))
+    assert torch.allclose(
+        spice.shuffled_key_forward(linear, x, 3, torch.Generator().manual_seed(0)), linear(x)
+    )
     bn = nn.BatchNorm1d(3, affine=False).train()
     out = spice.shuffled_key_forward(bn, x, 3, torch.Generator().manual_seed(0))
-    perm = torch.randperm(12, generator=torch.Generator().manual_seed(0))  # the same shuffle, replayed
-    for group in perm.chunk(3):  # each group of 4 shuffled images is normalised by its own statistics
+    perm = torch.randperm(
+        12, generator=torch.Generator().manual_seed(0)
+    )  # the same shuffle, replayed
+    for group in perm.chunk(
+        3
+    ):  # each group of 4 shuffled images is normalised by its own statistics
         assert torch.allclose(out[group].mean(0), torch.zeros(3), atol=1e-5)
     assert not torch.allclose(out, bn(x), atol=1e-3), "not the statistics of the whole batch"
 
 
-TINY = ["--dataset", "shapes", "--image-size", "8", "--backbone-width", "4", "--moco-epochs", "2", "--batch-size",
-        "256", "--self-epochs", "1", "--num-heads", "2", "--num-clusters", "3", "--semi-steps", "6", "--semi-mu", "1",
-        "--semi-batch-size", "16", "--eval-every", "3", "--consistency-ratio", "0.5", "--confidence", "0.0",
-        "--device", "cpu"]
+TINY = [
+    "--dataset",
+    "shapes",
+    "--image-size",
+    "8",
+    "--backbone-width",
+    "4",
+    "--moco-epochs",
+    "2",
+    "--batch-size",
+    "256",
+    "--self-epochs",
+    "1",
+    "--num-heads",
+    "2",
+    "--num-clusters",
+    "3",
+    "--semi-steps",
+    "6",
+    "--semi-mu",
+    "1",
+    "--semi-batch-size",
+    "16",
+    "--eval-every",
+    "3",
+    "--consistency-ratio",
+    "0.5",
+    "--confidence",
+    "0.0",
+    "--device",
+    "cpu",
+]
 
 
 def test_smoke_every_stage_alone_and_resumed(tmp_path, interrupted_run):
     results = spice.main(TINY + ["--out-dir", str(tmp_path / "all")])
-    for name in ("moco.pt", "self.pt", "checkpoint.pt", "results.json", "args.json", "log.jsonl",
-                 "self_clusters.png", "clusters.png"):
+    for name in (
+        "moco.pt",
+        "self.pt",
+        "checkpoint.pt",
+        "results.json",
+        "args.json",
+        "log.jsonl",
+        "self_clusters.png",
+        "clusters.png",
+    ):
         assert (tmp_path / "all" / name).exists(), name
-    keys = {"kmeans_acc", "self_acc", "self_nmi", "self_ari", "acc", "nmi", "ari", "num_reliable", "seconds",
-            "images_per_second"}
-    assert keys <= set(results) and json.loads((tmp_path / "all" / "results.json").read_text()) == results
+    keys = {
+        "kmeans_acc",
+        "self_acc",
+        "self_nmi",
+        "self_ari",
+        "acc",
+        "nmi",
+        "ari",
+        "num_reliable",
+        "seconds",
+        "images_per_second",
+    }
+    assert (
+        keys <= set(results)
+        and json.loads((tmp_path / "all" / "results.json").read_text()) == results
+    )
     assert all(0 <= results[k] <= 1 for k in keys if k.endswith(("acc", "nmi")))
     assert all(-1 <= results[k] <= 1 for k in keys if k.endswith("ari"))
     figures = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "images_per_second")}  # noqa: E731
     # Stage 2 alone from stage 1's file, then stage 3 alone from stage 2's: the same figures.
-    alone = spice.main(TINY + ["--stage", "self", "--init-from", str(tmp_path / "all" / "moco.pt"),
-                               "--out-dir", str(tmp_path / "self")])
-    assert {k: alone[k] for k in ("kmeans_acc", "self_acc", "self_nmi")} == \
-        {k: results[k] for k in ("kmeans_acc", "self_acc", "self_nmi")} and "acc" not in alone
-    alone = spice.main(TINY + ["--stage", "semi", "--init-from", str(tmp_path / "self"), "--out-dir",
-                               str(tmp_path / "semi")])
+    alone = spice.main(
+        TINY
+        + [
+            "--stage",
+            "self",
+            "--init-from",
+            str(tmp_path / "all" / "moco.pt"),
+            "--out-dir",
+            str(tmp_path / "self"),
+        ]
+    )
+    assert {k: alone[k] for k in ("kmeans_acc", "self_acc", "self_nmi")} == {
+        k: results[k] for k in ("kmeans_acc", "self_acc", "self_nmi")
+    } and "acc" not in alone
+    alone = spice.main(
+        TINY
+        + [
+            "--stage",
+            "semi",
+            "--init-from",
+            str(tmp_path / "self"),
+            "--out-dir",
+            str(tmp_path / "semi"),
+        ]
+    )
     assert figures(alone) == figures(results)
     # A run killed after its first checkpoint (MoCo's first epoch) and resumed ends where the whole run did.
     interrupted_run(spice.main, TINY + ["--out-dir", str(tmp_path / "resumed")])
     assert not (tmp_path / "resumed" / "moco.pt").exists()
-    assert figures(spice.main(TINY + ["--out-dir", str(tmp_path / "resumed"), "--resume"])) == figures(results)
+    assert figures(
+        spice.main(TINY + ["--out-dir", str(tmp_path / "resumed"), "--resume"])
+    ) == figures(results)
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--stage", "semi"], "--init-from goes with"),
-    (["--stage", "all", "--init-from", "x.pt"], "--init-from goes with"),
-    (["--protocol", "both"], "--protocol"),
-    (["--num-clusters", "1"], "--num-clusters 1"),
-    (["--stage", "semi", "--init-from", "missing-folder"], "no self.pt there"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--stage", "semi"], "--init-from goes with"),
+        (["--stage", "all", "--init-from", "x.pt"], "--init-from goes with"),
+        (["--protocol", "both"], "--protocol"),
+        (["--num-clusters", "1"], "--num-clusters 1"),
+        (["--stage", "semi", "--init-from", "missing-folder"], "no self.pt there"),
+    ],
+)
 def test_bad_input_is_refused_before_anything_is_written(tmp_path, extra, message):
     with pytest.raises(SystemExit, match=message):
         spice.main(TINY + ["--out-dir", str(tmp_path / "run")] + extra)
@@ -193,8 +311,28 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, extra, messag
 def test_a_hand_over_from_another_stage_or_setting_is_refused(tmp_path):
     spice.main(TINY + ["--stage", "moco", "--out-dir", str(tmp_path / "moco")])
     with pytest.raises(SystemExit, match="needs self.pt"):
-        spice.main(TINY + ["--stage", "semi", "--init-from", str(tmp_path / "moco" / "moco.pt"),
-                           "--out-dir", str(tmp_path / "a")])
+        spice.main(
+            TINY
+            + [
+                "--stage",
+                "semi",
+                "--init-from",
+                str(tmp_path / "moco" / "moco.pt"),
+                "--out-dir",
+                str(tmp_path / "a"),
+            ]
+        )
     with pytest.raises(SystemExit, match="--backbone-width 4"):
-        spice.main(TINY + ["--stage", "self", "--init-from", str(tmp_path / "moco"), "--backbone-width", "8",
-                           "--out-dir", str(tmp_path / "b")])
+        spice.main(
+            TINY
+            + [
+                "--stage",
+                "self",
+                "--init-from",
+                str(tmp_path / "moco"),
+                "--backbone-width",
+                "8",
+                "--out-dir",
+                str(tmp_path / "b"),
+            ]
+        )
