@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import dataclasses
 import hashlib
 import inspect
@@ -1585,6 +1586,80 @@ class Logger:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         return record
+
+
+class RunBook:
+    """The bookkeeping that every training loop repeats, kept out of the loops: wall time and
+    training time over the whole run (a resumed run carries on from its checkpoint), the images
+    trained on (throughput), the log, and the checkpoint with the run's arguments. Every script
+    uses it the same way:
+
+        book = common.RunBook(out, args, device)  # loads the checkpoint when args.resume
+        model.load_state_dict(book.checkpoint["model"])  # only when resuming; {} for a new run
+        book.start_log(total=args.steps, start=book.checkpoint.get("step", 0))
+        for step in range(start, args.steps):
+            with book.timed(images=len(batch)):  # counts as training time and images
+                ...  # the method's step
+            book.log(step + 1, {"train/loss": loss})  # with the throughput since the last line
+            book.save({"model": model.state_dict(), "step": step + 1})  # atomically
+        results = {"acc": acc, **book.figures()}  # seconds, images_per_second
+    """
+
+    def __init__(self, out_dir, args, device=None, totals: dict | None = None):
+        self.out = Path(out_dir)
+        self.args = dataclasses.asdict(args)
+        self.checkpoint = {}
+        if args.resume:
+            self.checkpoint = load_checkpoint(self.out / "checkpoint.pt", map_location=device)
+        # The totals so far: the checkpoint's when resuming, else those handed over (a later
+        # stage of a pipeline carries on from the file of the earlier one), else none.
+        self.totals = dict(self.checkpoint.get("totals") or totals or {})
+        self.totals.setdefault("seconds", 0.0)
+        self.totals.setdefault("train_seconds", 0.0)
+        self.totals.setdefault("images", 0)
+        self._images_since_log = 0
+        self._wall_clock = time.perf_counter()
+        self.logger = None
+
+    def start_log(self, total: int | None = None, start: int = 0) -> None:
+        """A log whose ETA counts from `start` to `total` (steps or epochs of this loop)."""
+        self.logger = Logger(self.out, total=total, start=start)
+
+    @contextlib.contextmanager
+    def timed(self, images: int = 0):
+        """The block's time is training time; `images` are added when it ends (see `count`)."""
+        t = time.perf_counter()
+        yield
+        self.totals["train_seconds"] += time.perf_counter() - t
+        self.count(images)
+
+    def count(self, images: int) -> None:  # images trained on, for the throughput
+        self.totals["images"] += images
+        self._images_since_log += images
+
+    def log(self, step, metrics: dict) -> dict:
+        """One log line, with the throughput of the images counted since the last one."""
+        images, self._images_since_log = self._images_since_log, 0
+        return self.logger.log(step, metrics, images=images)
+
+    def tick(self) -> dict:
+        """The totals, with the wall time brought up to now."""
+        now = time.perf_counter()
+        self.totals["seconds"] += now - self._wall_clock
+        self._wall_clock = now
+        return dict(self.totals)
+
+    def save(self, state: dict, name: str = "checkpoint.pt") -> None:
+        """`state` with the totals and the arguments, written atomically to <out>/<name>."""
+        save_checkpoint(self.out / name, {**state, "totals": self.tick(), "args": self.args})
+
+    def figures(self) -> dict:
+        """What results.json always holds besides the method's figures."""
+        totals = self.tick()
+        return {
+            "seconds": totals["seconds"],
+            "images_per_second": totals["images"] / max(totals["train_seconds"], 1e-9),
+        }
 
 
 def _atomic_write(path: Path, data) -> None:

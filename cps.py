@@ -10,7 +10,7 @@ confirms its own mistakes, and unlabelled images become extra, noisily labelled 
 the unlabelled images makes the method stronger.
 
 One training step (each name is a function below):
-1. Draw B labelled and B unlabelled images (two unlabelled batches with CutMix; `labeled_split`
+1. Draw B labelled and B unlabelled images (two unlabelled batches with CutMix; `labeled_partition`
    fixes the labelled ones); flip, random scale and crop on the device (`random_scale_crop`).
 2. `supervised_loss`: cross-entropy of both networks on the labelled batch (ignore 255; online
    hard example mining for Cityscapes).
@@ -155,7 +155,7 @@ SCALES = (0.5, 0.75, 1.0, 1.5, 1.75, 2.0)  # random scales of the training image
 # --------------------------------------------------------------------------------------------------
 # The paper's pieces: split, losses, CutMix masks, augmentation, schedule, parameter groups
 # --------------------------------------------------------------------------------------------------
-def labeled_split(names: list[str], ratio: float, seed: int, list_file: str | None = None):
+def labeled_partition(names: list[str], ratio: float, seed: int, list_file: str | None = None):
     """(labelled indices, unlabelled indices, description) of a training set whose images are
     called `names`: the images a list file names (first token of each line, by file stem, as the
     official lists `image/x.jpg<TAB>label/x.png`), or round(ratio n) of them drawn with the seed."""
@@ -323,8 +323,8 @@ def poly_lr(step: int, total_steps: int, lr: float, power: float = 0.9) -> float
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on convolution weights (tensors of 2+ dimensions); none on batch-norm
-    parameters and biases (the official group_weight)."""
+    """Weight decay on the weights of convolutions and linear layers (tensors of 2+ dimensions),
+    none on batch-norm parameters and biases, as the official code groups them."""
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     return [
@@ -341,10 +341,10 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 DILATIONS = {"resnet18": (2, 2), "resnet50": (2, 4, 8), "resnet101": (2, 4, 8)}
 
 
-def resnet(name: str, weights: str = "imagenet") -> nn.Module:
-    """torchvision's ResNet with ImageNet weights from torch.hub's cache (downloaded there once when
-    online) or random (torchvision's initialisation); its last stage without stride, dilated.
-    Deviation: the official backbone is a deep-stem ResNet (resnet50_v1c) with its own weights."""
+def imagenet_resnet(name: str, weights: str = "imagenet") -> nn.Module:
+    """torchvision's ResNet `name` (resnet18, resnet50, ...): with ImageNet weights from torch.hub's
+    cache (downloaded there once when online), or random (torchvision's initialisation) for
+    weights "none". Offline without the file, a message says where to put it."""
     net = getattr(torchvision.models, name)()
     if weights == "imagenet":
         url = torchvision.models.get_model_weights(name).IMAGENET1K_V1.url
@@ -353,17 +353,27 @@ def resnet(name: str, weights: str = "imagenet") -> nn.Module:
             state = torch.hub.load_state_dict_from_url(url, progress=False, map_location="cpu")
         except (OSError, RuntimeError) as e:  # offline (URLError is an OSError) or a corrupt file
             raise common.ConfigError(
-                f"--weights imagenet needs {path.name}, which is not in {path.parent} (where torchvision looks for it; "
-                f"$TORCH_HOME moves it) and could not be downloaded from {url} ({e}). Put the file there, or run with "
-                f"--weights none (random initialisation)"
+                f"--weights imagenet needs {path.name}, which is not in {path.parent} (where "
+                f"torchvision looks for it; $TORCH_HOME moves it) and could not be downloaded "
+                f"from {url} ({e}). Put the file there, or run with --weights none (random "
+                f"initialisation)"
             ) from None
         net.load_state_dict(state)
-    for block, rate in zip(net.layer4, DILATIONS[name]):  # output stride 32 -> 16
+    return net
+
+
+def resnet(name: str, weights: str = "imagenet") -> nn.Module:
+    """`imagenet_resnet` with its last stage without stride and dilated (DILATIONS): output stride
+    16, as DeepLabv3+ wants.
+    Deviation: the official backbone is a deep-stem ResNet (resnet50_v1c) with its own weights."""
+    net = imagenet_resnet(name, weights)
+    for block, rate in zip(net.layer4, DILATIONS[name], strict=True):  # output stride 32 -> 16
         for m in block.modules():
             if isinstance(m, nn.Conv2d):
                 m.stride = (1, 1)
                 if m.kernel_size == (3, 3):
-                    m.dilation, m.padding = (rate, rate), (rate, rate)
+                    m.dilation = (rate, rate)
+                    m.padding = (rate, rate)
     return net
 
 
@@ -463,16 +473,17 @@ def collate_with_sizes(batch):  # common.pad_collate, plus each image's true (h,
     return (*common.pad_collate(batch), torch.tensor([list(image.shape[1:]) for image, _ in batch]))
 
 
-def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+def batch_indices(n: int, batch_size: int, step: int, seed: int, device) -> torch.Tensor:
     """The `step`-th batch of an endless stream of shuffled passes over n items. A function of
     the step alone, so a resumed run draws exactly the batches the uninterrupted one would."""
     positions = torch.arange(step * batch_size, (step + 1) * batch_size)
-    passes, offsets = positions // n, positions % n
+    passes = positions // n
+    offsets = positions % n
     out = torch.empty(batch_size, dtype=torch.long)
     for p in passes.unique().tolist():
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + p))
         out[passes == p] = perm[offsets[passes == p]]
-    return out
+    return out.to(device)
 
 
 def stream(
@@ -480,7 +491,10 @@ def stream(
 ):
     """Endless (uint8 images, int64 labels, sizes (B, 2)) batches of the images `pool`, from step
     `start` on, on the device: images of different sizes padded (0 / 255) to the largest."""
-    draws = (pool[batch_indices(len(pool), batch_size, s, seed)] for s in range(start, 2**62))
+    draws = (
+        pool[batch_indices(len(pool), batch_size, s, seed, pool.device)]
+        for s in range(start, 2**62)
+    )
     if isinstance(source, tuple):
         for idx in (d.to(device) for d in draws):
             full = torch.tensor(source[0].shape[-2:], device=device).expand(len(idx), 2)
@@ -614,7 +628,9 @@ def train(args: Args) -> dict:
     train_source, names, classes = load_split(args, train_split, device)
     eval_source, _, _ = load_split(args, eval_split, device)
     num_classes = len(classes)
-    labeled, unlabeled, how = labeled_split(names, args.labeled_ratio, args.seed, args.labeled_list)
+    labeled, unlabeled, how = labeled_partition(
+        names, args.labeled_ratio, args.seed, args.labeled_list
+    )
     lam = (
         args.cps_weight
         if args.cps_weight is not None

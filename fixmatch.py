@@ -163,16 +163,17 @@ def fixmatch_loss(
     logits_strong: torch.Tensor,
     threshold: float = 0.95,
     lambda_u: float = 1.0,
-):
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The FixMatch objective, Eq. 2-4: l_s + lambda_u l_u with
     l_s = mean cross-entropy of the labelled batch (B, C),
     l_u = (1 / mu B) sum_b 1[max q_b >= tau] CE(argmax q_b, strong logits_b), q_b = softmax of the
     weak logits (no gradient, hard labels, no temperature). Returns the total, l_s, l_u, the mask
     (mu B,) and the pseudo-labels (mu B,)."""
-    loss_s = F.cross_entropy(logits_x, targets_x)
+    loss_s = F.cross_entropy(logits_x.float(), targets_x)
     confidence, pseudo = torch.softmax(logits_weak.detach().float(), dim=1).max(1)
     mask = (confidence >= threshold).float()
-    loss_u = (F.cross_entropy(logits_strong, pseudo, reduction="none") * mask).mean()  # / all mu B
+    per_image = F.cross_entropy(logits_strong.float(), pseudo, reduction="none")
+    loss_u = (per_image * mask).mean()  # divided by all mu B images, confident or not
     return loss_s + lambda_u * loss_u, loss_s, loss_u, mask, pseudo
 
 
@@ -182,8 +183,8 @@ def cosine_lr(step: int, total_steps: int, lr: float) -> float:
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on convolution and linear weights (the tensors with 2+ dimensions), none on
-    batch-norm parameters and biases, as the official code."""
+    """Weight decay on the weights of convolutions and linear layers (tensors of 2+ dimensions),
+    none on batch-norm parameters and biases, as the official code groups them."""
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     return [
@@ -197,16 +198,16 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """ema <- decay ema + (1 - decay) model for the parameters; the batch-norm buffers (running
     statistics) are copied from the trained network: a port that forgot them stalled near 93% at
     4000 CIFAR-10 labels (method note)."""
-    for e, p in zip(ema.parameters(), model.parameters()):
+    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
         e.lerp_(p.detach(), 1 - decay)
-    for e, b in zip(ema.buffers(), model.buffers()):
+    for e, b in zip(ema.buffers(), model.buffers(), strict=True):
         e.copy_(b)
 
 
 # --------------------------------------------------------------------------------------------------
 # The network: WRN-28-2, as the official code builds it
 # --------------------------------------------------------------------------------------------------
-class Block(nn.Module):
+class WideBlock(nn.Module):
     """Pre-activation residual block: BN -> LeakyReLU(0.1) -> conv3x3 -> BN -> LeakyReLU -> conv3x3,
     plus the input, through a 1x1 convolution where the shape changes. The first block of the
     network passes the activated input to its shortcut (`activate_before_residual`)."""
@@ -224,9 +225,9 @@ class Block(nn.Module):
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out, momentum=bn_momentum)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.shortcut = (
-            nn.Conv2d(c_in, c_out, 1, stride, bias=False) if c_in != c_out or stride != 1 else None
-        )
+        self.shortcut = None
+        if c_in != c_out or stride != 1:
+            self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, bias=False)
         self.activate_before_residual = activate_before_residual
 
     def forward(self, x):
@@ -234,7 +235,9 @@ class Block(nn.Module):
         if self.activate_before_residual:
             x = out
         out = self.conv2(F.leaky_relu(self.bn2(self.conv1(out)), 0.1))
-        return out + (x if self.shortcut is None else self.shortcut(x))
+        if self.shortcut is not None:
+            x = self.shortcut(x)
+        return out + x
 
 
 class WideResNet(nn.Module):
@@ -247,26 +250,20 @@ class WideResNet(nn.Module):
     ):
         super().__init__()
         if (depth - 4) % 6:
-            raise common.ConfigError(
-                f"--depth {depth}: a WideResNet has depth 6 n + 4 (10, 16, 22, 28, ...)"
-            )
-        n, widths = (depth - 4) // 6, [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
+            raise ValueError(f"a WideResNet has depth 6 n + 4 (10, 16, 22, 28, ...), not {depth}")
+        blocks_per_stage = (depth - 4) // 6
+        widths = [16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
         self.stem = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
-        self.blocks = nn.Sequential(
-            *[
-                Block(
-                    widths[s] if i == 0 else widths[s + 1],
-                    widths[s + 1],
-                    2 if i == 0 and s > 0 else 1,
-                    activate_before_residual=(s == 0 and i == 0),
-                    bn_momentum=bn_momentum,
-                )
-                for s in range(3)
-                for i in range(n)
-            ]
-        )
-        self.bn = nn.BatchNorm2d(widths[3], momentum=bn_momentum)
-        self.fc = nn.Linear(widths[3], num_classes)
+        blocks, c_in = [], 16
+        for stage, c_out in enumerate(widths):
+            for i in range(blocks_per_stage):
+                stride = 2 if stage > 0 and i == 0 else 1  # stages 2 and 3 halve the resolution
+                first = stage == 0 and i == 0
+                blocks.append(WideBlock(c_in, c_out, stride, first, bn_momentum))
+                c_in = c_out
+        self.blocks = nn.Sequential(*blocks)
+        self.bn = nn.BatchNorm2d(c_in, momentum=bn_momentum)
+        self.fc = nn.Linear(c_in, num_classes)
         for m in self.modules():  # He (fan-out) for convolutions, Xavier for the classifier
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
@@ -311,7 +308,8 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int, device) -> torc
     """The `step`-th batch of an endless stream of shuffled passes over n items. A function of
     the step alone, so a resumed run draws exactly the batches the uninterrupted one would."""
     positions = torch.arange(step * batch_size, (step + 1) * batch_size)
-    passes, offsets = positions // n, positions % n
+    passes = positions // n
+    offsets = positions % n
     out = torch.empty(batch_size, dtype=torch.long)
     for p in passes.unique().tolist():
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + p))
@@ -320,6 +318,10 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int, device) -> torc
 
 
 def train(args: Args) -> dict:
+    if (args.depth - 4) % 6:
+        raise common.ConfigError(
+            f"--depth {args.depth}: a WideResNet has depth 6 n + 4 (10, 16, 22, 28, ...)"
+        )
     device = common.select_device(args.device)
     common.set_seed(args.seed)
     info = common.dataset_info(args.dataset, "classify")

@@ -241,6 +241,9 @@ def odc_loss(
 # The network: CIFAR ResNet-18, ODC's neck and head
 # --------------------------------------------------------------------------------------------------
 class BasicBlock(nn.Module):
+    """ResNet's basic block: conv3x3 -> BN -> ReLU -> conv3x3 -> BN, plus the input (through a 1x1
+    convolution and BN where the shape changes), then ReLU."""
+
     def __init__(self, c_in: int, c_out: int, stride: int):
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
@@ -267,12 +270,13 @@ class ResNet18(nn.Module):
         self.stem = nn.Sequential(
             nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
         )
-        widths, layers, c_in = [width, 2 * width, 4 * width, 8 * width], [], width
-        for i, c_out in enumerate(widths):
-            layers += [BasicBlock(c_in, c_out, 1 if i == 0 else 2), BasicBlock(c_out, c_out, 1)]
+        layers, c_in = [], width
+        for i, c_out in enumerate([width, 2 * width, 4 * width, 8 * width]):
+            stride = 1 if i == 0 else 2  # stages 2-4 halve the resolution
+            layers += [BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1)]
             c_in = c_out
         self.layers = nn.Sequential(*layers)
-        self.dim = widths[-1]
+        self.dim = c_in
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -313,34 +317,35 @@ class ODC(nn.Module):
 # Evaluation of the frozen backbone
 # --------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def features_of(
-    module: nn.Module, images: torch.Tensor, stats, amp: bool = False, batch_size: int = 512
-):
-    """Outputs of `module` in eval mode for uint8 images, without augmentation, L2-normalised."""
-    module.eval()
+def network_outputs(
+    model: nn.Module, images: torch.Tensor, stats, amp: bool = False, batch_size: int = 512
+) -> torch.Tensor:
+    """`model`'s outputs in eval mode for uint8 images (N, 3, H, W), without augmentation, in
+    their order: (N, ...) float, e.g. a backbone's (N, d) features."""
+    model.eval()
     out = []
     for i in range(0, len(images), batch_size):
         with torch.autocast(images.device.type, torch.bfloat16, enabled=amp):
-            out.append(module(common.normalize(images[i : i + batch_size], *stats)).float())
-    return F.normalize(torch.cat(out), dim=1)
+            out.append(model(common.normalize(images[i : i + batch_size], *stats)).float())
+    outputs = torch.cat(out)
+    assert len(outputs) == len(images), "one row per image, in order"
+    return outputs
 
 
 @torch.no_grad()
-def recompute_batch_norm(
-    model: nn.Module, images: torch.Tensor, stats, batch_size: int = 256
-) -> None:
-    """Replace the running statistics of every batch-norm layer by their exact average over the
-    training images (a no-gradient pass in train mode), so an untrained network is not judged on
-    default statistics."""
+def recompute_batch_norm(model: nn.Module, batches) -> None:
+    """Replace the running statistics of every batch-norm layer by their exact average over
+    `batches`, an iterable of normalised training batches (a no-gradient pass in train mode), so
+    that an untrained network is not judged on default statistics."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [bn.momentum for bn in bns]
     for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None  # a cumulative average over all batches
     model.train()
-    for i in range(0, len(images), batch_size):
-        model(common.normalize(images[i : i + batch_size], *stats))
-    for bn, momentum in zip(bns, momenta):
+    for x in batches:
+        model(x)
+    for bn, momentum in zip(bns, momenta, strict=True):
         bn.momentum = momentum
 
 
@@ -380,8 +385,8 @@ def evaluate(
 ) -> dict:
     """kNN accuracies (k = 200 and 20) and k-means ACC / NMI / ARI of the frozen backbone's
     features, test images against (and k-means fit on) the training images."""
-    train_f = features_of(model.backbone, train_images, stats, amp)
-    test_f = features_of(model.backbone, test_images, stats, amp)
+    train_f = F.normalize(network_outputs(model.backbone, train_images, stats, amp), dim=1)
+    test_f = F.normalize(network_outputs(model.backbone, test_images, stats, amp), dim=1)
     centroids, _ = common.kmeans(train_f, num_classes, seed=seed)
     predicted = common.assign_to_centroids(test_f, centroids)
     return {
@@ -515,7 +520,9 @@ def train(args: Args) -> dict:
         logger = common.Logger(out, total=args.epochs)
         # The baseline: the untrained network, its batch-norm statistics recomputed on the
         # training images. The memory starts from the same network's neck features (step 1).
-        recompute_batch_norm(model, images, stats)
+        recompute_batch_norm(
+            model, (common.normalize(images[i : i + 256], *stats) for i in range(0, n, 256))
+        )
         baseline = evaluate(
             model,
             train_images,
@@ -528,7 +535,10 @@ def train(args: Args) -> dict:
             amp,
         )
         memory = OdcMemory.initialise(
-            features_of(nn.Sequential(model.backbone, model.neck), images, stats, amp),
+            F.normalize(
+                network_outputs(nn.Sequential(model.backbone, model.neck), images, stats, amp),
+                dim=1,
+            ),
             args.num_clusters,
             args.memory_momentum,
             args.seed,

@@ -19,7 +19,7 @@ One epoch (each name is a function below):
 3. `cluster_pixels`: per view, k-means with K clusters on a sample of pixel features (network in
    eval mode) -> centroids mu_1, mu_2.
 4. `assign_labels`: every pixel of every image gets its nearest centroid, per view; the labels
-   stay in memory. `class_weights` from the cluster sizes.
+   stay in memory. `cluster_weights` from the cluster sizes.
 5. `picie_loss`: frozen dot-product classifiers mu_1, mu_2 (`cluster_logits`); class-weighted
    cross-entropy within each view and across the views (view 1 against view 2's labels and back).
 6. Adam over the training images in random order, then the next epoch clusters anew.
@@ -194,7 +194,7 @@ def shrink(images: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
-def embed(model: nn.Module, x: torch.Tensor, stats, amp: bool = False) -> torch.Tensor:
+def pixel_features(model: nn.Module, x: torch.Tensor, stats, amp: bool = False) -> torch.Tensor:
     """L2-normalised features (B, 128, H/4, W/4) of [0, 1] images; every use of a feature
     (k-means, labels, loss, evaluation) sees it normalised (the official metric "cosine")."""
     x = common.normalize(x, *stats)
@@ -214,13 +214,13 @@ def view_features(
     then converts x itself), while its clustering pass applies P1; we apply P1 in every pass."""
     x = images.float() / 255
     if view == 1:
-        return embed(
+        return pixel_features(
             model,
             geometric(common.apply_photometric(x, t["p1"]), t["boxes"], t["flip"], size),
             stats,
             amp,
         )
-    z = embed(model, shrink(common.apply_photometric(x, t["p2"]), size), stats, amp)
+    z = pixel_features(model, shrink(common.apply_photometric(x, t["p2"]), size), stats, amp)
     return F.normalize(geometric(z, t["boxes"], t["flip"]), dim=1)
 
 
@@ -268,7 +268,7 @@ def assign_labels(z: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     ).argmax(1)
 
 
-def class_weights(counts: torch.Tensor, balance: str = "proportional") -> torch.Tensor:
+def cluster_weights(counts: torch.Tensor, balance: str = "proportional") -> torch.Tensor:
     """Cross-entropy class weights (K,) from the cluster sizes n_k of one view, summing to 1.
     "proportional": w_k = n_k / sum n (the official code, which produced the published numbers:
     large clusters weigh *more*); "inverse": w_k ~ 1 / n_k (the paper's stated aim, that small
@@ -319,20 +319,22 @@ def picie_loss(
 # --------------------------------------------------------------------------------------------------
 # The network: ResNet-18 and a top-down FPN (128-d, stride 4)
 # --------------------------------------------------------------------------------------------------
-def resnet18(weights: str = "imagenet") -> nn.Module:
-    """torchvision's ResNet-18, with ImageNet weights from torch.hub's cache (downloaded there once
-    when online) or random (torchvision's initialisation)."""
-    net = torchvision.models.resnet18()
+def imagenet_resnet(name: str, weights: str = "imagenet") -> nn.Module:
+    """torchvision's ResNet `name` (resnet18, resnet50, ...): with ImageNet weights from torch.hub's
+    cache (downloaded there once when online), or random (torchvision's initialisation) for
+    weights "none". Offline without the file, a message says where to put it."""
+    net = getattr(torchvision.models, name)()
     if weights == "imagenet":
-        url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+        url = torchvision.models.get_model_weights(name).IMAGENET1K_V1.url
         path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]
         try:
             state = torch.hub.load_state_dict_from_url(url, progress=False, map_location="cpu")
         except (OSError, RuntimeError) as e:  # offline (URLError is an OSError) or a corrupt file
             raise common.ConfigError(
-                f"--weights imagenet needs {path.name}, which is not in {path.parent} (where torchvision looks for it; "
-                f"$TORCH_HOME moves it) and could not be downloaded from {url} ({e}). Put the file there, or run with "
-                f"--weights none (random initialisation)"
+                f"--weights imagenet needs {path.name}, which is not in {path.parent} (where "
+                f"torchvision looks for it; $TORCH_HOME moves it) and could not be downloaded "
+                f"from {url} ({e}). Put the file there, or run with --weights none (random "
+                f"initialisation)"
             ) from None
         net.load_state_dict(state)
     return net
@@ -347,7 +349,7 @@ class PiCIENet(nn.Module):
 
     def __init__(self, weights: str = "imagenet", dim: int = 128):
         super().__init__()
-        net = resnet18(weights)
+        net = imagenet_resnet("resnet18", weights)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)  # stride 4
         self.stages = nn.ModuleList([net.layer1, net.layer2, net.layer3, net.layer4])
         self.lateral = nn.ModuleList([nn.Conv2d(c, dim, 1) for c in (64, 128, 256, 512)])
@@ -408,6 +410,14 @@ def load_split(args: Args, split: str, device) -> tuple:
     return (images.to(device), labels.to(device)), len(images), data.classes
 
 
+def without_lone_image(idx: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """`idx` less its last image where that image would make a batch of its own: batch norm in
+    train mode cannot take one value per channel."""
+    if len(idx) % batch_size == 1 and len(idx) > 1:
+        return idx[:-1]
+    return idx
+
+
 def batches(source, idx: torch.Tensor, batch_size: int, workers: int = 0):
     """(indices, uint8 images, labels) of the images `idx` in that order, `batch_size` at a time,
     on idx's device: slices of in-memory tensors, or decoded from disk by DataLoader workers."""
@@ -437,24 +447,19 @@ def batches(source, idx: torch.Tensor, batch_size: int, workers: int = 0):
 # Evaluation: fresh k-means, Hungarian matching, pixel accuracy and mIoU
 # --------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def recompute_batch_norm(
-    model: nn.Module, source, idx: torch.Tensor, size: int, stats, batch_size: int, workers: int = 0
-) -> None:
-    """Replace every batch-norm layer's running statistics by their exact average over the
-    training images `idx` (un-augmented, a no-gradient pass in train mode), so that an untrained
-    network is not judged on default statistics."""
+def recompute_batch_norm(model: nn.Module, batches) -> None:
+    """Replace the running statistics of every batch-norm layer by their exact average over
+    `batches`, an iterable of normalised training batches (a no-gradient pass in train mode), so
+    that an untrained network is not judged on default statistics."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [bn.momentum for bn in bns]
     for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None  # a cumulative average over all batches
     model.train()
-    idx = (
-        idx[:-1] if len(idx) % batch_size == 1 and len(idx) > 1 else idx
-    )  # as in training: no batch of one
-    for _, images, _ in batches(source, idx, batch_size, workers):
-        model(common.normalize(shrink(images, size), *stats))
-    for bn, momentum in zip(bns, momenta):
+    for x in batches:
+        model(x)
+    for bn, momentum in zip(bns, momenta, strict=True):
         bn.momentum = momentum
 
 
@@ -484,7 +489,7 @@ def evaluate(
     over the split, their labels and matched predictions (255 where a cluster matched no class)."""
     model.eval()
     centroids, _ = cluster_pixels(
-        lambda i, images: embed(model, shrink(images, size), stats, amp),
+        lambda i, images: pixel_features(model, shrink(images, size), stats, amp),
         train_source,
         fit_idx,
         num_clusters,
@@ -504,7 +509,7 @@ def evaluate(
     ):
         x = shrink(images, size)
         y = F.interpolate(labels[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
-        logits = cluster_logits(embed(model, x, stats, amp), centroids)
+        logits = cluster_logits(pixel_features(model, x, stats, amp), centroids)
         pred = F.interpolate(
             logits, size=(size, size), mode="bilinear", align_corners=False
         ).argmax(1)
@@ -626,8 +631,14 @@ def train(args: Args) -> dict:
         logger = common.Logger(out, total=args.epochs)
         # The baseline: the untrained network, its batch-norm statistics recomputed on training
         # images. Training starts from this network (deviation: the official code keeps ImageNet's statistics).
+        fit_batches = batches(
+            train_source,
+            without_lone_image(fit_idx, args.batch_size),
+            args.batch_size,
+            args.workers,
+        )
         recompute_batch_norm(
-            model, train_source, fit_idx, args.image_size, stats, args.batch_size, args.workers
+            model, (common.normalize(shrink(x, args.image_size), *stats) for _, x, _ in fit_batches)
         )
         baseline, _ = evaluate(forward, train_source, fit_idx, eval_source, num_eval, **evaluation)
         logger.log(
@@ -673,7 +684,7 @@ def train(args: Args) -> dict:
                 amp,
             )
             labels.append(y)
-            weights.append(class_weights(counts, args.balance))
+            weights.append(cluster_weights(counts, args.balance))
             sizes = counts.float() / counts.sum()
             record.update(
                 {
@@ -685,9 +696,7 @@ def train(args: Args) -> dict:
         logger.log(epoch, record)
 
         model.train()
-        trained = (
-            order[: n - 1] if n % args.batch_size == 1 else order
-        )  # a lone last image: one value per BN channel
+        trained = without_lone_image(order, args.batch_size)
         steps, seen, sums = (
             math.ceil(len(trained) / args.batch_size),
             0,

@@ -171,17 +171,20 @@ DATASET_DEFAULTS = {
 
 # --- The networks: CIFAR ResNet-18 (stages 1-2), WRN-28-2 (stage 3) -------------------------------
 class BasicBlock(nn.Module):
+    """ResNet's basic block: conv3x3 -> BN -> ReLU -> conv3x3 -> BN, plus the input (through a 1x1
+    convolution and BN where the shape changes), then ReLU."""
+
     def __init__(self, c_in: int, c_out: int, stride: int):
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut = (
-            nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-            if stride != 1 or c_in != c_out
-            else nn.Sequential()
-        )
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -197,12 +200,13 @@ class ResNet18(nn.Module):
         self.stem = nn.Sequential(
             nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
         )
-        widths, layers, c_in = [width, 2 * width, 4 * width, 8 * width], [], width
-        for i, c_out in enumerate(widths):
-            layers += [BasicBlock(c_in, c_out, 1 if i == 0 else 2), BasicBlock(c_out, c_out, 1)]
+        layers, c_in = [], width
+        for i, c_out in enumerate([width, 2 * width, 4 * width, 8 * width]):
+            stride = 1 if i == 0 else 2  # stages 2-4 halve the resolution
+            layers += [BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1)]
             c_in = c_out
         self.layers = nn.Sequential(*layers)
-        self.dim = widths[-1]
+        self.dim = c_in
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -238,19 +242,26 @@ class Heads(nn.Module):
 
 
 class WideBlock(nn.Module):
-    """BN -> LeakyReLU(0.1) -> conv -> BN -> LeakyReLU -> conv, plus the (first block: activated) input."""
+    """Pre-activation residual block: BN -> LeakyReLU(0.1) -> conv3x3 -> BN -> LeakyReLU -> conv3x3,
+    plus the input, through a 1x1 convolution where the shape changes. The first block of the
+    network passes the activated input to its shortcut (`activate_before_residual`)."""
 
     def __init__(
-        self, c_in: int, c_out: int, stride: int, activate_before_residual: bool, bn_momentum: float
+        self,
+        c_in: int,
+        c_out: int,
+        stride: int,
+        activate_before_residual: bool = False,
+        bn_momentum: float = 0.001,
     ):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(c_in, momentum=bn_momentum)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out, momentum=bn_momentum)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.shortcut = (
-            nn.Conv2d(c_in, c_out, 1, stride, bias=False) if c_in != c_out or stride != 1 else None
-        )
+        self.shortcut = None
+        if c_in != c_out or stride != 1:
+            self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, bias=False)
         self.activate_before_residual = activate_before_residual
 
     def forward(self, x):
@@ -258,46 +269,45 @@ class WideBlock(nn.Module):
         if self.activate_before_residual:
             x = out
         out = self.conv2(F.leaky_relu(self.bn2(self.conv1(out)), 0.1))
-        return out + (x if self.shortcut is None else self.shortcut(x))
+        if self.shortcut is not None:
+            x = self.shortcut(x)
+        return out + x
 
 
 class WideResNet(nn.Module):
-    """WRN-depth-k as FixMatch builds it: a 16-channel stem, stages of widths 16k, 32k, 64k, linear."""
+    """WRN-depth-widen_factor: a 16-channel 3x3 stem, three stages of (depth - 4) / 6 blocks of
+    widths 16k, 32k, 64k (stride 2 entering stages 2 and 3), BN, LeakyReLU, global average pool,
+    linear. No dropout. WRN-28-2 has 1.47 M parameters with 10 classes."""
 
     def __init__(
         self, num_classes: int, depth: int = 28, widen_factor: int = 2, bn_momentum: float = 0.001
     ):
         super().__init__()
         if (depth - 4) % 6:
-            raise common.ConfigError(
-                f"--semi-depth {depth}: a WideResNet has depth 6 n + 4 (10, 16, 22, 28, ...)"
-            )
-        n, widths = (depth - 4) // 6, [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
+            raise ValueError(f"a WideResNet has depth 6 n + 4 (10, 16, 22, 28, ...), not {depth}")
+        blocks_per_stage = (depth - 4) // 6
+        widths = [16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
         self.stem = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
-        self.blocks = nn.Sequential(
-            *[
-                WideBlock(
-                    widths[s] if i == 0 else widths[s + 1],
-                    widths[s + 1],
-                    2 if i == 0 and s > 0 else 1,
-                    s == 0 and i == 0,
-                    bn_momentum,
-                )
-                for s in range(3)
-                for i in range(n)
-            ]
-        )
-        self.bn = nn.BatchNorm2d(widths[3], momentum=bn_momentum)
-        self.fc = nn.Linear(widths[3], num_classes)
-        for m in self.modules():
+        blocks, c_in = [], 16
+        for stage, c_out in enumerate(widths):
+            for i in range(blocks_per_stage):
+                stride = 2 if stage > 0 and i == 0 else 1  # stages 2 and 3 halve the resolution
+                first = stage == 0 and i == 0
+                blocks.append(WideBlock(c_in, c_out, stride, first, bn_momentum))
+                c_in = c_out
+        self.blocks = nn.Sequential(*blocks)
+        self.bn = nn.BatchNorm2d(c_in, momentum=bn_momentum)
+        self.fc = nn.Linear(c_in, num_classes)
+        for m in self.modules():  # He (fan-out) for convolutions, Xavier for the classifier
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
             elif isinstance(m, nn.Linear):
                 nn.init.xavier_normal_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x):
-        return self.fc(F.leaky_relu(self.bn(self.blocks(self.stem(x))), 0.1).mean((2, 3)))
+    def forward(self, x):  # (N, 3, H, W) normalised -> (N, num_classes) logits
+        x = F.leaky_relu(self.bn(self.blocks(self.stem(x))), 0.1)
+        return self.fc(x.mean((2, 3)))
 
 
 # --- Stage 1: MoCo v2 -----------------------------------------------------------------------------
@@ -355,18 +365,19 @@ def moco_augment(images: torch.Tensor, generator=None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def embed(
-    backbone: nn.Module, images: torch.Tensor, stats, amp: bool = False, batch_size: int = 512
+def network_outputs(
+    model: nn.Module, images: torch.Tensor, stats, amp: bool = False, batch_size: int = 512
 ) -> torch.Tensor:
-    """A network's outputs (the backbone's: features) for uint8 images in eval mode, in order."""
-    backbone.eval()
+    """`model`'s outputs in eval mode for uint8 images (N, 3, H, W), without augmentation, in
+    their order: (N, ...) float, e.g. a backbone's (N, d) features."""
+    model.eval()
     out = []
     for i in range(0, len(images), batch_size):
         with torch.autocast(images.device.type, torch.bfloat16, enabled=amp):
-            out.append(backbone(common.normalize(images[i : i + batch_size], *stats)).float())
-    features = torch.cat(out)
-    assert len(features) == len(images), "the embedding has one row per image, in order"
-    return features
+            out.append(model(common.normalize(images[i : i + batch_size], *stats)).float())
+    outputs = torch.cat(out)
+    assert len(outputs) == len(images), "one row per image, in order"
+    return outputs
 
 
 # --- Stage 2: SPICE-Self --------------------------------------------------------------------------
@@ -485,26 +496,40 @@ def reliable_samples(
     return torch.cat(keep)
 
 
-def fixmatch_loss(logits_x, targets_x, logits_weak, logits_strong, threshold: float = 0.95):
-    """FixMatch (its Eq. 2-4, lambda_u = 1): labelled cross-entropy plus the strong views' against the
-    weak views' argmax where its probability is >= tau, over all mu B. Returns total, l_u, mask."""
-    confidence, pseudo = torch.softmax(logits_weak.detach().float(), 1).max(1)
+def fixmatch_loss(
+    logits_x: torch.Tensor,
+    targets_x: torch.Tensor,
+    logits_weak: torch.Tensor,
+    logits_strong: torch.Tensor,
+    threshold: float = 0.95,
+    lambda_u: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The FixMatch objective, Eq. 2-4: l_s + lambda_u l_u with
+    l_s = mean cross-entropy of the labelled batch (B, C),
+    l_u = (1 / mu B) sum_b 1[max q_b >= tau] CE(argmax q_b, strong logits_b), q_b = softmax of the
+    weak logits (no gradient, hard labels, no temperature). Returns the total, l_s, l_u, the mask
+    (mu B,) and the pseudo-labels (mu B,)."""
+    loss_s = F.cross_entropy(logits_x.float(), targets_x)
+    confidence, pseudo = torch.softmax(logits_weak.detach().float(), dim=1).max(1)
     mask = (confidence >= threshold).float()
-    loss_u = (F.cross_entropy(logits_strong.float(), pseudo, reduction="none") * mask).mean()
-    return F.cross_entropy(logits_x.float(), targets_x) + loss_u, loss_u, mask
+    per_image = F.cross_entropy(logits_strong.float(), pseudo, reduction="none")
+    loss_u = (per_image * mask).mean()  # divided by all mu B images, confident or not
+    return loss_s + lambda_u * loss_u, loss_s, loss_u, mask, pseudo
 
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """EMA of the weights; batch-norm statistics copied from the trained network."""
-    for e, p in zip(ema.parameters(), model.parameters()):
+    """ema <- decay ema + (1 - decay) model for the parameters; the batch-norm buffers (running
+    statistics) are copied from the trained network: a port that forgot them stalled near 93% at
+    4000 CIFAR-10 labels (method note)."""
+    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
         e.lerp_(p.detach(), 1 - decay)
-    for e, b in zip(ema.buffers(), model.buffers()):
+    for e, b in zip(ema.buffers(), model.buffers(), strict=True):
         e.copy_(b)
 
 
-def batch_indices(n: int, batch_size: int, step: int, seed: int, device) -> torch.Tensor:
-    """A uniform draw of indices, a function of the step alone (a resumed run draws the same)."""
+def uniform_indices(n: int, batch_size: int, step: int, seed: int, device) -> torch.Tensor:
+    """A uniform draw of indices (with replacement), a function of the step alone (a resumed run draws the same)."""
     return torch.randint(
         n, (batch_size,), generator=torch.Generator().manual_seed(seed * 1_000_003 + step)
     ).to(device)
@@ -512,7 +537,7 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int, device) -> torc
 
 def predict(model: nn.Module, images: torch.Tensor, stats, amp: bool = False):
     """Cluster and confidence of every image under a classifier in eval mode."""
-    confidence, preds = embed(model, images, stats, amp).softmax(1).max(1)
+    confidence, preds = network_outputs(model, images, stats, amp).softmax(1).max(1)
     return preds, confidence
 
 
@@ -644,11 +669,11 @@ def kmeans_baseline(
 ) -> dict:
     """k-means with K clusters on the stage-1 embedding of the training images, applied to the
     evaluated split's embedding: the baseline that SPICE-Self must beat."""
-    fit = F.normalize(embed(backbone, train_images, run.stats, run.amp), dim=1)
+    fit = F.normalize(network_outputs(backbone, train_images, run.stats, run.amp), dim=1)
     evaluated = (
         fit
         if eval_images is train_images
-        else F.normalize(embed(backbone, eval_images, run.stats, run.amp), 1)
+        else F.normalize(network_outputs(backbone, eval_images, run.stats, run.amp), 1)
     )
     centroids, _ = common.kmeans(fit, args.num_clusters, seed=args.seed)
     return scores(eval_labels, common.assign_to_centroids(evaluated, centroids), "kmeans_")
@@ -661,7 +686,9 @@ def train_self(
     SPICE-Self figures on the evaluated split."""
     torch.manual_seed(args.seed + 1)
     backbone.eval().requires_grad_(False)
-    features = embed(backbone, images, run.stats, run.amp)  # (n, d): unaugmented, for selection
+    features = network_outputs(
+        backbone, images, run.stats, run.amp
+    )  # (n, d): unaugmented, for selection
     embedding = F.normalize(features, dim=1)  # prototypes and similarities live here
     heads = Heads(args.num_heads, backbone.dim, args.num_clusters).to(run.device)
     optimizer = torch.optim.Adam(
@@ -685,11 +712,11 @@ def train_self(
         for d in range(n // size):
             t_step = time.perf_counter()
             draw = order[d * size : (d + 1) * size]
-            weak = embed(
+            weak = network_outputs(
                 backbone, common.weak_augment(images[draw], generator=rng), run.stats, run.amp
             )
             # SCAN's strong view: flip, 4 RandAugment ops always applied, Cutout of random side up to half
-            strong = embed(
+            strong = network_outputs(
                 backbone,
                 common.strong_augment(
                     images[draw],
@@ -765,7 +792,7 @@ def train_semi(
     """Stage 3: reliable labels from the stage-2 classifier and the stage-1 embedding, then
     FixMatch training a new WideResNet; returns the final EMA model's figures and the count."""
     torch.manual_seed(args.seed + 2)
-    embedding = F.normalize(embed(backbone, images, run.stats, run.amp), dim=1)
+    embedding = F.normalize(network_outputs(backbone, images, run.stats, run.amp), dim=1)
     preds, confidence = predict(nn.Sequential(backbone, head), images, run.stats, run.amp)
     neighbours = knn_indices(embedding, k=min(100, len(images)))
     reliable = reliable_samples(
@@ -816,8 +843,8 @@ def train_semi(
         t_step = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = 0.03 * math.cos(7 * math.pi * step / (16 * args.semi_steps))
-        xi = batch_indices(len(x_images), b, step, args.seed, run.device)
-        ui = batch_indices(len(images), args.semi_mu * b, step, args.seed + 1, run.device)
+        xi = uniform_indices(len(x_images), b, step, args.seed, run.device)
+        ui = uniform_indices(len(images), args.semi_mu * b, step, args.seed + 1, run.device)
         u = images[ui]
         inputs = torch.cat(
             [
@@ -829,7 +856,7 @@ def train_semi(
         with torch.autocast(run.device.type, torch.bfloat16, enabled=run.amp):
             logits = forward(run.inputs(inputs)).float()
         logits_x, logits_weak, logits_strong = logits.split([len(xi), len(ui), len(ui)])
-        loss, loss_u, mask = fixmatch_loss(logits_x, x_labels[xi], logits_weak, logits_strong)
+        loss, _, loss_u, mask, _ = fixmatch_loss(logits_x, x_labels[xi], logits_weak, logits_strong)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -908,6 +935,10 @@ def load_handover(args: Args) -> dict:
 
 
 def train(args: Args) -> dict:
+    if (args.semi_depth - 4) % 6:
+        raise common.ConfigError(
+            f"--semi-depth {args.semi_depth}: a WideResNet has depth 6 n + 4 (10, 16, 22, 28, ...)"
+        )
     if args.stage not in ("all", "moco", "self", "semi") or args.protocol not in ("split", "all"):
         raise common.ConfigError(
             f"--stage must be all, moco, self or semi (got {args.stage!r}) and --protocol "

@@ -232,14 +232,14 @@ def test_random_scale_crop_moves_labels_with_their_pixels_and_pads_0_and_255():
 
 def test_labeled_split_by_ratio_and_by_list(tmp_path):
     names = [f"img{i:03d}" for i in range(80)]
-    labeled, unlabeled, how = cps.labeled_split(names, 1 / 8, seed=3)
+    labeled, unlabeled, how = cps.labeled_partition(names, 1 / 8, seed=3)
     assert len(labeled) == 10 and len(unlabeled) == 70 and "10 images" in how
     assert sorted(labeled.tolist() + unlabeled.tolist()) == list(range(80))
-    assert torch.equal(labeled, cps.labeled_split(names, 0.125, seed=3)[0])
-    assert not torch.equal(labeled, cps.labeled_split(names, 0.125, seed=4)[0])
+    assert torch.equal(labeled, cps.labeled_partition(names, 0.125, seed=3)[0])
+    assert not torch.equal(labeled, cps.labeled_partition(names, 0.125, seed=4)[0])
     lines = "image/img005.jpg\tlabel/img005.png\nimage/img042.jpg\tlabel/img042.png\n\nimg007\n"
     (tmp_path / "list.txt").write_text(lines)  # the official lists' format, or bare names
-    labeled, unlabeled, how = cps.labeled_split(names, 0.5, 0, str(tmp_path / "list.txt"))
+    labeled, unlabeled, how = cps.labeled_partition(names, 0.5, 0, str(tmp_path / "list.txt"))
     assert labeled.tolist() == [5, 7, 42] and len(unlabeled) == 77 and "list.txt" in how
 
 

@@ -82,7 +82,7 @@ def test_wrn_28_2_has_1_47_million_parameters():
     count = sum(p.numel() for p in fixmatch.WideResNet(10, 28, 2).parameters())
     assert abs(count - 1.47e6) / 1.47e6 < 0.01
     assert fixmatch.WideResNet(10, 28, 2)(torch.randn(2, 3, 32, 32)).shape == (2, 10)
-    with pytest.raises(common.ConfigError):
+    with pytest.raises(ValueError, match="6 n \\+ 4"):
         fixmatch.WideResNet(10, 27, 2)
 
 
@@ -162,6 +162,7 @@ def test_smoke_run_writes_its_files_and_resume_reaches_the_same_result(tmp_path,
         (["--num-labeled", "6000"], "exceeds"),
         (["--num-labeled", "45"], "multiple"),
         (["--dataset", "cifar11"], "not a known"),
+        (["--depth", "27"], "6 n \\+ 4"),
         (["--dataset", "imagefolder", "--data-dir", "/nonexistent/folder"], "/nonexistent/folder"),
     ],
 )

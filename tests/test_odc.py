@@ -197,8 +197,8 @@ def test_batch_norm_recomputation_gives_the_average_over_all_images():
     model = nn.Sequential(nn.BatchNorm2d(3, momentum=0.001), nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2))
     images = torch.randint(0, 256, (40, 3, 6, 6), dtype=torch.uint8)
     stats = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-    odc.recompute_batch_norm(model, images, stats, batch_size=10)
     x = common.normalize(images, *stats)
+    odc.recompute_batch_norm(model, x.split(10))
     assert torch.allclose(model[0].running_mean, x.mean((0, 2, 3)), atol=1e-5)
     assert model[0].momentum == 0.001, "the layers' momenta are restored"
 

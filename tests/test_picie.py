@@ -177,12 +177,12 @@ def test_labels_are_the_nearest_centroid_and_logits_the_dot_product():
 def test_class_weights():
     counts = torch.tensor([6, 3, 0, 1])
     assert torch.allclose(
-        picie.class_weights(counts, "proportional"), torch.tensor([0.6, 0.3, 0.0, 0.1])
+        picie.cluster_weights(counts, "proportional"), torch.tensor([0.6, 0.3, 0.0, 0.1])
     )
     assert torch.allclose(
-        picie.class_weights(counts, "inverse"), torch.tensor([1 / 9, 2 / 9, 0.0, 2 / 3])
+        picie.cluster_weights(counts, "inverse"), torch.tensor([1 / 9, 2 / 9, 0.0, 2 / 3])
     )
-    assert torch.allclose(picie.class_weights(counts, "none"), torch.full((4,), 0.25))
+    assert torch.allclose(picie.cluster_weights(counts, "none"), torch.full((4,), 0.25))
     # inverse weights make the weighted cross-entropy the mean over clusters of each cluster's mean
     logits, y = (
         torch.randn(10, 4, generator=torch.Generator().manual_seed(0)),
@@ -191,10 +191,10 @@ def test_class_weights():
     nll = F.cross_entropy(logits, y, reduction="none")
     per_cluster = torch.stack([nll[y == k].mean() for k in (0, 1, 3)]).mean()
     assert torch.allclose(
-        F.cross_entropy(logits, y, weight=picie.class_weights(counts, "inverse")), per_cluster
+        F.cross_entropy(logits, y, weight=picie.cluster_weights(counts, "inverse")), per_cluster
     )
     with pytest.raises(ValueError):
-        picie.class_weights(counts, "sqrt")
+        picie.cluster_weights(counts, "sqrt")
 
 
 def test_fpn_output_is_128_channels_at_stride_4_and_sums_all_four_levels():

@@ -299,6 +299,7 @@ def test_smoke_every_stage_alone_and_resumed(tmp_path, interrupted_run):
         (["--stage", "all", "--init-from", "x.pt"], "--init-from goes with"),
         (["--protocol", "both"], "--protocol"),
         (["--num-clusters", "1"], "--num-clusters 1"),
+        (["--semi-depth", "27"], "--semi-depth 27"),
         (["--stage", "semi", "--init-from", "missing-folder"], "no self.pt there"),
     ],
 )
