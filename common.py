@@ -39,7 +39,9 @@ class ConfigError(ValueError):
     """Bad input from the user; the message says what was wrong and what to do."""
 
 
-# --- Data set facts: task, classes, native size, normalisation statistics -------------------------
+# --------------------------------------------------------------------------------------------------
+# Data set facts: task, classes, native size, normalisation statistics
+# --------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
     task: str  # "classify" or "segment"
@@ -76,13 +78,14 @@ def dataset_info(name: str, task: str | None = None) -> DatasetInfo:
     known = [n for n, info in DATASETS.items() if task in (None, info.task)]
     if name not in known:
         kind = {"classify": "classification ", "segment": "segmentation "}.get(task, "")
-        raise ConfigError(
-            f"{name!r} is not a known {kind}data set; choose one of: {', '.join(known)}"
-        )
+        choices = ", ".join(known)
+        raise ConfigError(f"{name!r} is not a known {kind}data set; choose one of: {choices}")
     return DATASETS[name]
 
 
-# --- Metrics: Hungarian matching, clustering accuracy, NMI, ARI, segmentation scores --------------
+# --------------------------------------------------------------------------------------------------
+# Metrics: Hungarian matching, clustering accuracy, NMI, ARI, segmentation scores
+# --------------------------------------------------------------------------------------------------
 def linear_sum_assignment(cost) -> tuple[np.ndarray, np.ndarray]:
     """Minimum-cost assignment with scipy's contract: (row_ind, col_ind), rows sorted, min(n_rows,
     n_cols) pairs. The Hungarian algorithm as shortest augmenting paths with dual potentials
@@ -145,13 +148,12 @@ def cluster_accuracy(y_true, y_pred) -> float:
     return float(counts[rows, cols].sum() / max(counts.sum(), 1))
 
 
-def _entropy(
-    counts: np.ndarray,
-) -> float:  # scikit-learn's arithmetic, so results agree bit for bit
+def _entropy(counts: np.ndarray) -> float:
+    """Entropy of a labeling from its counts, in scikit-learn's arithmetic (bit-identical)."""
     pi = counts[counts > 0].astype(np.float64)
-    return (
-        0.0 if pi.size <= 1 else float(-np.sum((pi / pi.sum()) * (np.log(pi) - math.log(pi.sum()))))
-    )
+    if pi.size <= 1:
+        return 0.0
+    return float(-np.sum((pi / pi.sum()) * (np.log(pi) - math.log(pi.sum()))))
 
 
 def nmi(y_true, y_pred, average: str = "arithmetic") -> float:
@@ -165,15 +167,11 @@ def nmi(y_true, y_pred, average: str = "arithmetic") -> float:
         return 0.0
     rows, cols = np.nonzero(counts)
     values, pi, pj = counts[rows, cols].astype(np.float64), counts.sum(1), counts.sum(0)
-    log_outer = (
-        -np.log(pi[rows].astype(np.int64) * pj[cols].astype(np.int64))
-        + math.log(pi.sum())
-        + math.log(pj.sum())
-    )
+    outer = pi[rows].astype(np.int64) * pj[cols].astype(np.int64)
+    log_outer = -np.log(outer) + math.log(pi.sum()) + math.log(pj.sum())
     p = values / values.sum()
-    mi = (
-        p * (np.log(values) - math.log(values.sum())) + p * log_outer
-    )  # MI terms, in sklearn's order
+    # The MI terms, in scikit-learn's order of operations.
+    mi = p * (np.log(values) - math.log(values.sum())) + p * log_outer
     mi = float(np.clip(np.where(np.abs(mi) < np.finfo(np.float64).eps, 0.0, mi).sum(), 0.0, None))
     if mi == 0:
         return 0.0
@@ -211,9 +209,8 @@ def confusion_matrix(
     keep = target.reshape(-1) != ignore_index
     t, p = target.reshape(-1)[keep].long(), pred.reshape(-1)[keep].long()
     if t.numel() and (t.min() < 0 or t.max() >= num_classes or p.min() < 0 or p.max() >= k):
-        raise ValueError(
-            f"targets must lie in [0, {num_classes}) or be {ignore_index}, predictions in [0, {k})"
-        )
+        targets = f"targets must lie in [0, {num_classes}) or be {ignore_index}"
+        raise ValueError(f"{targets}, predictions in [0, {k})")
     return torch.bincount(t * k + p, minlength=num_classes * k).reshape(num_classes, k)
 
 
@@ -226,12 +223,13 @@ def segmentation_scores(conf, hungarian: bool = False) -> dict:
     num_classes, num_clusters = conf.shape
     if not hungarian and num_classes != num_clusters:
         raise ValueError("a non-square confusion matrix needs hungarian=True")
-    clusters, classes = (
-        linear_sum_assignment(-conf.T.numpy()) if hungarian else (np.arange(num_classes),) * 2
-    )
+    if hungarian:
+        clusters, classes = linear_sum_assignment(-conf.T.numpy())
+    else:
+        clusters = classes = np.arange(num_classes)
     matched = torch.zeros(num_classes, num_classes, dtype=torch.float64)
     matched[:, torch.from_numpy(classes)] = conf[:, torch.from_numpy(clusters)]
-    match = dict(zip(clusters.tolist(), classes.tolist()))
+    match = dict(zip(clusters.tolist(), classes.tolist(), strict=True))
     match = [match.get(k, -1) for k in range(num_clusters)]
     tp = matched.diag()
     union = conf.sum(1) + matched.sum(0) - tp
@@ -244,14 +242,14 @@ def segmentation_scores(conf, hungarian: bool = False) -> dict:
     }
 
 
-# --- k-means in torch: greedy k-means++ seeding, Lloyd iterations in chunks -----------------------
+# --------------------------------------------------------------------------------------------------
+# k-means in torch: greedy k-means++ seeding, Lloyd iterations in chunks
+# --------------------------------------------------------------------------------------------------
 def _nearest(x, centroids, metric, chunk_size=None):
     """Nearest centroid of every row of x and the distance to it (squared Euclidean, or
     1 - cosine for normalised rows), in blocks of ~16M distances (64 MB) whatever N and K."""
-    labels, dist = (
-        torch.empty(len(x), dtype=torch.long, device=x.device),
-        torch.empty(len(x), device=x.device),
-    )
+    labels = torch.empty(len(x), dtype=torch.long, device=x.device)
+    dist = torch.empty(len(x), device=x.device)
     c_sq = (centroids * centroids).sum(1)
     step = chunk_size or max(1, (1 << 24) // len(centroids))
     for s in range(0, len(x), step):
@@ -292,10 +290,8 @@ def _kmeans_plusplus(x, k, generator):
     closest = sq_dist(chosen[0])[0]
     potential = closest.sum()
     for _ in range(1, k):
-        draws = (
-            torch.rand(trials, generator=generator, device=x.device, dtype=torch.float64)
-            * potential
-        )
+        uniform = torch.rand(trials, generator=generator, device=x.device, dtype=torch.float64)
+        draws = uniform * potential
         candidates = torch.searchsorted(torch.cumsum(closest.double(), 0), draws).clamp_(max=n - 1)
         dist = torch.minimum(closest[None], sq_dist(candidates))  # (trials, N)
         best = dist.sum(1).argmin()
@@ -323,7 +319,8 @@ def kmeans(
     spherical k-means on L2-normalised rows and centres."""
     if metric not in ("euclidean", "cosine") or not 1 <= k <= len(x):
         raise ValueError(
-            f"kmeans needs metric euclidean or cosine (got {metric}) and 1 <= k <= N = {len(x)} (got {k})"
+            f"kmeans needs metric euclidean or cosine (got {metric}) and 1 <= k <= N = {len(x)} "
+            f"(got {k})"
         )
     x = F.normalize(x.float(), dim=1) if metric == "cosine" else x.float()
     generator = torch.Generator(device=x.device).manual_seed(seed)
@@ -334,9 +331,8 @@ def kmeans(
         for _ in range(iters):
             labels, dist = _nearest(x, centroids, metric, chunk_size)
             counts = torch.bincount(labels, minlength=k)
-            new = (
-                torch.zeros_like(centroids).index_add_(0, labels, x) / counts.clamp_min(1)[:, None]
-            )
+            sums = torch.zeros_like(centroids).index_add_(0, labels, x)
+            new = sums / counts.clamp_min(1)[:, None]
             empty = torch.nonzero(counts == 0).squeeze(1)
             new[empty] = x[dist.topk(len(empty)).indices]  # re-seed empty clusters
             new = F.normalize(new, dim=1) if metric == "cosine" else new
@@ -349,7 +345,9 @@ def kmeans(
     return best[1], best[2]
 
 
-# --- Classification data: whole data sets as uint8 tensors ----------------------------------------
+# --------------------------------------------------------------------------------------------------
+# Classification data: whole data sets as uint8 tensors
+# --------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class ImageSet:
     images: torch.Tensor  # (N, 3, H, W) uint8
@@ -388,29 +386,16 @@ CIFAR100_SUPERCLASSES = {
     "vehicles_1": "bicycle bus motorcycle pickup_truck train",
     "vehicles_2": "lawn_mower rocket streetcar tank tractor",
 }
-IMAGE_EXTENSIONS = {
-    ".jpg",
-    ".jpeg",
-    ".png",
-    ".bmp",
-    ".gif",
-    ".webp",
-    ".tif",
-    ".tiff",
-    ".ppm",
-    ".pgm",
-}
+IMAGE_EXTENSIONS = set(".jpg .jpeg .png .bmp .gif .webp .tif .tiff .ppm .pgm".split())
 _OFFLINE_HINT = "or try the script offline on --dataset shapes"
+_REPLACE_HINT = "Replace or delete the file and rerun."
 
 
-def resolve_split(
-    root: Path, split: str
-) -> str:  # folders evaluate on `test`, or on `val` where there is no `test`
-    return (
-        "val"
-        if split == "test" and not (root / "test").is_dir() and (root / "val").is_dir()
-        else split
-    )
+def resolve_split(root: Path, split: str) -> str:
+    """Folders evaluate on `test`, or on `val` where there is no `test`."""
+    if split == "test" and not (root / "test").is_dir() and (root / "val").is_dir():
+        return "val"
+    return split
 
 
 def _read_image(path: Path, size: int | None = None) -> torch.Tensor:
@@ -428,9 +413,7 @@ def _read_image(path: Path, size: int | None = None) -> torch.Tensor:
                 im = im.resize((w, h), Image.BILINEAR).crop((left, top, left + size, top + size))
             return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)
     except (OSError, ValueError) as e:
-        raise ConfigError(
-            f"cannot read image {path}: {e}. Replace or delete the file and rerun."
-        ) from None
+        raise ConfigError(f"cannot read image {path}: {e}. {_REPLACE_HINT}") from None
 
 
 def load_image_folder(root, split: str = "train", image_size: int = 32, cache_dir=None) -> ImageSet:
@@ -445,32 +428,25 @@ def load_image_folder(root, split: str = "train", image_size: int = 32, cache_di
             f"(evaluation reads 'test', or 'val' where there is no 'test'), {_OFFLINE_HINT}"
         )
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
-    files = [
-        (p, c)
-        for c, name in enumerate(classes)
-        for p in sorted((folder / name).iterdir())
-        if p.suffix.lower() in IMAGE_EXTENSIONS
-    ]
+    files = []  # (path, class index)
+    for c, name in enumerate(classes):
+        paths = sorted((folder / name).iterdir())
+        files += [(p, c) for p in paths if p.suffix.lower() in IMAGE_EXTENSIONS]
     if not files:
-        raise ConfigError(
-            f"no images under {folder}: expected {folder}/<class>/<image>.<jpg, png, ...>"
-        )
+        expected = f"{folder}/<class>/<image>.<jpg, png, ...>"
+        raise ConfigError(f"no images under {folder}: expected {expected}")
     key = hashlib.sha1(f"{folder.resolve()}|{image_size}".encode())
     for p, _ in files:
         key.update(f"|{p.relative_to(folder)}|{p.stat().st_size}|{p.stat().st_mtime_ns}".encode())
-    cache_dir = Path(
-        cache_dir
-        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "unlabelled-refs"
-    )
+    cache_home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    cache_dir = Path(cache_dir or cache_home / "unlabelled-refs")
     cache = cache_dir / f"imagefolder-{key.hexdigest()[:20]}.pt"
     if cache.exists():
         data = torch.load(cache, weights_only=True)
     else:
         print(f"decoding {len(files)} images from {folder} (once; cached in {cache})", flush=True)
-        data = {
-            "images": torch.stack([_read_image(p, image_size) for p, _ in files]),
-            "labels": torch.tensor([c for _, c in files]),
-        }
+        images = torch.stack([_read_image(p, image_size) for p, _ in files])
+        data = {"images": images, "labels": torch.tensor([c for _, c in files])}
         cache_dir.mkdir(parents=True, exist_ok=True)
         save_checkpoint(cache, data)
     return ImageSet(data["images"], data["labels"], classes, split)
@@ -479,38 +455,28 @@ def load_image_folder(root, split: str = "train", image_size: int = 32, cache_di
 def _torchvision_set(name: str, root: Path, split: str, download: bool) -> ImageSet:
     from torchvision import datasets
 
-    kind = {
-        "cifar10": datasets.CIFAR10,
-        "cifar100": datasets.CIFAR100,
-        "cifar100-20": datasets.CIFAR100,
-        "mnist": datasets.MNIST,
-        "svhn": datasets.SVHN,
-        "stl10": datasets.STL10,
-    }[name]
+    # torchvision's class is the name in capitals: CIFAR10, CIFAR100, MNIST, SVHN, STL10.
+    kind = getattr(datasets, "CIFAR100" if name == "cifar100-20" else name.upper())
     where = {"split": split} if name in ("svhn", "stl10") else {"train": split == "train"}
     try:
         ds = kind(root, download=download, **where)
-    except (
-        ImportError
-    ) as e:  # torchvision reads SVHN's .mat files with scipy, not a dependency here
-        raise ConfigError(
-            f"torchvision reads {name} with {e.name}: pip install {e.name}, or use an image-folder copy"
-        )
+    except ImportError as e:  # torchvision reads SVHN's .mat files with scipy, not a dependency
+        how = f"pip install {e.name}, or use an image-folder copy"
+        raise ConfigError(f"torchvision reads {name} with {e.name}: {how}") from None
     except RuntimeError as e:
         how = "the download failed (offline?)" if download else "rerun with --download to fetch it"
         raise ConfigError(
             f"{name} not found under {root.resolve()} ({e}); {how}, or pass --data-dir with the "
-            f"folder holding it (an image-folder copy <data-dir>/{split}/<class>/<image> works too), "
-            f"{_OFFLINE_HINT}"
+            f"folder holding it (an image-folder copy <data-dir>/{split}/<class>/<image> works "
+            f"too), {_OFFLINE_HINT}"
         ) from None
     images = torch.as_tensor(np.asarray(ds.data))
     if images.ndim == 3:  # MNIST (N, 28, 28): grayscale repeated to RGB, as for image folders
         images = images[:, None].expand(-1, 3, -1, -1).contiguous()
     elif images.shape[-1] == 3:  # CIFAR stores (N, H, W, 3)
         images = images.permute(0, 3, 1, 2).contiguous()
-    labels = torch.as_tensor(
-        np.asarray(ds.targets if hasattr(ds, "targets") else ds.labels), dtype=torch.long
-    )
+    targets = ds.targets if hasattr(ds, "targets") else ds.labels  # SVHN and STL-10: labels
+    labels = torch.as_tensor(np.asarray(targets), dtype=torch.long)
     return ImageSet(images, labels, list(getattr(ds, "classes", map(str, range(10)))), split)
 
 
@@ -528,101 +494,46 @@ def load_dataset(
     info = dataset_info(name, "classify")
     size = image_size or info.image_size
     if name == "shapes":
-        images, labels = make_shapes(
-            5000 if split == "train" else 1000, seed=int(split != "train"), size=size
-        )
+        n = 5000 if split == "train" else 1000
+        images, labels = make_shapes(n, seed=int(split != "train"), size=size)
         return ImageSet(images, labels, list(SHAPE_NAMES), split)
     if name == "imagefolder" and data_dir is None:
-        raise ConfigError(
-            f"--dataset imagefolder needs --data-dir: a folder of train/<class>/<image>, {_OFFLINE_HINT}"
-        )
+        layout = "a folder of train/<class>/<image>"
+        raise ConfigError(f"--dataset imagefolder needs --data-dir: {layout}, {_OFFLINE_HINT}")
     root = Path(data_dir or "data")
     if name == "imagefolder" or (root / resolve_split(root, split)).is_dir():
         data = load_image_folder(root, split, size, cache_dir)
         if name not in ("imagefolder", "cifar100-20") and len(data.classes) != info.num_classes:
-            raise ConfigError(
-                f"{root / data.split}: {len(data.classes)} class folders, {name} has {info.num_classes}"
-            )
+            found = f"{len(data.classes)} class folders"
+            raise ConfigError(f"{root / data.split}: {found}, {name} has {info.num_classes}")
     else:
         data = _torchvision_set(name, root, split, download)
     if name == "cifar100-20":  # fine classes -> their super-class, matched by name
-        coarse = {
-            fine: c
-            for c, group in enumerate(CIFAR100_SUPERCLASSES.values())
-            for fine in group.split()
-        }
+        coarse = {}
+        for c, group in enumerate(CIFAR100_SUPERCLASSES.values()):
+            coarse.update(dict.fromkeys(group.split(), c))
         lut = torch.tensor([coarse[fine] for fine in data.classes])
         data = ImageSet(data.images, lut[data.labels], list(CIFAR100_SUPERCLASSES), data.split)
     return data
 
 
-# --- Segmentation data: (image, label map) pairs, decoded and resized on demand or held in memory ---
-CAMVID_CLASSES = (
-    "sky",
-    "building",
-    "pole",
-    "road",
-    "pavement",
-    "tree",
-    "sign_symbol",
-    "fence",
-    "car",
-    "pedestrian",
-    "bicyclist",
-)  # label 11 (void) -> 255
-VOC_CLASSES = (
-    "background",
-    "aeroplane",
-    "bicycle",
-    "bird",
-    "boat",
-    "bottle",
-    "bus",
-    "car",
-    "cat",
-    "chair",
-    "cow",
-    "diningtable",
-    "dog",
-    "horse",
-    "motorbike",
-    "person",
-    "pottedplant",
-    "sheep",
-    "sofa",
-    "train",
-    "tvmonitor",
+# --------------------------------------------------------------------------------------------------
+# Segmentation data: (image, label map) pairs, decoded and resized on demand or held in memory
+# --------------------------------------------------------------------------------------------------
+# CamVid's 11 classes; its label 11 (void) becomes 255.
+CAMVID_CLASSES = tuple(
+    "sky building pole road pavement tree sign_symbol fence car pedestrian bicyclist".split()
+)
+VOC_CLASSES = tuple(
+    "background aeroplane bicycle bird boat bottle bus car cat chair cow diningtable dog horse "
+    "motorbike person pottedplant sheep sofa train tvmonitor".split()
 )
 # Cityscapes label ids 7..33 are PiCIE's 27 classes (ids 0-6 ignored); CITYSCAPES_19_IDS are the
 # ids of the usual 19 training classes, in trainId order.
-CITYSCAPES_27 = (
-    "road",
-    "sidewalk",
-    "parking",
-    "rail_track",
-    "building",
-    "wall",
-    "fence",
-    "guard_rail",
-    "bridge",
-    "tunnel",
-    "pole",
-    "polegroup",
-    "traffic_light",
-    "traffic_sign",
-    "vegetation",
-    "terrain",
-    "sky",
-    "person",
-    "rider",
-    "car",
-    "truck",
-    "bus",
-    "caravan",
-    "trailer",
-    "train",
-    "motorcycle",
-    "bicycle",
+CITYSCAPES_27 = tuple(
+    "road sidewalk parking rail_track building wall fence guard_rail bridge tunnel pole polegroup "
+    "traffic_light traffic_sign vegetation terrain sky person rider car truck bus caravan trailer "
+    "train motorcycle bicycle".split()
 )
 CITYSCAPES_19_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
 # COCO-Stuff-27: the 182 fine ids of the stuffthingmaps PNGs grouped by COCO-Stuff supercategory
@@ -658,10 +569,10 @@ COCOSTUFF_27 = {
 }
 
 
-def _lut(
-    mapping: dict[int, int] | int,
-) -> torch.Tensor:  # raw label -> class (n: identity below n); else 255
-    mapping = {i: i for i in range(mapping)} if isinstance(mapping, int) else mapping
+def _lut(mapping: dict[int, int] | int) -> torch.Tensor:
+    """A lookup table raw label -> class (an int n: the identity below n); other labels -> 255."""
+    if isinstance(mapping, int):
+        mapping = {i: i for i in range(mapping)}
     lut = torch.full((256,), 255, dtype=torch.long)
     lut[list(mapping)] = torch.tensor(list(mapping.values()))
     return lut
@@ -685,13 +596,9 @@ class SegmentationSet(torch.utils.data.Dataset):
     def __init__(
         self, classes, split, pairs=(), lut=None, image_size=None, images=None, labels=None
     ):
-        self.classes, self.num_classes, self.split, self.pairs = (
-            list(classes),
-            len(classes),
-            split,
-            list(pairs),
-        )
-        self.lut, self.image_size, self.images, self.labels = lut, image_size, images, labels
+        self.classes, self.num_classes, self.split = list(classes), len(classes), split
+        self.pairs, self.lut, self.image_size = list(pairs), lut, image_size
+        self.images, self.labels = images, labels
 
     def __len__(self) -> int:
         return len(self.images) if self.images is not None else len(self.pairs)
@@ -701,15 +608,15 @@ class SegmentationSet(torch.utils.data.Dataset):
             return self.images[i], self.labels[i]
         from torchvision.transforms.functional import InterpolationMode, resize
 
-        image = _read_image(self.pairs[i][0])
-        if self.pairs[i][1] is None:  # an unlabelled split (Cityscapes' train_extra)
+        image_path, label_path = self.pairs[i]
+        image = _read_image(image_path)
+        if label_path is None:  # an unlabelled split (Cityscapes' train_extra)
             label = torch.full(image.shape[1:], 255, dtype=torch.long)
         else:
-            label = self.lut[_read_label(self.pairs[i][1]).long()]
+            label = self.lut[_read_label(label_path).long()]
             if label.shape != image.shape[1:]:
-                raise ConfigError(
-                    f"label map {self.pairs[i][1]}: {tuple(label.shape)}, its image {tuple(image.shape)}"
-                )
+                shapes = f"{tuple(label.shape)}, its image {tuple(image.shape)}"
+                raise ConfigError(f"label map {label_path}: {shapes}")
         if self.image_size:
             image = resize(image, self.image_size, antialias=True)
             label = resize(label[None], self.image_size, InterpolationMode.NEAREST)[0]
@@ -719,7 +626,7 @@ class SegmentationSet(torch.utils.data.Dataset):
         """The whole set as (N, 3, H, W) uint8 and (N, H, W) int64, decoded once."""
         if self.images is None:
             print(f"decoding {len(self.pairs)} image/label pairs ({self.split})", flush=True)
-            images, labels = zip(*(self[i] for i in range(len(self.pairs))))
+            images, labels = zip(*(self[i] for i in range(len(self.pairs))), strict=True)
             if len({im.shape for im in images}) > 1:
                 raise ConfigError(
                     "images differ in size after resizing: stream them through a "
@@ -729,30 +636,53 @@ class SegmentationSet(torch.utils.data.Dataset):
         return self.images, self.labels
 
 
-def pad_collate(
-    batch,
-):  # stack (image, label) pairs of different sizes: images padded with 0, labels with 255
-    h, w = max(im.shape[1] for im, _ in batch), max(im.shape[2] for im, _ in batch)
-    return (
-        torch.stack([F.pad(im, (0, w - im.shape[2], 0, h - im.shape[1])) for im, _ in batch]),
-        torch.stack(
-            [F.pad(lb, (0, w - lb.shape[1], 0, h - lb.shape[0]), value=255) for _, lb in batch]
-        ),
+def pad_collate(batch):
+    """Stack (image, label) pairs of different sizes: images padded with 0, labels with 255, at
+    the bottom and right, to the largest height and width."""
+    h = max(im.shape[1] for im, _ in batch)
+    w = max(im.shape[2] for im, _ in batch)
+    images = [F.pad(im, (0, w - im.shape[2], 0, h - im.shape[1])) for im, _ in batch]
+    labels = [F.pad(lb, (0, w - lb.shape[1], 0, h - lb.shape[0]), value=255) for _, lb in batch]
+    return torch.stack(images), torch.stack(labels)
+
+
+def _collate_with_sizes(batch):  # pad_collate, plus each image's true (h, w)
+    return (*pad_collate(batch), torch.tensor([list(image.shape[1:]) for image, _ in batch]))
+
+
+def segmentation_batches(source, index_batches, device, workers: int = 0):
+    """(uint8 images (B, 3, H, W), int64 labels (B, H, W), true sizes (B, 2) = (h, w)) of each
+    batch of indices in `index_batches` (1-D tensors; an endless iterable is fine), on `device`.
+    `source` is (images, labels) held in memory, or a SegmentationSet decoded by DataLoader
+    workers, its images of different sizes padded to the largest (`pad_collate`: 0 / 255)."""
+    device = torch.device(device)
+    if isinstance(source, tuple):
+        images, labels = source
+        for idx in index_batches:
+            idx = idx.to(images.device)
+            sizes = torch.tensor(images.shape[-2:], device=device).expand(len(idx), 2)
+            yield images[idx].to(device), labels[idx].to(device).long(), sizes
+        return
+    loader = torch.utils.data.DataLoader(
+        source,
+        batch_sampler=(idx.tolist() for idx in index_batches),
+        num_workers=workers,
+        collate_fn=_collate_with_sizes,
+        pin_memory=device.type == "cuda",
     )
+    for images, labels, sizes in loader:
+        yield images.to(device, non_blocking=True), labels.to(device).long(), sizes.to(device)
 
 
-def _read_label(
-    path: Path,
-) -> torch.Tensor:  # a one-channel label map (palette or gray) as uint8 (H, W)
+def _read_label(path: Path) -> torch.Tensor:
+    """A one-channel label map (palette or gray PNG) as uint8 (H, W)."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             raw = np.array(im, dtype=np.uint8)
     except (OSError, ValueError) as e:
-        raise ConfigError(
-            f"cannot read label map {path}: {e}. Replace or delete the file and rerun."
-        ) from None
+        raise ConfigError(f"cannot read label map {path}: {e}. {_REPLACE_HINT}") from None
     if raw.ndim != 2:
         raise ConfigError(
             f"label map {path} has {raw.shape[-1]} channels; expected one class index per pixel"
@@ -786,60 +716,39 @@ def _seg_pairs(name: str, root: Path, split: str):
         return _pairs_by_stem(root / split, root / f"{split}annot"), _lut(11), CAMVID_CLASSES
     if name == "voc":  # VOCdevkit/VOC2012 with its ImageSets/Segmentation lists
         base = root / "VOCdevkit" / "VOC2012" if (root / "VOCdevkit").is_dir() else root
-        lists, labels = base / "ImageSets" / "Segmentation", base / "SegmentationClass"
-        if (
-            split == "train"
-            and (lists / "train_aug.txt").exists()
-            and (base / "SegmentationClassAug").is_dir()
-        ):
-            split, labels = (
-                "train_aug",
-                base / "SegmentationClassAug",
-            )  # + SBD: 10,582 images, as CPS
+        lists = base / "ImageSets" / "Segmentation"
+        labels = base / "SegmentationClass"
+        augmented = (lists / "train_aug.txt").exists() and (base / "SegmentationClassAug").is_dir()
+        if split == "train" and augmented:  # VOC + SBD: 10,582 images, as CPS trains on
+            split = "train_aug"
+            labels = base / "SegmentationClassAug"
         elif split == "train":
-            print(
-                f"voc: no SegmentationClassAug + train_aug.txt in {base}: training on VOC's 1,464 images",
-                flush=True,
-            )
-        ids = [
-            Path(line.split()[0]).stem for line in _read_lines(lists / f"{split}.txt")
-        ]  # ids or paths
-        return (
-            [(base / "JPEGImages" / f"{i}.jpg", labels / f"{i}.png") for i in ids],
-            _lut(21),
-            VOC_CLASSES,
-        )
-    if name in (
-        "cityscapes",
-        "cityscapes27",
-    ):  # leftImg8bit/<split>/<city>/, gtFine/<split>/<city>/
-        images = sorted((root / "leftImg8bit" / split).glob("*/*_leftImg8bit.png"))
+            missing = f"no SegmentationClassAug + train_aug.txt in {base}"
+            print(f"voc: {missing}: training on VOC's 1,464 images", flush=True)
+        # The list files hold ids or paths.
+        ids = [Path(line.split()[0]).stem for line in _read_lines(lists / f"{split}.txt")]
+        pairs = [(base / "JPEGImages" / f"{i}.jpg", labels / f"{i}.png") for i in ids]
+        return pairs, _lut(21), VOC_CLASSES
+    if name in ("cityscapes", "cityscapes27"):  # leftImg8bit/<split>/<city>/, gtFine/ alike
+        folder = root / "leftImg8bit" / split
+        images = sorted(folder.glob("*/*_leftImg8bit.png"))
         if not images:
-            raise ConfigError(
-                f"no images in {root / 'leftImg8bit' / split}/<city>/*_leftImg8bit.png"
-            )
+            raise ConfigError(f"no images in {folder}/<city>/*_leftImg8bit.png")
         gt = root / "gtFine" / split
-        label = {
-            p: gt / p.parent.name / p.name.replace("leftImg8bit", "gtFine_labelIds") for p in images
-        }
-        pairs = [
-            (p, None if split == "train_extra" else label[p]) for p in images
-        ]  # train_extra has no labels
+        pairs = []
+        for p in images:
+            label = gt / p.parent.name / p.name.replace("leftImg8bit", "gtFine_labelIds")
+            pairs.append((p, None if split == "train_extra" else label))  # train_extra: no labels
         if name == "cityscapes27":
             return pairs, _lut({i: i - 7 for i in range(7, 34)}), CITYSCAPES_27
-        return (
-            pairs,
-            _lut(dict(zip(CITYSCAPES_19_IDS, range(19)))),
-            [CITYSCAPES_27[i - 7] for i in CITYSCAPES_19_IDS],
-        )
+        classes = [CITYSCAPES_27[i - 7] for i in CITYSCAPES_19_IDS]
+        return pairs, _lut(dict(zip(CITYSCAPES_19_IDS, range(19), strict=True))), classes
     if name == "cocostuff27":  # images/, annotations/ (stuffthingmaps) and IIC's curated lists
         ids = _read_lines(root / "curated" / f"{split}2017" / "Coco164kFull_Stuff_Coarse_7.txt")
-        images, labels = root / "images" / f"{split}2017", root / "annotations" / f"{split}2017"
-        return (
-            [(images / f"{i}.jpg", labels / f"{i}.png") for i in ids],
-            _cocostuff_lut(),
-            list(COCOSTUFF_27),
-        )
+        images = root / "images" / f"{split}2017"
+        labels = root / "annotations" / f"{split}2017"
+        pairs = [(images / f"{i}.jpg", labels / f"{i}.png") for i in ids]
+        return pairs, _cocostuff_lut(), list(COCOSTUFF_27)
     # segfolder: <split>/images/*, <split>/masks/<stem>.png, optional classes.txt ("<index> <name>")
     pairs = _pairs_by_stem(root / split / "images", root / split / "masks")
     if (root / "classes.txt").exists():
@@ -848,14 +757,10 @@ def _seg_pairs(name: str, root: Path, split: str):
             for i, n in (line.split(maxsplit=1) for line in _read_lines(root / "classes.txt"))
         )
         return pairs, _lut(len(entries)), [n for _, n in entries]
-    largest = max(
-        int(lb[lb != 255].max(initial=0)) for lb in (_read_label(p).numpy() for _, p in pairs)
-    )
-    return (
-        pairs,
-        _lut(largest + 1),
-        [str(c) for c in range(largest + 1)],
-    )  # no names: classes up to the largest seen
+    label_maps = (_read_label(p).numpy() for _, p in pairs)
+    largest = max(int(lb[lb != 255].max(initial=0)) for lb in label_maps)
+    # No names: the classes are the indices up to the largest seen.
+    return pairs, _lut(largest + 1), [str(c) for c in range(largest + 1)]
 
 
 def load_segmentation(
@@ -870,34 +775,31 @@ def load_segmentation(
     resized to `image_size` (None: as stored); split "a+b" joins two splits."""
     info = dataset_info(name, "segment")
     if name == "shapes-seg":
-        images, labels = make_shapes_seg(
-            1000 if split == "train" else 200,
-            seed=int(split != "train"),
-            size=image_size or info.image_size,
-        )
+        n = 1000 if split == "train" else 200
+        size = image_size or info.image_size
+        images, labels = make_shapes_seg(n, seed=int(split != "train"), size=size)
         return SegmentationSet(SHAPES_SEG_CLASSES, split, images=images, labels=labels)
     if name == "segfolder" and data_dir is None:
-        raise ConfigError(
-            f"--dataset segfolder needs --data-dir (with train/images, train/masks), {_OFFLINE_HINT}-seg"
-        )
+        layout = "(with train/images, train/masks)"
+        raise ConfigError(f"--dataset segfolder needs --data-dir {layout}, {_OFFLINE_HINT}-seg")
     root = Path(data_dir or Path("data") / name)
     if name == "voc" and download:
         from torchvision.datasets import VOCSegmentation
 
         VOCSegmentation(root, year="2012", image_set="trainval", download=True)
     if not root.is_dir():
-        raise ConfigError(
-            f"{name} not found at {root.resolve()}: pass --data-dir with its folder "
-            f"(layouts: common._seg_pairs), {_OFFLINE_HINT}-seg"
-        )
+        how = "pass --data-dir with its folder (layouts: common._seg_pairs)"
+        raise ConfigError(f"{name} not found at {root.resolve()}: {how}, {_OFFLINE_HINT}-seg")
     split = resolve_split(root, split) if name == "segfolder" else split
     parts = [_seg_pairs(name, root, part) for part in split.split("+")]
-    return SegmentationSet(
-        parts[0][2], split, [p for part in parts for p in part[0]], parts[0][1], image_size
-    )
+    pairs = [pair for part_pairs, _, _ in parts for pair in part_pairs]
+    _, lut, classes = parts[0]
+    return SegmentationSet(classes, split, pairs, lut, image_size)
 
 
-# --- Synthetic data sets: generated from a seed, no files -----------------------------------------
+# --------------------------------------------------------------------------------------------------
+# Synthetic data sets: generated from a seed, no files
+# --------------------------------------------------------------------------------------------------
 # The ten `shapes` classes: inside tests in the shape's own coordinates (u, v), radius about 1,
 # r = |(u, v)|, box = max(|u|, |v|). Every class stays itself under rotation.
 SHAPES = {
@@ -925,9 +827,8 @@ def _two_tone(n, g):
 
 
 def _smooth_noise(n, size, g):  # (n, size, size) in [0, 1], varying over a quarter of the image
-    return F.interpolate(torch.rand(n, 1, 4, 4, generator=g), size=(size, size), mode="bicubic")[
-        :, 0
-    ].clamp(0, 1)
+    coarse = torch.rand(n, 1, 4, 4, generator=g)
+    return F.interpolate(coarse, size=(size, size), mode="bicubic")[:, 0].clamp(0, 1)
 
 
 def make_shapes(
@@ -942,43 +843,31 @@ def make_shapes(
     bg2 = (bg + (torch.rand(n, 3, generator=g) - 0.5) * 0.3).clamp(0, 1)  # second background tone
     y, x = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
     angle, freq, phase, mix = torch.rand(4, n, 1, 1, generator=g)
-    across = x * torch.cos(math.pi * angle) + y * torch.sin(
-        math.pi * angle
-    )  # position across the stripes
-    stripes = 0.5 + 0.5 * torch.sin(
-        (2 + 4 * freq) * math.pi * across + 2 * math.pi * phase
-    )  # 2-6 periods
+    across = x * torch.cos(math.pi * angle) + y * torch.sin(math.pi * angle)  # across the stripes
+    stripes = 0.5 + 0.5 * torch.sin((2 + 4 * freq) * math.pi * across + 2 * math.pi * phase)
     texture = mix * stripes + (1 - mix) * _smooth_noise(n, size, g)
     images = bg[:, :, None, None] + (bg2 - bg)[:, :, None, None] * texture[:, None]
-    y, x = torch.meshgrid(
-        torch.linspace(-1, 1, 2 * size), torch.linspace(-1, 1, 2 * size), indexing="ij"
-    )
+    fine = torch.linspace(-1, 1, 2 * size)
+    y, x = torch.meshgrid(fine, fine, indexing="ij")
     # Shapes fill most of the frame, as CIFAR's objects do, so that strong augmentation leaves them.
-    centre, scale = (
-        (torch.rand(n, 2, generator=g) - 0.5) * 0.4,
-        0.6 + 0.25 * torch.rand(n, generator=g),
-    )
+    centre = (torch.rand(n, 2, generator=g) - 0.5) * 0.4
+    scale = 0.6 + 0.25 * torch.rand(n, generator=g)
     theta = 2 * math.pi * torch.rand(n, generator=g)
-    mask = torch.zeros(
-        n, 1, 2 * size, 2 * size
-    )  # drawn at twice the size, then averaged: anti-aliased
+    # The shapes are drawn at twice the size, then averaged: anti-aliased.
+    mask = torch.zeros(n, 1, 2 * size, 2 * size)
     for k in range(num_classes):
         i = torch.nonzero(labels == k).squeeze(1)
-        x0, y0 = (
-            (grid - centre[i, d, None, None]) / scale[i, None, None]
-            for d, grid in enumerate((x, y))
-        )
-        c, s = torch.cos(theta[i])[:, None, None], torch.sin(theta[i])[:, None, None]
-        u, v = c * x0 + s * y0, s * x0 - c * y0  # rotated; v points up
-        mask[i, 0] = SHAPES[SHAPE_NAMES[k]](
-            u, v, torch.sqrt(u * u + v * v), torch.maximum(u.abs(), v.abs())
-        ).float()
+        x0 = (x - centre[i, 0, None, None]) / scale[i, None, None]
+        y0 = (y - centre[i, 1, None, None]) / scale[i, None, None]
+        c = torch.cos(theta[i])[:, None, None]
+        s = torch.sin(theta[i])[:, None, None]
+        u = c * x0 + s * y0  # rotated; v points up
+        v = s * x0 - c * y0
+        r, box = torch.sqrt(u * u + v * v), torch.maximum(u.abs(), v.abs())
+        mask[i, 0] = SHAPES[SHAPE_NAMES[k]](u, v, r, box).float()
     mask = F.avg_pool2d(mask, 2)
-    images = (
-        images * (1 - mask)
-        + fg[:, :, None, None] * mask
-        + 0.03 * torch.randn(n, 3, size, size, generator=g)
-    )
+    noise = 0.03 * torch.randn(n, 3, size, size, generator=g)
+    images = images * (1 - mask) + fg[:, :, None, None] * mask + noise
     return (images.clamp(0, 1) * 255).round().to(torch.uint8), labels
 
 
@@ -990,10 +879,8 @@ def make_shapes_seg(n: int, seed: int = 0, size: int = 64) -> tuple[torch.Tensor
     g = torch.Generator().manual_seed(seed)
     y, x = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
     c1, c2 = _two_tone(n, g)
-    images = (
-        c1[:, :, None, None]
-        + (c2 - c1)[:, :, None, None] * 0.5 * _smooth_noise(n, size, g)[:, None]
-    )
+    mottle = _smooth_noise(n, size, g)[:, None]  # (n, 1, size, size)
+    images = c1[:, :, None, None] + (c2 - c1)[:, :, None, None] * 0.5 * mottle
     labels = torch.zeros(n, size, size, dtype=torch.long)
     for p_present in (1.0, 0.9, 0.7, 0.5):  # later regions paint over earlier ones
         present = torch.rand(n, generator=g) < p_present
@@ -1001,28 +888,24 @@ def make_shapes_seg(n: int, seed: int = 0, size: int = 64) -> tuple[torch.Tensor
         cx, cy = (torch.rand(n, 2, generator=g) * size).unbind(1)
         r = (size * (0.15 + 0.15 * torch.rand(n, generator=g)))[:, None, None]
         dx, dy = (x - cx[:, None, None]).abs(), (y - cy[:, None, None]).abs()
-        outline = torch.stack(
-            [dx**2 + dy**2 < r**2, torch.maximum(dx, dy) < 0.8 * r, dx + dy < r], 1
-        )
+        disc = dx**2 + dy**2 < r**2
+        square = torch.maximum(dx, dy) < 0.8 * r
+        diamond = dx + dy < r
+        outline = torch.stack([disc, square, diamond], 1)  # (n, 3, size, size)
         kind = torch.randint(0, 3, (n, 1, 1, 1), generator=g).expand(-1, 1, size, size)
         inside = outline.gather(1, kind)[:, 0] & present[:, None, None]
-        period, a = (
-            5 + 4 * torch.rand(n, 1, 1, generator=g),
-            math.pi * torch.rand(n, 1, 1, generator=g),
-        )
-        pu, pv = (
-            (x * torch.cos(a) + y * torch.sin(a)) / period,
-            (-x * torch.sin(a) + y * torch.cos(a)) / period,
-        )
+        period = 5 + 4 * torch.rand(n, 1, 1, generator=g)
+        angle = math.pi * torch.rand(n, 1, 1, generator=g)
+        pu = (x * torch.cos(angle) + y * torch.sin(angle)) / period  # pattern coordinates
+        pv = (-x * torch.sin(angle) + y * torch.cos(angle)) / period
         fu, fv = pu - pu.floor(), pv - pv.floor()  # position within a period, in [0, 1)
-        speckle = F.interpolate(
-            torch.rand(n, 1, size // 2, size // 2, generator=g), scale_factor=2
-        )[:, 0].round()
-        stripes, checks = (fu < 0.5).float(), ((pu.floor() + pv.floor()) % 2).float()
+        grain = torch.rand(n, 1, size // 2, size // 2, generator=g)  # 2 x 2 px speckles
+        speckle = F.interpolate(grain, scale_factor=2)[:, 0].round()
+        stripes = (fu < 0.5).float()
+        checks = ((pu.floor() + pv.floor()) % 2).float()
         dots = ((fu - 0.5) ** 2 + (fv - 0.5) ** 2 < 0.09).float()
-        pattern = torch.stack([speckle, stripes, checks, dots], 1)[
-            torch.arange(n), cls - 1
-        ]  # (n, size, size)
+        patterns = torch.stack([speckle, stripes, checks, dots], 1)  # (n, 4, size, size)
+        pattern = patterns[torch.arange(n), cls - 1]  # (n, size, size): each region's own
         a1, a2 = _two_tone(n, g)
         region = a1[:, :, None, None] + (a2 - a1)[:, :, None, None] * pattern[:, None]
         images = torch.where(inside[:, None], region, images)
@@ -1031,7 +914,9 @@ def make_shapes_seg(n: int, seed: int = 0, size: int = 64) -> tuple[torch.Tensor
     return (images.clamp(0, 1) * 255).round().to(torch.uint8), labels
 
 
-# --- Augmentation on the device: batched, independent random parameters for every sample ----------
+# --------------------------------------------------------------------------------------------------
+# Augmentation on the device: batched, independent random parameters for every sample
+# --------------------------------------------------------------------------------------------------
 # Each function takes a batch (B, C, H, W), uint8 in [0, 255] or float in [0, 1], on any device,
 # returns the same dtype, and draws from `generator` (a torch.Generator on the batch's device)
 # when given. Per-sample choices are (B, ...) tensors; Python loops run over op kinds only.
@@ -1044,11 +929,9 @@ def _to_float(x: torch.Tensor) -> torch.Tensor:  # a copy in [0, 1], so ops may 
 
 
 def _restore(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # back to the input's dtype
-    return (
-        y.mul_(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
-        if dtype == torch.uint8
-        else y.clamp_(0, 1).to(dtype)
-    )
+    if dtype == torch.uint8:
+        return y.mul_(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
+    return y.clamp_(0, 1).to(dtype)
 
 
 def weak_augment(
@@ -1067,7 +950,10 @@ def weak_augment(
     cols = torch.arange(w, device=x.device).expand(b, w)
     if flip:
         cols = torch.where(_rand((b, 1), generator, x.device) < 0.5, w - 1 - cols, cols)
-    reflect = lambda i, n: torch.where(i.abs() > n - 1, 2 * (n - 1) - i.abs(), i.abs())  # noqa: E731
+
+    def reflect(i: torch.Tensor, n: int) -> torch.Tensor:  # indices outside [0, n) mirrored in
+        return torch.where(i.abs() > n - 1, 2 * (n - 1) - i.abs(), i.abs())
+
     rows = reflect(oy + torch.arange(h, device=x.device), h)  # (B, H) source rows
     cols = reflect(ox + cols, w)  # (B, W) source columns
     index = (rows[:, :, None] * w + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
@@ -1083,14 +969,17 @@ def cutout(
     """A grey square of side `size` px (uniform in [0, size] with random_size) per sample,
     centred anywhere and clipped at the border."""
     b, _, h, w = x.shape
-    side = size * (_rand(b, generator, x.device) if random_size else torch.ones(b, device=x.device))
-    cy, cx = _rand(b, generator, x.device) * h, _rand(b, generator, x.device) * w
-    inside = lambda n, c: (
-        (torch.arange(n, device=x.device) + 0.5 - c[:, None]).abs() < side[:, None] / 2
-    )  # noqa: E731
-    mask = (inside(h, cy)[:, :, None] & inside(w, cx)[:, None, :])[:, None].to(
-        x.dtype
-    )  # (B, 1, H, W)
+    side = torch.full((b,), float(size), device=x.device)
+    if random_size:
+        side = size * _rand(b, generator, x.device)
+    cy = _rand(b, generator, x.device) * h
+    cx = _rand(b, generator, x.device) * w
+
+    def inside(n: int, centre: torch.Tensor) -> torch.Tensor:  # (B, n): pixel centres in the square
+        return (torch.arange(n, device=x.device) + 0.5 - centre[:, None]).abs() < side[:, None] / 2
+
+    mask = (inside(h, cy)[:, :, None] & inside(w, cx)[:, None, :])[:, None]  # (B, 1, H, W)
+    mask = mask.to(x.dtype)
     grey = 128 if x.dtype == torch.uint8 else 0.5
     return x * (1 - mask) + grey * mask  # arithmetic, not torch.where: several times faster on CPU
 
@@ -1122,7 +1011,7 @@ def _geometric(x, kind, m, fill=0.5):
 def _warp(x, theta, mode, fill, size=None):
     """Sample x (B, C, H, W) at theta @ (output coords), normalised coords (align_corners=False):
     points beyond the image's outer edge get `fill`; inside it, the edge pixels extend (as PIL and
-    a crop + resize do), so no fill bleeds in. Grid by broadcasting (F.affine_grid's bmm is slow)."""
+    a crop + resize do), so no fill bleeds in. Grid by broadcasting (F.affine_grid's is slow)."""
     h, w = size or x.shape[-2:]
     ys = (2 * torch.arange(h, device=x.device, dtype=x.dtype) + 1) / h - 1
     xs = (2 * torch.arange(w, device=x.device, dtype=x.dtype) + 1) / w - 1
@@ -1143,9 +1032,8 @@ def _equalize(x, m):
     lut[i] = (step // 2 + #pixels below i) // step, step = (#pixels - last bin's count) // 255."""
     b, c, h, w = x.shape
     q = (x * 255).round().long().view(b * c, h * w)
-    hist = torch.zeros(b * c, 256, dtype=torch.long, device=x.device).scatter_add_(
-        1, q, torch.ones_like(q)
-    )
+    hist = torch.zeros(b * c, 256, dtype=torch.long, device=x.device)
+    hist.scatter_add_(1, q, torch.ones_like(q))
     last = torch.where(hist > 0, torch.arange(256, device=x.device), -1).amax(1, keepdim=True)
     step = (h * w - hist.gather(1, last)) // 255  # (B*C, 1)
     below = hist.cumsum(1) - hist
@@ -1154,16 +1042,14 @@ def _equalize(x, m):
     return (lut.gather(1, q).float() / 255).view(b, c, h, w)
 
 
-def _sharpness(
-    x, m
-):  # degenerate: PIL's SMOOTH [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13, border pixels kept
-    rows = (
-        x[..., :-2, :] + x[..., 1:-1, :] + x[..., 2:, :]
-    )  # 3x3 box sums, separably (avg_pool2d is slower)
+def _sharpness(x, m):
+    """PIL's ImageEnhance.Sharpness: blend with the degenerate image, PIL's SMOOTH filter
+    [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13, whose border pixels stay as they are."""
+    # 3x3 box sums, separably (faster than avg_pool2d on the CPU).
+    rows = x[..., :-2, :] + x[..., 1:-1, :] + x[..., 2:, :]
     smooth = x.clone()
-    smooth[..., 1:-1, 1:-1] = (
-        rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:] + 4 * x[..., 1:-1, 1:-1]
-    ) / 13
+    boxes = rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]
+    smooth[..., 1:-1, 1:-1] = (boxes + 4 * x[..., 1:-1, 1:-1]) / 13
     return _blend(smooth, x, m)
 
 
@@ -1213,22 +1099,17 @@ def randaugment(
     """Per sample, `num_ops` ops drawn from RANDAUGMENT_OPS with replacement, each applied with
     probability `prob` at a random magnitude; samples that drew the same op run together."""
     dtype, x = x.dtype, _to_float(x)
-    ops = torch.randint(
-        len(RANDAUGMENT_OPS), (len(x), num_ops), generator=generator, device=x.device
-    )
-    applied = _rand((len(x), num_ops), generator, x.device) < prob
-    level = _rand((len(x), num_ops), generator, x.device)
-    table = torch.tensor(
-        [
-            (lo, hi, GEOMETRIC_OPS.index(name) if name in GEOMETRIC_OPS else -1)
-            for name, lo, hi in RANDAUGMENT_OPS
-        ],
-        device=x.device,
-    )[ops]  # (B, num_ops, 3)
-    magnitude, geometric = (
-        table[..., 0] + (table[..., 1] - table[..., 0]) * level,
-        table[..., 2].long(),
-    )
+    shape = (len(x), num_ops)
+    ops = torch.randint(len(RANDAUGMENT_OPS), shape, generator=generator, device=x.device)
+    applied = _rand(shape, generator, x.device) < prob
+    level = _rand(shape, generator, x.device)
+    # Per op: its magnitude range and its index among the geometric ops (-1: not geometric).
+    rows = []
+    for name, lo, hi in RANDAUGMENT_OPS:
+        rows.append((lo, hi, GEOMETRIC_OPS.index(name) if name in GEOMETRIC_OPS else -1))
+    table = torch.tensor(rows, device=x.device)[ops]  # (B, num_ops, 3)
+    magnitude = table[..., 0] + (table[..., 1] - table[..., 0]) * level
+    geometric = table[..., 2].long()
     for slot in range(num_ops):
         idx = torch.nonzero(applied[:, slot] & (geometric[:, slot] >= 0)).squeeze(1)
         if len(idx):  # all geometric ops of this slot in one resampling
@@ -1257,28 +1138,25 @@ def strong_augment(
     return cutout(x, cutout_size, random_cutout, generator)
 
 
-def _adjust_hue(
-    x, shift
-):  # rotate the hue of RGB images by `shift` (a fraction of a turn) through HSV
+def _adjust_hue(x, shift):
+    """Rotate the hue of RGB images (B, 3, H, W) by `shift` (B,), in turns, through HSV."""
     r, g, b = x.unbind(1)
-    val, delta = x.amax(1), x.amax(1) - x.amin(1)
+    val = x.amax(1)
+    delta = x.amax(1) - x.amin(1)
     rc, gc, bc = ((val - c) / delta.clamp_min(1e-8) for c in (r, g, b))
-    hue = (
-        torch.where(val == r, bc - gc, torch.where(val == g, 2 + rc - bc, 4 + gc - rc))
-        * (delta > 0)
-        / 6
-    )
+    # The hue in sixths of a turn: red's, green's or blue's sector, whichever channel is largest.
+    sixths = torch.where(val == r, bc - gc, torch.where(val == g, 2 + rc - bc, 4 + gc - rc))
+    hue = sixths * (delta > 0) / 6
     hue = (hue + shift.view(-1, 1, 1)) % 1
     sat = delta / val.clamp_min(1e-8)
-    sector, f = (hue * 6).floor(), hue * 6 - (hue * 6).floor()
-    p, q, t = val * (1 - sat), val * (1 - sat * f), val * (1 - sat * (1 - f))
-    table = torch.stack(
-        [
-            torch.stack(c, 1)
-            for c in ((val, t, p), (q, val, p), (p, val, t), (p, q, val), (t, p, val), (val, p, q))
-        ],
-        1,
-    )
+    sector = (hue * 6).floor()
+    f = hue * 6 - (hue * 6).floor()
+    p = val * (1 - sat)
+    q = val * (1 - sat * f)
+    t = val * (1 - sat * (1 - f))
+    # HSV -> RGB: each of the six sectors takes its (R, G, B) from (val, p, q, t).
+    sectors = ((val, t, p), (q, val, p), (p, val, t), (p, q, val), (t, p, val), (val, p, q))
+    table = torch.stack([torch.stack(rgb, 1) for rgb in sectors], 1)  # (B, 6, 3, H, W)
     return table.gather(1, (sector.long() % 6)[:, None, None].expand(-1, 1, 3, -1, -1))[:, 0]
 
 
@@ -1318,22 +1196,17 @@ def draw_photometric(
     r = lambda *shape: _rand(shape, generator, device)  # noqa: E731
     coin = r(n) < jitter_p
     on = (lambda: r(n) < jitter_p) if jitter_each else (lambda: coin)
-    params = {
-        name: torch.where(on(), 1 + s * (2 * r(n) - 1), 1.0)
-        for name, s in (
-            ("brightness", brightness),
-            ("contrast", contrast),
-            ("saturation", saturation),
-        )
-    }
+    strengths = {"brightness": brightness, "contrast": contrast, "saturation": saturation}
+    params = {}
+    for name, strength in strengths.items():  # factor 1 +/- strength, or 1 where jitter is off
+        params[name] = torch.where(on(), 1 + strength * (2 * r(n) - 1), 1.0)
     params["hue"] = torch.where(on(), hue * (2 * r(n) - 1), 0.0)
-    params["order"] = (
-        r(n, 4).argsort(1) if random_order else torch.arange(4, device=device).expand(n, 4)
-    )
+    in_order = torch.arange(4, device=device).expand(n, 4)
+    params["order"] = r(n, 4).argsort(1) if random_order else in_order
     params["grayscale"] = r(n) < grayscale_p
-    params["sigma"] = torch.where(
-        r(n) < blur_p, blur_sigma[0] + (blur_sigma[1] - blur_sigma[0]) * r(n), 0.0
-    )
+    blurred = r(n) < blur_p
+    lo, hi = blur_sigma
+    params["sigma"] = torch.where(blurred, lo + (hi - lo) * r(n), 0.0)
     return params
 
 
@@ -1362,9 +1235,8 @@ def apply_photometric(x: torch.Tensor, params: dict) -> torch.Tensor:
 
 def photometric_augment(x: torch.Tensor, generator=None, **kwargs) -> torch.Tensor:
     """MoCo v2: jitter (0.4, 0.4, 0.4, 0.1) p = 0.8, grayscale p = 0.2, blur sigma 0.1-2 p = 0.5."""
-    return apply_photometric(
-        x, draw_photometric(len(x), generator=generator, device=x.device, **kwargs)
-    )
+    params = draw_photometric(len(x), generator=generator, device=x.device, **kwargs)
+    return apply_photometric(x, params)
 
 
 def draw_crops(
@@ -1380,9 +1252,8 @@ def draw_crops(
     ratio in `ratio`, the first of 10 tries that fits, else the whole image) for images of
     width / height = `aspect`: boxes (n, 4) = (x0, y0, w, h) in fractions, and flips (n,)."""
     area = scale[0] + (scale[1] - scale[0]) * _rand((n, 10), generator, device)
-    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * _rand(
-        (n, 10), generator, device
-    )
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    log_r = log_lo + (log_hi - log_lo) * _rand((n, 10), generator, device)
     w = torch.sqrt(area * log_r.exp() / aspect)
     h = torch.sqrt(area / log_r.exp() * aspect)
     fits = (w <= 1) & (h <= 1)
@@ -1408,28 +1279,36 @@ def resized_crop(
     size = (size, size) if isinstance(size, int) else tuple(size)
     x0, y0, w, h = boxes.float().unbind(1)
     zero = torch.zeros_like(w)
-    theta = torch.stack(
-        [
-            torch.stack([torch.where(flip, -w, w), zero, 2 * x0 + w - 1], 1),
-            torch.stack([zero, h, 2 * y0 + h - 1], 1),
-        ],
-        1,
-    )  # (B, 2, 3)
+    # The affine map from output to input coordinates in [-1, 1]: (B, 2, 3).
+    row_x = torch.stack([torch.where(flip, -w, w), zero, 2 * x0 + w - 1], 1)
+    row_y = torch.stack([zero, h, 2 * y0 + h - 1], 1)
+    theta = torch.stack([row_x, row_y], 1)
     out = _warp(xf, theta, mode, fill, size)
-    out = out[:, 0] if labels else out
+    if labels:
+        out = out[:, 0]
     return out.to(x.dtype) if x.is_floating_point() else out.round().to(x.dtype)
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 (or float in [0, 1]) images -> float, standardised per channel."""
     x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
-    mean, std = (
-        torch.as_tensor(v, dtype=x.dtype, device=x.device).view(1, -1, 1, 1) for v in (mean, std)
-    )
+    mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return (x - mean) / std
 
 
-# --- Run plumbing: command line, out dir, device, logging, checkpoints, results, pictures ---------
+def normalize_padded(images: torch.Tensor, sizes: torch.Tensor, mean, std) -> torch.Tensor:
+    """`normalize` uint8 (B, 3, H, W), then 0 (the mean colour) in the padding beyond each
+    image's true `sizes` (B, 2) = (h, w), such as `segmentation_batches` pads."""
+    x = normalize(images, mean, std)
+    rows = torch.arange(x.shape[2], device=x.device)[None, :, None] < sizes[:, 0, None, None]
+    cols = torch.arange(x.shape[3], device=x.device)[None, None, :] < sizes[:, 1, None, None]
+    return x * (rows & cols)[:, None]
+
+
+# --------------------------------------------------------------------------------------------------
+# Run plumbing: command line, out dir, device, logging, checkpoints, results, pictures
+# --------------------------------------------------------------------------------------------------
 # The flags every script shares (DESIGN.md, Runs), in this order. Where the help is given, each
 # script's Args must use exactly it; the others are method-specific (tests check both).
 SHARED_ARGS = {
@@ -1447,31 +1326,26 @@ SHARED_ARGS = {
 }
 
 
-def _field_help(
-    cls,
-) -> dict[str, str]:  # the string under each dataclass field is its help (as CleanRL)
-    body = [
-        node
-        for klass in reversed(cls.__mro__)
-        if dataclasses.is_dataclass(klass)
-        for node in ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
-    ]
-    return {
-        field.target.id: " ".join(doc.value.value.split())
-        for field, doc in zip(body, body[1:])
-        if isinstance(field, ast.AnnAssign)
-        and isinstance(doc, ast.Expr)
-        and isinstance(doc.value, ast.Constant)
-    }
+def _field_help(cls) -> dict[str, str]:
+    """The string under each dataclass field is its help text (as CleanRL's)."""
+    body = []  # the statements of each dataclass in the hierarchy, base classes first
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            body += ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+    helps = {}
+    for field, doc in zip(body, body[1:], strict=False):
+        is_string = isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
+        if isinstance(field, ast.AnnAssign) and is_string:
+            helps[field.target.id] = " ".join(doc.value.value.split())
+    return helps
 
 
 def _number(text: str) -> float:  # a float flag that also takes fractions such as 1/8
     try:
         return float(Fraction(text)) if "/" in text else float(text)
     except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(
-            f"expected a number or a fraction such as 1/8, got {text!r}"
-        ) from None
+        expected = "expected a number or a fraction such as 1/8"
+        raise argparse.ArgumentTypeError(f"{expected}, got {text!r}") from None
 
 
 def parse_args(
@@ -1499,12 +1373,8 @@ def parse_args(
         elif typing.get_origin(kind) is typing.Literal:
             parser.add_argument(flag, choices=options, type=type(options[0]), help=text)
         else:
-            parser.add_argument(
-                flag,
-                type=_number if kind is float else kind,
-                help=text,
-                metavar=kind.__name__.upper(),
-            )
+            convert = _number if kind is float else kind
+            parser.add_argument(flag, type=convert, help=text, metavar=kind.__name__.upper())
     given = vars(parser.parse_args(argv))
     dataset = given.get("dataset", defaults.get("dataset"))
     return cls(**{**defaults, **(dataset_defaults or {}).get(dataset, {}), **given})
@@ -1516,19 +1386,17 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def select_device(
-    name: str = "auto",
-) -> torch.device:  # auto (CUDA if there is one), cpu, cuda, cuda:N
+def select_device(name: str = "auto") -> torch.device:
+    """auto (CUDA if there is one), cpu, cuda or cuda:N, checked against this machine."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ConfigError(
-            f"--device {name}: torch sees {torch.cuda.device_count()} CUDA GPUs here; use --device cpu"
-        )
+    count = torch.cuda.device_count()
+    if device.type == "cuda" and (device.index or 0) >= count:
+        raise ConfigError(f"--device {name}: torch sees {count} CUDA GPUs here; use --device cpu")
     return device
 
 
@@ -1537,10 +1405,9 @@ def prepare_out_dir(out_dir, resume: bool = False, args=None) -> Path:
     checkpoint or results is refused unless `resume` (which needs the checkpoint)."""
     out = Path(out_dir)
     previous = [n for n in ("checkpoint.pt", "results.json") if (out / n).exists()]
-    if resume and not (out / "checkpoint.pt").exists():
-        raise ConfigError(
-            f"--resume: no checkpoint at {out / 'checkpoint.pt'}; run without --resume to start"
-        )
+    checkpoint = out / "checkpoint.pt"
+    if resume and not checkpoint.exists():
+        raise ConfigError(f"--resume: no checkpoint at {checkpoint}; run without --resume to start")
     if previous and not resume:
         raise ConfigError(
             f"{out} already holds a run ({', '.join(previous)}): pass --resume to continue it, "
@@ -1548,16 +1415,14 @@ def prepare_out_dir(out_dir, resume: bool = False, args=None) -> Path:
         )
     out.mkdir(parents=True, exist_ok=True)
     if args is not None:
-        _atomic_write(
-            out / "args.json", json.dumps(_plain(dataclasses.asdict(args)), indent=2).encode()
-        )
+        text = json.dumps(_plain(dataclasses.asdict(args)), indent=2)
+        _atomic_write(out / "args.json", text.encode())
     return out
 
 
 def _plain(value):  # tensors, numpy values, paths -> plain Python values, by a JSON round trip
-    return json.loads(
-        json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v))
-    )
+    text = json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v))
+    return json.loads(text)
 
 
 class Logger:
@@ -1577,12 +1442,8 @@ class Logger:
         if self.total and step > self.start:
             record["perf/eta_s"] = (now - self.t0) / (step - self.start) * (self.total - step)
         self.t_last = now
-        print(
-            " ".join(
-                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
-            ),
-            flush=True,
-        )
+        fields = (f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+        print(" ".join(fields), flush=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         return record
@@ -1679,24 +1540,23 @@ def _atomic_write(path: Path, data) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def save_checkpoint(path, state: dict) -> None:  # torch.save, atomically
+def save_checkpoint(path, state: dict) -> None:
+    """torch.save, atomically."""
     _atomic_write(path, state)
 
 
-def load_checkpoint(
-    path, map_location="cpu"
-) -> dict:  # tensors and plain values only: no code runs
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """torch.load of tensors and plain values only: no code in the file runs."""
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def write_results(out_dir, results: dict) -> dict:
     """results.json, atomically. Accuracy-like figures (acc, nmi, ari, miou, pixel_acc and keys
-    ending in them) must be fractions in [0, 1] (ARI, below chance, down to -1): a percentage is refused."""
+    ending in them) must be fractions in [0, 1] (ARI, below chance, to -1): percentages refused."""
     results = _plain(results)
+    lowest = {"acc": 0.0, "nmi": 0.0, "miou": 0.0, "ari": -1.0}
     for key, value in results.items():
-        low = {"acc": 0.0, "nmi": 0.0, "miou": 0.0, "ari": -1.0}.get(
-            key.split("_")[-1]
-        )  # acc, self_nmi, ...
+        low = lowest.get(key.split("_")[-1])  # acc, self_nmi, baseline_pixel_acc, ...
         if low is not None and isinstance(value, float) and not low <= value <= 1.0:
             raise ValueError(f"results[{key!r}] = {value} is not a fraction in [{low:g}, 1]")
     _atomic_write(Path(out_dir) / "results.json", json.dumps(results, indent=2).encode())
@@ -1707,9 +1567,8 @@ def colorize(labels: torch.Tensor) -> torch.Tensor:
     """Label maps (B, H, W) -> images (B, 3, H, W) in [0, 1] in Pascal VOC's palette, where bits
     0, 3, 6 of the class index set R's high bits, 1, 4, 7 G's and 2, 5 B's (255: void)."""
     i = torch.arange(256)
-    palette = torch.stack(
-        [sum(((i >> (3 * b + ch)) & 1) << (7 - b) for b in range(3)) for ch in range(3)], 1
-    )
+    channels = [sum(((i >> (3 * b + ch)) & 1) << (7 - b) for b in range(3)) for ch in range(3)]
+    palette = torch.stack(channels, 1)  # (256, 3)
     return palette.to(labels.device)[labels.long().clamp(0, 255)].permute(0, 3, 1, 2).float() / 255
 
 
@@ -1738,14 +1597,16 @@ def save_cluster_grid(
 def save_segmentation_rows(
     path, images: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor
 ) -> None:
-    """Rows of image | ground truth | prediction (all the same size), labels in the VOC palette. PNG."""
+    """A PNG of rows image | ground truth | prediction (all one size), labels in VOC colours."""
     from torchvision.utils import save_image
 
     rows = torch.stack([_to_float(images.cpu()), colorize(targets.cpu()), colorize(preds.cpu())], 1)
     save_image(rows.flatten(0, 1), path, nrow=3, padding=2)
 
 
-# --- Self-benchmark: python common.py -------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# Self-benchmark: python common.py
+# --------------------------------------------------------------------------------------------------
 def benchmark(device: str = "auto") -> dict:
     """Augmentation throughput (batches of 512 at 32x32), k-means (100,000 x 64, K = 100, 20
     iterations with the seeding) and Hungarian (1000 x 1000) times on one device (medians)."""

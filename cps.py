@@ -9,7 +9,7 @@ heads. On every pixel each is trained on the other's hard (argmax) prediction, s
 confirms its own mistakes, and unlabelled images become extra, noisily labelled data. CutMix on
 the unlabelled images makes the method stronger.
 
-One training step (each name is a function below):
+One training step, `train_step` (each name is a function below):
 1. Draw B labelled and B unlabelled images (two unlabelled batches with CutMix; `labeled_partition`
    fixes the labelled ones); flip, random scale and crop on the device (`random_scale_crop`).
 2. `supervised_loss`: cross-entropy of both networks on the labelled batch (ignore 255; online
@@ -26,10 +26,10 @@ One training step (each name is a function below):
    of it, one confusion matrix over the split, mIoU and pixel accuracy.
 
 Usage:
-    python cps.py --dataset voc --data-dir DIR --labeled-ratio 1/8          # the paper's recipe (a GPU)
-    python cps.py --dataset voc --data-dir DIR --labeled-ratio 1/8 --cps-weight 0   # supervised only
-    python cps.py --dataset cityscapes --data-dir DIR --no-cutmix           # OHEM, lambda 6, crop 800
-    python cps.py --dataset shapes-seg                                      # CPU, offline, about 3 minutes
+    python cps.py --dataset voc --data-dir DIR --labeled-ratio 1/8    # the paper's recipe (a GPU)
+    python cps.py --dataset voc --data-dir DIR --labeled-ratio 1/8 --cps-weight 0  # supervised
+    python cps.py --dataset cityscapes --data-dir DIR --no-cutmix     # OHEM, lambda 6, crop 800
+    python cps.py --dataset shapes-seg                                # CPU, offline, about 3 min
 Single GPU: the defaults are the official 4-GPU run's total batch (8 + 8) and lr 0.01; with a
 smaller batch scale the learning rate linearly (batch 4 + 4: --batch-size 4 --lr 0.005).
 
@@ -38,9 +38,9 @@ Expected, mIoU % on Pascal VOC 2012 val, ResNet-50 DeepLabv3+ (the paper's figur
     CPS          68.21  73.20  74.24  75.91
     CPS + CutMix 71.98  73.67  74.90  76.15
     supervised only, 1/8 (as CPS reports it): 69.43; Cityscapes 1/8: CPS 74.39, + CutMix 76.61.
-This file on a 2-core CPU (CPU smoke figures, ResNet-18 from random weights; commands in the README),
-mIoU of CPS / its --cps-weight 0 twin: far too short for CPS to pay off (README, CPS: Results)
-    shapes-seg defaults, 8 labelled, 200 iterations, seeds 0-2: 0.227 0.222 0.228 / 0.248 0.255 0.249
+This file on a 2-core CPU, ResNet-18 from random weights (commands in the README), mIoU of CPS /
+its --cps-weight 0 twin: far too short for CPS to pay off (README, CPS: Results)
+    shapes-seg defaults (8 labelled, 200 steps), seeds 0-2: 0.227 0.222 0.228 / 0.248 0.255 0.249
     CamVid 1/8 (46 labelled), 64 px, batch 4, 360 iterations, seed 0: 0.227 / 0.254
 """
 
@@ -48,8 +48,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
-import time
 from pathlib import Path
 from typing import Literal
 
@@ -80,7 +80,8 @@ class Args:
     device: str = "auto"
     """auto, cpu, cuda or cuda:N"""
     batch_size: int = 8
-    """labelled images per step, B (the unlabelled batch is the same size; two of them with CutMix)"""
+    """labelled images per step, B (the unlabelled batch is the same size; two of them with
+    CutMix)"""
     eval_every: int = 5000
     """iterations between evaluations of network 1 (a checkpoint follows each)"""
     resume: bool = False
@@ -90,11 +91,14 @@ class Args:
     compile: bool = False
     """torch.compile the network(s)"""
     labeled_ratio: float = 0.125
-    """fraction of the training images that is labelled, drawn with the seed (1/16, 1/8, 1/4, 1/2 in the paper)"""
+    """fraction of the training images that is labelled, drawn with the seed (1/16, 1/8, 1/4,
+    1/2 in the paper)"""
     labeled_list: str | None = None
-    """file naming the labelled images, one per line (an official split list); overrides --labeled-ratio"""
+    """file naming the labelled images, one per line (an official split list); overrides
+    --labeled-ratio"""
     iterations: int = 39_338
-    """training iterations (the official 1/8 run: 34 epochs of 1,157; about the same total at every split)"""
+    """training iterations (the official 1/8 run: 34 epochs of 1,157; about the same total at
+    every split)"""
     image_size: int | None = None
     """shorter side of every image after loading (default: as stored)"""
     crop_size: int = 512
@@ -102,11 +106,13 @@ class Args:
     backbone: Literal["resnet50", "resnet101", "resnet18"] = "resnet50"
     """torchvision ResNet under each DeepLabv3+ (resnet18 for small machines)"""
     weights: Literal["imagenet", "none"] = "imagenet"
-    """backbone initialisation, the same for both networks: torchvision's ImageNet weights or random"""
+    """backbone initialisation, the same for both networks: torchvision's ImageNet weights or
+    random"""
     cutmix: bool = True
     """CutMix on the unlabelled images (two unlabelled batches per step)"""
     cps_weight: float | None = None
-    """lambda, weight of the CPS loss (default: 1.0 with CutMix, 1.5 without; Cityscapes 5 / 6); 0: supervised only"""
+    """lambda, weight of the CPS loss (default: 1.0 with CutMix, 1.5 without; Cityscapes 5 / 6);
+    0: supervised only"""
     lr: float = 0.01
     """SGD learning rate at batch 8 + 8, decayed as lr (1 - k / K)^0.9"""
     weight_decay: float = 1e-4
@@ -114,7 +120,8 @@ class Args:
     ohem: bool = False
     """online hard example mining in the supervised loss (on by default for Cityscapes)"""
     pseudo_label_mode: Literal["train", "eval"] = "train"
-    """batch-norm mode of the no-gradient CutMix passes that make pseudo-labels (train: the official code)"""
+    """batch-norm mode of the no-gradient CutMix passes that make pseudo-labels (train: the
+    official code)"""
     workers: int = 4
     """DataLoader workers that decode the streamed data sets (VOC, Cityscapes)"""
     log_every: int = 50
@@ -123,11 +130,12 @@ class Args:
 
 # Per-data-set departures from the VOC recipe. Cityscapes: lr 0.02, 800 crops, OHEM, 137 epochs of
 # 325 iterations (official config and script). CamVid (no published CPS figure): crops of its
-# native 360 px height. The synthetic `shapes-seg` (64 px) gets what a CPU runs in about 3 minutes,
-# offline: 32 px crops, ResNet-18, random initialisation, batch 4 + 4, 200 iterations, 8 labelled images.
+# native 360 px height.
 DATASET_DEFAULTS = {
     "cityscapes": {"lr": 0.02, "crop_size": 800, "ohem": True, "iterations": 44_525},
     "camvid": {"crop_size": 360},
+    # Deviation: not in the paper. The synthetic `shapes-seg` (64 px) gets what a CPU runs offline
+    # in about 3 minutes: 32 px crops, ResNet-18 from random weights, batch 4 + 4, 8 labelled.
     "shapes-seg": {
         "crop_size": 32,
         "backbone": "resnet18",
@@ -141,21 +149,20 @@ DATASET_DEFAULTS = {
         "workers": 0,
     },
 }
-CPS_WEIGHTS = {
-    "cityscapes": (6.0, 5.0)
-}  # lambda (without CutMix, with CutMix); the others take VOC's (1.5, 1.0)
-STREAMED = (
-    "voc",
-    "cityscapes",
-)  # decoded from disk by DataLoader workers, evaluated on val; the others are
-# held in memory and evaluated on test (segfolder: or val)
+# lambda (without CutMix, with CutMix), the paper's; the others take VOC's (1.5, 1.0)
+CPS_WEIGHTS = {"cityscapes": (6.0, 5.0)}
+# Decoded from disk by DataLoader workers, evaluated on val; the others are held in memory and
+# evaluated on test (segfolder: or val).
+STREAMED = ("voc", "cityscapes")
 SCALES = (0.5, 0.75, 1.0, 1.5, 1.75, 2.0)  # random scales of the training images (official config)
 
 
 # --------------------------------------------------------------------------------------------------
 # The paper's pieces: split, losses, CutMix masks, augmentation, schedule, parameter groups
 # --------------------------------------------------------------------------------------------------
-def labeled_partition(names: list[str], ratio: float, seed: int, list_file: str | None = None):
+def labeled_partition(
+    names: list[str], ratio: float, seed: int, list_file: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(labelled indices, unlabelled indices, description) of a training set whose images are
     called `names`: the images a list file names (first token of each line, by file stem, as the
     official lists `image/x.jpg<TAB>label/x.png`), or round(ratio n) of them drawn with the seed."""
@@ -164,35 +171,31 @@ def labeled_partition(names: list[str], ratio: float, seed: int, list_file: str 
         path = Path(list_file)
         if not path.is_file():
             raise common.ConfigError(f"--labeled-list {path}: file not found")
-        wanted = [
-            Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()
-        ]
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        wanted = [Path(line.split()[0]).stem for line in lines]
         position = {name: i for i, name in enumerate(names)}
         unknown = [w for w in wanted if w not in position]
-        if unknown or not wanted:
+        if unknown:
             raise common.ConfigError(
                 f"--labeled-list {path} names {len(unknown)} images not in the training set "
                 f"(e.g. {unknown[:3]})"
-                if unknown
-                else f"--labeled-list {path} is empty"
             )
+        if not wanted:
+            raise common.ConfigError(f"--labeled-list {path} is empty")
         labeled = torch.tensor(sorted({position[w] for w in wanted}))
-        how = f"the {len(labeled)} images of {path}"
+        description = f"the {len(labeled)} images of {path}"
     else:
         if not 0 < ratio <= 1:
             raise common.ConfigError(
                 f"--labeled-ratio {ratio}: give a fraction in (0, 1], such as 1/8 or 0.125"
             )
         count = max(1, round(ratio * n))
-        labeled = (
-            torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:count].sort().values
-        )
-        how = f"a random {ratio:.4g} of the training set (seed {seed}), {count} images"
-    return (
-        labeled,
-        torch.tensor(sorted(set(range(n)) - set(labeled.tolist())), dtype=torch.long),
-        how,
-    )
+        # Deviation: a seeded random draw (official: fixed split lists, given by --labeled-list)
+        permutation = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        labeled = permutation[:count].sort().values
+        description = f"a random {ratio:.4g} of the training set (seed {seed}), {count} images"
+    unlabeled = torch.tensor(sorted(set(range(n)) - set(labeled.tolist())), dtype=torch.long)
+    return labeled, unlabeled, description
 
 
 def supervised_loss(
@@ -206,9 +209,10 @@ def supervised_loss(
     valid = target != 255
     if 0 < ohem_min_kept <= int(valid.sum()):
         with torch.no_grad():
-            prob = torch.softmax(logits.float(), 1).gather(
-                1, torch.where(valid, target, 0)[:, None]
-            )[:, 0]
+            safe_target = torch.where(valid, target, 0)[:, None]  # (B, 1, H, W), void as class 0
+            prob = torch.softmax(logits.float(), 1).gather(1, safe_target)[
+                :, 0
+            ]  # of the true class
             kth = prob[valid].kthvalue(ohem_min_kept).values
             target = torch.where(valid & (prob <= torch.clamp(kth, min=threshold)), target, 255)
     return F.cross_entropy(logits.float(), target, ignore_index=255)
@@ -292,29 +296,23 @@ def random_scale_crop(
     position, or the scaled image centred in it and padded (images with 0, after normalisation,
     labels with 255). images (B, 3, H, W) normalised, zero outside each image's true `sizes`
     (B, 2) = (h, w); labels (B, H, W) -> (B, 3, crop, crop), (B, crop, crop)."""
-    b, device = (
-        len(images),
-        images.device,
-    )  # Deviation: continuous crop offsets (official: whole pixels)
-    scale = torch.tensor(scales, device=device)[
-        torch.randint(len(scales), (b,), generator=generator, device=device)
-    ]
+    b = len(images)
+    device = images.device
+    drawn = torch.randint(len(scales), (b,), generator=generator, device=device)
+    scale = torch.tensor(scales, device=device)[drawn]
     flip = torch.rand(b, generator=generator, device=device) < 0.5
     side = (crop / scale)[:, None].expand(-1, 2)  # the window's side in the original image's pixels
-    room = (
-        sizes.flip(1).float() - side
-    )  # (B, 2) as (x, y); negative: the scaled image is smaller than the crop
-    corner = torch.where(
-        room > 0, torch.rand(b, 2, generator=generator, device=device) * room, room / 2
-    )
+    # (B, 2) as (x, y); negative: the scaled image is smaller than the crop
+    room = sizes.flip(1).float() - side
+    # Deviation: continuous crop offsets, one resampling per batch (official: whole pixels, per
+    # image in DataLoader workers)
+    offset = torch.rand(b, 2, generator=generator, device=device) * room
+    corner = torch.where(room > 0, offset, room / 2)
     canvas = torch.tensor(labels.shape[:0:-1], device=device).repeat(2)  # (W, H, W, H)
-    boxes = (
-        torch.cat([corner, side], 1) / canvas
-    )  # (x0, y0, w, h) in fractions of the padded canvas
-    return (
-        common.resized_crop(images, boxes, flip, crop, mode="bilinear", fill=0.0),
-        common.resized_crop(labels, boxes, flip, crop, mode="nearest", fill=255),
-    )
+    boxes = torch.cat([corner, side], 1) / canvas  # (x0, y0, w, h) in fractions of the canvas
+    images = common.resized_crop(images, boxes, flip, crop, mode="bilinear", fill=0.0)
+    labels = common.resized_crop(labels, boxes, flip, crop, mode="nearest", fill=255)
+    return images, labels
 
 
 def poly_lr(step: int, total_steps: int, lr: float, power: float = 0.9) -> float:
@@ -334,10 +332,11 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------------
-# The network: DeepLabv3+ (output stride 16) on a torchvision ResNet
+# The networks: two DeepLabv3+ (output stride 16) on a torchvision ResNet
 # --------------------------------------------------------------------------------------------------
-# Dilations of the last stage's blocks once its stride is removed: the official multi-grid 2, 4, 8 for
-# the bottleneck ResNets; 2 for ResNet-18, whose basic blocks torchvision will not dilate (done by hand for all).
+# Dilations of the last stage's blocks once its stride is removed: the official multi-grid 2, 4, 8
+# for the bottleneck ResNets (done by hand for all, as torchvision will not dilate basic blocks).
+# Deviation: ResNet-18 (not in the paper), for small machines: rate 2 in both of its blocks.
 DILATIONS = {"resnet18": (2, 2), "resnet50": (2, 4, 8), "resnet101": (2, 4, 8)}
 
 
@@ -364,8 +363,9 @@ def imagenet_resnet(name: str, weights: str = "imagenet") -> nn.Module:
 
 def resnet(name: str, weights: str = "imagenet") -> nn.Module:
     """`imagenet_resnet` with its last stage without stride and dilated (DILATIONS): output stride
-    16, as DeepLabv3+ wants.
-    Deviation: the official backbone is a deep-stem ResNet (resnet50_v1c) with its own weights."""
+    16, as DeepLabv3+ wants."""
+    # Deviation: torchvision's plain 7x7 stem and ImageNet V1 weights; the official backbone is a
+    # deep-stem ResNet (resnet50_v1c) with its own weights.
     net = imagenet_resnet(name, weights)
     for block, rate in zip(net.layer4, DILATIONS[name], strict=True):  # output stride 32 -> 16
         for m in block.modules():
@@ -389,16 +389,12 @@ class DeepLabV3Plus(nn.Module):
         self.layers = nn.ModuleList(
             [backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4]
         )
-        low, high = (
-            backbone.layer1[-1].conv1.in_channels,
-            backbone.fc.in_features,
-        )  # 256 / 2048 (64 / 512)
-        # Deviation: torchvision's ASPP (ReLU; the pooled branch concatenated before the projection); the
-        # official one uses LeakyReLU and adds the projected pooled branch after the projection.
+        low = backbone.layer1[-1].conv1.in_channels  # 256 (ResNet-18: 64)
+        high = backbone.fc.in_features  # 2048 (ResNet-18: 512)
+        # Deviation: torchvision's ASPP (ReLU, the pooled branch concatenated before projecting);
+        # the official one has LeakyReLU and adds the projected pooled branch after the projection.
         self.aspp = ASPP(high, [6, 12, 18], 256)
-        self.aspp.project[3] = (
-            nn.Identity()
-        )  # torchvision's dropout 0.5: the official head has none
+        self.aspp.project[3] = nn.Identity()  # torchvision's dropout 0.5; the official has none
         self.reduce = nn.Sequential(
             nn.Conv2d(low, 48, 1, bias=False), nn.BatchNorm2d(48), nn.ReLU()
         )
@@ -412,14 +408,13 @@ class DeepLabV3Plus(nn.Module):
         )
         self.classifier = nn.Conv2d(256, num_classes, 1)
 
-    def head(
-        self,
-    ) -> list[nn.Module]:  # what each network initialises on its own (official business_layer)
+    def head(self) -> list[nn.Module]:
+        """What each network initialises on its own (official business_layer)."""
         return [self.aspp, self.reduce, self.fuse, self.classifier]
 
     def forward(self, x):  # (B, 3, H, W) -> (B, C, H, W)
-        size, x = x.shape[-2:], self.stem(x)
-        low = self.layers[0](x)  # (B, 256, H/4, W/4)
+        size = x.shape[-2:]
+        low = self.layers[0](self.stem(x))  # (B, 256, H/4, W/4)
         x = self.aspp(self.layers[3](self.layers[2](self.layers[1](low))))  # (B, 256, H/16, W/16)
         x = F.interpolate(x, size=low.shape[-2:], mode="bilinear", align_corners=True)
         x = self.classifier(self.fuse(torch.cat([x, self.reduce(low)], 1)))
@@ -438,15 +433,15 @@ def init_head(net: DeepLabV3Plus) -> None:
 
 
 def build_networks(
-    num_classes: int, backbone: str, weights: str
+    num_classes: int, backbone: str, weights: str, device=None
 ) -> tuple[DeepLabV3Plus, DeepLabV3Plus]:
     """Two DeepLabv3+ whose backbones hold the same weights (ImageNet's, or one random draw) and
-    whose heads are initialised independently."""
+    whose heads are initialised independently (on the CPU), then moved to `device`."""
     net1 = DeepLabV3Plus(num_classes, resnet(backbone, weights))
     net2 = copy.deepcopy(net1)
     init_head(net1)
     init_head(net2)
-    return net1, net2
+    return net1.to(device), net2.to(device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -462,15 +457,29 @@ def load_split(args: Args, split: str, device) -> tuple:
     if args.dataset in STREAMED:
         return data, names, data.classes
     images, labels = data.tensors()
-    return (
-        (images.to(device), labels.to(torch.uint8).to(device)),
-        names,
-        data.classes,
-    )  # labels <= 255
+    labels = labels.to(torch.uint8)  # class indices and 255 (void) fit in a byte
+    return (images.to(device), labels.to(device)), names, data.classes
 
 
-def collate_with_sizes(batch):  # common.pad_collate, plus each image's true (h, w)
-    return (*common.pad_collate(batch), torch.tensor([list(image.shape[1:]) for image, _ in batch]))
+def load_data(args: Args, device, cps_weight: float) -> tuple:
+    """The training split with its labelled and unlabelled indices (`labeled_partition`), the
+    evaluation split (val for the STREAMED sets, else test), checked, with the class names and a
+    line that describes them: (source, labelled, unlabelled, evaluation source, classes, line)."""
+    eval_split = "val" if args.dataset in STREAMED else "test"
+    train_source, names, classes = load_split(args, "train", device)
+    eval_source, _, _ = load_split(args, eval_split, device)
+    labeled, unlabeled, split_description = labeled_partition(
+        names, args.labeled_ratio, args.seed, args.labeled_list
+    )
+    if cps_weight > 0 and not len(unlabeled):
+        raise common.ConfigError(
+            f"every training image is labelled ({split_description}): lower --labeled-ratio, or "
+            f"pass --cps-weight 0 for supervised training"
+        )
+    num_eval = len(eval_source[0]) if isinstance(eval_source, tuple) else len(eval_source)
+    description = f"labelled: {split_description}; {len(unlabeled)} unlabelled (train), "
+    description += f"{num_eval} evaluation images ({eval_split})"
+    return train_source, labeled, unlabeled, eval_source, classes, description
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int, device) -> torch.Tensor:
@@ -486,45 +495,26 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int, device) -> torc
     return out.to(device)
 
 
-def stream(
-    source, pool: torch.Tensor, batch_size: int, start: int, seed: int, device, workers: int = 0
-):
-    """Endless (uint8 images, int64 labels, sizes (B, 2)) batches of the images `pool`, from step
-    `start` on, on the device: images of different sizes padded (0 / 255) to the largest."""
+def training_batches(source, pool, seed: int, start: int, args: Args, stats, generator):
+    """Endless batches of the images `pool` (indices), one per step from `start` on, a function
+    of the step (`batch_indices`), on the generator's device, normalised (0 in any padding) and
+    augmented (`random_scale_crop`, every draw from `generator`): images (B, 3, crop, crop),
+    labels (B, crop, crop)."""
     draws = (
-        pool[batch_indices(len(pool), batch_size, s, seed, pool.device)]
-        for s in range(start, 2**62)
+        pool[batch_indices(len(pool), args.batch_size, step, seed, pool.device)]
+        for step in itertools.count(start)
     )
-    if isinstance(source, tuple):
-        for idx in (d.to(device) for d in draws):
-            full = torch.tensor(source[0].shape[-2:], device=device).expand(len(idx), 2)
-            yield source[0][idx], source[1][idx].long(), full
-    else:
-        loader = torch.utils.data.DataLoader(
-            source,
-            batch_sampler=(d.tolist() for d in draws),
-            num_workers=workers,
-            collate_fn=collate_with_sizes,
-            pin_memory=device.type == "cuda",
-        )
-        for images, labels, sizes in loader:
-            yield images.to(device, non_blocking=True), labels.to(device).long(), sizes.to(device)
-
-
-def prepare(images: torch.Tensor, sizes: torch.Tensor, stats) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> normalised float, 0 (the mean colour) in the padding beyond `sizes`."""
-    x = common.normalize(images, *stats)
-    rows = torch.arange(x.shape[2], device=x.device)[None, :, None] < sizes[:, 0, None, None]
-    cols = torch.arange(x.shape[3], device=x.device)[None, None, :] < sizes[:, 1, None, None]
-    return x * (rows & cols)[:, None]
+    batches = common.segmentation_batches(source, draws, generator.device, args.workers)
+    for images, labels, sizes in batches:
+        images = common.normalize_padded(images, sizes, *stats)
+        yield random_scale_crop(images, labels, sizes, args.crop_size, generator=generator)
 
 
 # --------------------------------------------------------------------------------------------------
 # Evaluation: network 1, sliding window, one confusion matrix
 # --------------------------------------------------------------------------------------------------
-def forward_logits(
-    model: nn.Module, x: torch.Tensor, amp: bool = False
-) -> torch.Tensor:  # float logits
+def forward_logits(model: nn.Module, x: torch.Tensor, amp: bool = False) -> torch.Tensor:
+    """Float logits (B, C, H, W) of images x (B, 3, H, W), under bfloat16 autocast with `amp`."""
     if x.is_cuda:
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
@@ -538,83 +528,145 @@ def sliding_window(model: nn.Module, x: torch.Tensor, crop: int, amp: bool = Fal
     overlap; a side shorter than the window is padded with 0 (the mean colour) on both ends
     (official evaluator: stride rate 2/3, single scale, no flip)."""
     h, w = x.shape[-2:]
-    top, left = max(crop - h, 0) // 2, max(crop - w, 0) // 2
+    top = max(crop - h, 0) // 2
+    left = max(crop - w, 0) // 2
     x = F.pad(x, (left, max(crop - w, 0) - left, top, max(crop - h, 0) - top))
-    (big_h, big_w), stride = x.shape[-2:], math.ceil(crop * 2 / 3)
+    big_h, big_w = x.shape[-2:]
+    stride = math.ceil(crop * 2 / 3)
 
-    def starts(extent):
-        return sorted(
-            {
-                min(i * stride, extent - crop)
-                for i in range(math.ceil(max(extent - crop, 0) / stride) + 1)
-            }
-        )
+    def starts(extent: int) -> list[int]:  # window offsets along one side, the last flush
+        steps = math.ceil(max(extent - crop, 0) / stride)
+        return sorted({min(i * stride, extent - crop) for i in range(steps + 1)})
 
-    total, count = None, x.new_zeros(1, 1, big_h, big_w)
+    total = None  # (B, C, big_h, big_w), once the first window tells C
+    count = x.new_zeros(1, 1, big_h, big_w)
     for y0 in starts(big_h):
         for x0 in starts(big_w):
             logits = forward_logits(model, x[:, :, y0 : y0 + crop, x0 : x0 + crop], amp)
             total = x.new_zeros(len(x), logits.shape[1], big_h, big_w) if total is None else total
             total[:, :, y0 : y0 + crop, x0 : x0 + crop] += logits
             count[:, :, y0 : y0 + crop, x0 : x0 + crop] += 1
+    # Deviation: logits averaged; the official evaluator sums scores and divides by the count
+    # (the same up to how scores are defined).
     return (total / count)[:, :, top : top + h, left : left + w]
 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module,
-    source,
-    num_classes: int,
-    crop: int,
-    stats,
-    batch_size: int = 8,
-    amp: bool = False,
-    workers: int = 0,
-    show: int = 6,
+    model: nn.Module, source, num_classes: int, stats, args: Args, show: int = 6
 ) -> tuple[dict, tuple]:
-    """mIoU and pixel accuracy of `model` (eval mode) over the whole split, one confusion matrix;
-    also `show` images spread over the split with their labels and predictions (resized alike)."""
+    """mIoU and pixel accuracy of `model` (eval mode) over the whole split, one confusion matrix,
+    windows of --crop-size; also `show` images spread over the split with their labels and
+    predictions (resized alike)."""
     model.eval()
-    if isinstance(source, tuple):
-        n = len(source[0])
-        batches = (
-            (
-                torch.arange(s, min(s + batch_size, n)),
-                source[0][s : s + batch_size],
-                source[1][s : s + batch_size].long(),
-            )
-            for s in range(0, n, batch_size)
-        )
-    else:  # images differ in size: one at a time
-        n = len(source)
-        loader = torch.utils.data.DataLoader(
-            source, batch_size=1, num_workers=workers, collate_fn=collate_with_sizes
-        )
-        batches = (
-            (torch.tensor([i]), images, labels) for i, (images, labels, _) in enumerate(loader)
-        )
     device = next(model.parameters()).device
-    conf, shown = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device), []
+    amp = args.amp and device.type == "cuda"
+    n = len(source[0]) if isinstance(source, tuple) else len(source)
+    # in memory: --batch-size images at a time; streamed images differ in size: one at a time
+    index_batches = torch.arange(n).split(args.batch_size if isinstance(source, tuple) else 1)
+    batches = common.segmentation_batches(source, index_batches, device, args.workers)
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
+    shown = []  # (image, label, prediction) of the picked images, all at the first one's size
     picks = set(torch.linspace(0, n - 1, show).round().long().tolist())
-    for idx, images, labels in batches:
-        images, labels = images.to(device), labels.to(device)
-        pred = sliding_window(model, common.normalize(images, *stats), crop, amp).argmax(1)
+    for idx, (images, labels, _) in zip(index_batches, batches, strict=True):
+        pred = sliding_window(model, common.normalize(images, *stats), args.crop_size, amp)
+        pred = pred.argmax(1)
         conf += common.confusion_matrix(pred, labels, num_classes)
-        for j in (j for j, i in enumerate(idx.tolist()) if i in picks):
+        for j, i in enumerate(idx.tolist()):
+            if i not in picks:
+                continue
             size = shown[0][1].shape[-2:] if shown else labels.shape[-2:]
-            y, p = (
-                F.interpolate(t[j : j + 1, None].float(), size=size)[:, 0].long()
-                for t in (labels, pred)
-            )  # nearest
-            shown.append(
-                (F.interpolate(images[j : j + 1].float(), size=size, mode="bilinear") / 255, y, p)
-            )
-    return common.segmentation_scores(conf), tuple(torch.cat(part) for part in zip(*shown))
+            # label maps resized by nearest neighbour, images bilinearly
+            label = F.interpolate(labels[j : j + 1, None].float(), size=size)[:, 0].long()
+            predicted = F.interpolate(pred[j : j + 1, None].float(), size=size)[:, 0].long()
+            image = F.interpolate(images[j : j + 1].float(), size=size, mode="bilinear") / 255
+            shown.append((image, label, predicted))
+    pictures = tuple(torch.cat(part) for part in zip(*shown, strict=True))
+    return common.segmentation_scores(conf), pictures
 
 
 # --------------------------------------------------------------------------------------------------
-# Training
+# Training: steps 1-6 of the module docstring
 # --------------------------------------------------------------------------------------------------
+def train_step(
+    forwards: tuple[nn.Module, nn.Module],
+    labeled: tuple[torch.Tensor, torch.Tensor],
+    unlabeled: list[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    cps_weight: float,
+    args: Args,
+) -> torch.Tensor:
+    """Steps 2-5 on one augmented labelled batch and the step's unlabelled batches (none for the
+    supervised twin, one for CPS, the two to mix with CutMix), both networks updated once.
+    `forwards`: the two networks, or their torch.compile'd wrappers (train() reaches through).
+    Returns (L_s, L_cps, agreement, pseudo_acc), the last two diagnostics only."""
+    forward1, forward2 = forwards
+    forward1.train()
+    forward2.train()
+    images, labels = labeled  # (B, 3, crop, crop), (B, crop, crop)
+    device = images.device
+    amp = args.amp and device.type == "cuda"
+    # 2. L_s of both networks on the labelled batch. OHEM keeps at least the 50,000 hardest of an
+    # 800 x 800 crop's pixels per image, the same fraction of other crops.
+    # Deviation: the official min_kept is 50,000 x the total batch (8) per GPU process of one image.
+    kept = round(50_000 * args.crop_size**2 / 800**2) * len(labels) if args.ohem else 0  # min_kept
+    logits1 = forward_logits(forward1, images, amp)
+    logits2 = forward_logits(forward2, images, amp)
+    loss_sup = supervised_loss(logits1, labels, kept) + supervised_loss(logits2, labels, kept)
+    # 0 where they do not apply: all three for the supervised twin, pseudo_acc without CutMix
+    loss_cps = agreement = pseudo_acc = torch.zeros((), device=device)
+    if cps_weight > 0 and not args.cutmix:
+        # 3. CPS over the labelled and the unlabelled pixels. The unlabelled batch gets its own
+        # forward pass, so batch norm sees it alone, as official. Its labels are never used.
+        unlabeled_images, _ = unlabeled[0]
+        unlabeled_logits1 = forward_logits(forward1, unlabeled_images, amp)
+        unlabeled_logits2 = forward_logits(forward2, unlabeled_images, amp)
+        loss_cps = cross_pseudo_supervision_loss(
+            torch.cat([logits1, unlabeled_logits1]), torch.cat([logits2, unlabeled_logits2])
+        )
+    elif cps_weight > 0:
+        # 4. CPS with CutMix on U_a and U_b, the two unlabelled batches to mix: one mask M a pair.
+        # Their labels (truth_a, truth_b) serve only the pseudo_acc diagnostic.
+        (unlabeled_a, truth_a), (unlabeled_b, truth_b) = unlabeled
+        height, width = unlabeled_a.shape[-2:]
+        boxes = draw_boxes(len(unlabeled_a), height, width, generator=generator, device=device)
+        mask = box_masks(boxes, height, width)  # (B, 1, crop, crop)
+        with torch.no_grad():
+            # Pseudo-labels in train mode (batch statistics, running ones updated) as official,
+            # or in eval mode (--pseudo-label-mode eval)
+            forward1.train(args.pseudo_label_mode == "train")
+            forward2.train(args.pseudo_label_mode == "train")
+            logits1_a = forward_logits(forward1, unlabeled_a, amp)
+            logits1_b = forward_logits(forward1, unlabeled_b, amp)
+            pseudo1 = mixed_pseudo_labels(logits1_a, logits1_b, mask)
+            logits2_a = forward_logits(forward2, unlabeled_a, amp)
+            logits2_b = forward_logits(forward2, unlabeled_b, amp)
+            pseudo2 = mixed_pseudo_labels(logits2_a, logits2_b, mask)
+            forward1.train()
+            forward2.train()
+        mixed_images = cutmix(unlabeled_a, unlabeled_b, mask)
+        unlabeled_logits1 = forward_logits(forward1, mixed_images, amp)
+        unlabeled_logits2 = forward_logits(forward2, mixed_images, amp)
+        loss_cps = cross_pseudo_supervision_loss(
+            unlabeled_logits1, unlabeled_logits2, pseudo1, pseudo2
+        )
+        # pseudo_acc: network 1's mixed pseudo-labels against the held-back truth, mixed alike
+        truth = cutmix(truth_a[:, None].float(), truth_b[:, None].float(), mask)[:, 0].long()
+        known = truth != 255
+        pseudo_acc = ((pseudo1 == truth) & known).sum() / known.sum().clamp_min(1)
+    if cps_weight > 0:
+        # agreement: of the two networks' argmax on the unlabelled (with CutMix: mixed) pixels
+        same = unlabeled_logits1.detach().argmax(1) == unlabeled_logits2.detach().argmax(1)
+        agreement = same.float().mean()
+    # 5. L = L_s + lambda L_cps; one backward pass; one SGD step for both networks
+    loss = loss_sup + cps_weight * loss_cps
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return torch.stack([loss_sup.detach(), loss_cps.detach(), agreement, pseudo_acc])
+
+
 def train(args: Args) -> dict:
     device = common.select_device(args.device)
     common.set_seed(args.seed)
@@ -624,214 +676,112 @@ def train(args: Args) -> dict:
             "--batch-size must be at least 2 (batch norm in the image-pooling branch), "
             "--crop-size at least 32 (output stride 16), --iterations at least 1"
         )
-    train_split, eval_split = ("train", "val") if args.dataset in STREAMED else ("train", "test")
-    train_source, names, classes = load_split(args, train_split, device)
-    eval_source, _, _ = load_split(args, eval_split, device)
+    cps_weight = args.cps_weight
+    if cps_weight is None:  # the paper's lambda for the data set
+        without_cutmix, with_cutmix = CPS_WEIGHTS.get(args.dataset, (1.5, 1.0))
+        cps_weight = with_cutmix if args.cutmix else without_cutmix
+    train_source, labeled, unlabeled, eval_source, classes, description = load_data(
+        args, device, cps_weight
+    )
     num_classes = len(classes)
-    labeled, unlabeled, how = labeled_partition(
-        names, args.labeled_ratio, args.seed, args.labeled_list
-    )
-    lam = (
-        args.cps_weight
-        if args.cps_weight is not None
-        else CPS_WEIGHTS.get(args.dataset, (1.5, 1.0))[args.cutmix]
-    )
-    if lam > 0 and not len(unlabeled):
-        raise common.ConfigError(
-            f"every training image is labelled ({how}): lower --labeled-ratio, or pass "
-            f"--cps-weight 0 for supervised training"
-        )
-    net1, net2 = (
-        n.to(device) for n in build_networks(num_classes, args.backbone, args.weights)
-    )  # before writing
-    out = common.prepare_out_dir(
-        args.out_dir or f"runs/cps-{args.dataset}-{args.seed}", args.resume, args
-    )
-    num_eval = len(eval_source[0]) if isinstance(eval_source, tuple) else len(eval_source)
+    # Built before anything is written: a missing ImageNet weights file stops the run here.
+    net1, net2 = build_networks(num_classes, args.backbone, args.weights, device)
+    out_dir = args.out_dir or f"runs/cps-{args.dataset}-{args.seed}"
+    out = common.prepare_out_dir(out_dir, args.resume, args)
     print(
-        f"cps: {args.dataset} on {device}; labelled: {how}; {len(unlabeled)} unlabelled ({train_split}), "
-        f"{num_eval} evaluation images ({eval_split}); DeepLabv3+ {args.backbone} ({args.weights}), "
-        f"lambda {lam:g}, CutMix {args.cutmix}",
+        f"cps: {args.dataset} on {device}; {description}; DeepLabv3+ {args.backbone} "
+        f"({args.weights}), lambda {cps_weight:g}, CutMix {args.cutmix}",
         flush=True,
     )
-    stats, amp = (info.mean, info.std), args.amp and device.type == "cuda"
-    if (
-        device.type == "cuda" and not args.compile
-    ):  # (channels-last weights + torch.compile failed a
-        net1, net2 = (
-            n.to(memory_format=torch.channels_last) for n in (net1, net2)
-        )  # stride check, picie.py)
-    # One SGD over both networks' parameters: per-parameter momentum makes it the official two optimisers.
+    stats = (info.mean, info.std)
+    # Channels-last, except with --compile (channels-last weights failed its stride check, picie.py)
+    if device.type == "cuda" and not args.compile:
+        net1.to(memory_format=torch.channels_last)
+        net2.to(memory_format=torch.channels_last)
+    # Deviation: one SGD over both networks' parameters, where the official code has two;
+    # per-parameter momentum makes their updates identical.
     optimizer = torch.optim.SGD(
         parameter_groups(net1, args.weight_decay) + parameter_groups(net2, args.weight_decay),
         lr=args.lr,
         momentum=0.9,
     )
-    f1, f2 = (torch.compile(n) for n in (net1, net2)) if args.compile else (net1, net2)
-    # OHEM keeps >= 50,000 of an 800 x 800 crop's pixels per image, the same fraction of other crops.
-    # Deviation: the official min_kept is 50,000 x the total batch (8) per GPU process of one image.
-    min_kept = round(50_000 * args.crop_size**2 / 800**2) if args.ohem else 0
+    forwards = (net1, net2)
+    if args.compile:
+        forwards = (torch.compile(net1), torch.compile(net2))
     augment_rng = torch.Generator(device=device).manual_seed(args.seed)
-    start, evals, seconds, train_seconds = 0, [], 0.0, 0.0
+    book = common.RunBook(out, args, device)  # with --resume, the checkpoint's state
     if args.resume:
-        state = common.load_checkpoint(out / "checkpoint.pt", map_location=device)
         for key, part in (("net1", net1), ("net2", net2), ("optimizer", optimizer)):
-            part.load_state_dict(state[key])
-        augment_rng.set_state(state["augment_rng"].cpu())
-        start, evals, seconds, train_seconds = (
-            state["step"],
-            state["evals"],
-            state["seconds"],
-            state["train_seconds"],
-        )
-        print(f"resumed at iteration {start}", flush=True)
+            part.load_state_dict(book.checkpoint[key])
+        augment_rng.set_state(book.checkpoint["augment_rng"].cpu())
+        print(f"resumed at iteration {book.checkpoint['step']}", flush=True)
+    start = book.checkpoint.get("step", 0)
+    evals = book.checkpoint.get("evals", [])
 
-    def batches(
-        pool, seed
-    ):  # augmented (images, labels) of a pool, one batch per step from `start`
-        for images, labels, sizes in stream(
-            train_source, pool, args.batch_size, start, seed, device, args.workers
-        ):
-            yield random_scale_crop(
-                prepare(images, sizes, stats), labels, sizes, args.crop_size, generator=augment_rng
-            )
-
-    labeled_batches = batches(labeled, args.seed)
-    unlabeled_a, unlabeled_b = batches(unlabeled, args.seed + 1), batches(unlabeled, args.seed + 2)
-    logger = common.Logger(out, total=args.iterations, start=start)
-    per_step = args.batch_size * (
-        1 + (0 if lam == 0 else 2 if args.cutmix else 1)
-    )  # images drawn per step
-    sums, images_since_log, shown, t_run = (
-        torch.zeros(4, device=device),
-        0,
-        None,
-        time.perf_counter(),
-    )
+    # 1. The step's batches, each stream with its own seed: the labelled images; for CPS, the
+    # unlabelled ones; with CutMix, a second unlabelled stream to mix with the first (U_a, U_b).
+    pools = [(labeled, args.seed)]
+    if cps_weight > 0:
+        pools.append((unlabeled, args.seed + 1))
+    if cps_weight > 0 and args.cutmix:
+        pools.append((unlabeled, args.seed + 2))
+    streams = [
+        training_batches(train_source, pool, seed, start, args, stats, augment_rng)
+        for pool, seed in pools
+    ]
+    images_per_step = args.batch_size * len(streams)  # labelled and unlabelled
+    book.start_log(total=args.iterations, start=start)
+    sums = torch.zeros(4, device=device)  # L_s, L_cps, agreement, pseudo_acc since the last line
+    shown = None
     for step in range(start, args.iterations):
-        net1.train(), net2.train()
-        t_step = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = poly_lr(step, args.iterations, args.lr)
-        x, y = next(
-            labeled_batches
-        )  # (B, 3, crop, crop), (B, crop, crop); the unlabelled ones' labels are
-        logits1, logits2 = (
-            forward_logits(f1, x, amp),
-            forward_logits(f2, x, amp),
-        )  # only diagnostics
-        loss_sup = supervised_loss(logits1, y, min_kept * len(y)) + supervised_loss(
-            logits2, y, min_kept * len(y)
-        )
-        loss_cps = agreement = pseudo_acc = torch.zeros((), device=device)
-        if lam > 0 and not args.cutmix:  # step 3: over the labelled and the unlabelled images
-            u, _ = next(unlabeled_a)
-            u1, u2 = (
-                forward_logits(f1, u, amp),
-                forward_logits(f2, u, amp),
-            )  # own batch-norm batch, as official
-            loss_cps = cross_pseudo_supervision_loss(
-                torch.cat([logits1, u1]), torch.cat([logits2, u2])
+        with book.timed(images=images_per_step):
+            for group in optimizer.param_groups:
+                group["lr"] = poly_lr(step, args.iterations, args.lr)
+            labeled_batch, *unlabeled_batches = [next(batches) for batches in streams]  # 1.
+            # 2-5. L = L_s + lambda L_cps, one SGD step for both networks
+            sums += train_step(
+                forwards, labeled_batch, unlabeled_batches, optimizer, augment_rng, cps_weight, args
             )
-        elif lam > 0:  # step 4: CutMix
-            (ua, ya), (ub, yb) = next(unlabeled_a), next(unlabeled_b)
-            boxes = draw_boxes(len(ua), *ua.shape[-2:], generator=augment_rng, device=device)
-            mask = box_masks(boxes, *ua.shape[-2:])  # (B, 1, crop, crop)
-            with (
-                torch.no_grad()
-            ):  # train mode (batch statistics, running ones updated) as official, or eval
-                (
-                    net1.train(args.pseudo_label_mode == "train"),
-                    net2.train(args.pseudo_label_mode == "train"),
-                )
-                pseudo1 = mixed_pseudo_labels(
-                    forward_logits(f1, ua, amp), forward_logits(f1, ub, amp), mask
-                )
-                pseudo2 = mixed_pseudo_labels(
-                    forward_logits(f2, ua, amp), forward_logits(f2, ub, amp), mask
-                )
-                net1.train(), net2.train()
-            u = cutmix(ua, ub, mask)
-            u1, u2 = forward_logits(f1, u, amp), forward_logits(f2, u, amp)
-            loss_cps = cross_pseudo_supervision_loss(u1, u2, pseudo1, pseudo2)
-            u_truth = cutmix(ya[:, None].float(), yb[:, None].float(), mask)[:, 0].long()
-            known = u_truth != 255
-            pseudo_acc = ((pseudo1 == u_truth) & known).sum() / known.sum().clamp_min(1)
-        if lam > 0:
-            agreement = (u1.detach().argmax(1) == u2.detach().argmax(1)).float().mean()
-        loss = loss_sup + lam * loss_cps
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        train_seconds += time.perf_counter() - t_step
-        images_since_log += per_step
-        sums += torch.stack([loss_sup.detach(), loss_cps.detach(), agreement, pseudo_acc])
 
         if (step + 1) % args.log_every == 0 or step + 1 == args.iterations:
-            done = step % args.log_every + 1
-            # agreement: of the two networks' argmax on unlabelled pixels; pseudo_acc: network 1's CutMix
-            # pseudo-labels against the held-back truth (diagnostics only, logged where they exist)
-            keys = ("train/loss_sup", "train/loss_cps", "diag/agreement", "diag/pseudo_acc")
-            record = {
-                key: value / done
-                for key, value in zip(keys[: 2 + (lam > 0) * (1 + args.cutmix)], sums)
-            }
+            means = sums / (step % args.log_every + 1)  # over the steps since the last line
+            record = {"train/loss_sup": means[0], "train/loss_cps": means[1]}
+            # The diagnostics, logged where they exist: agreement of the two networks' argmax on
+            # unlabelled pixels; pseudo_acc, network 1's CutMix pseudo-labels against the truth.
+            if cps_weight > 0:
+                record["diag/agreement"] = means[2]
+            if cps_weight > 0 and args.cutmix:
+                record["diag/pseudo_acc"] = means[3]
             record["train/lr"] = poly_lr(step, args.iterations, args.lr)
-            logger.log(step + 1, record, images=images_since_log)
-            sums, images_since_log = torch.zeros(4, device=device), 0
+            book.log(step + 1, record)
+            sums = torch.zeros(4, device=device)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.iterations:
-            scores, shown = evaluate(
-                f1,
-                eval_source,
-                num_classes,
-                args.crop_size,
-                stats,
-                args.batch_size,
-                amp,
-                args.workers,
-            )
-            evals.append(
-                {"miou": scores["miou"], "pixel_acc": scores["pixel_acc"], "iou": scores["iou"]}
-            )
-            logger.log(
-                step + 1, {"eval/miou": scores["miou"], "eval/pixel_acc": scores["pixel_acc"]}
-            )
-            seconds += time.perf_counter() - t_run
-            t_run = time.perf_counter()
-            common.save_checkpoint(
-                out / "checkpoint.pt",
-                {
-                    "net1": net1.state_dict(),
-                    "net2": net2.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "augment_rng": augment_rng.get_state(),
-                    "step": step + 1,
-                    "evals": evals,
-                    "seconds": seconds,
-                    "train_seconds": train_seconds,
-                    "args": dataclasses.asdict(args),
-                },
-            )
+            # 6. Network 1 alone, sliding window
+            scores, shown = evaluate(forwards[0], eval_source, num_classes, stats, args)
+            evals.append({key: scores[key] for key in ("miou", "pixel_acc", "iou")})
+            book.log(step + 1, {"eval/miou": scores["miou"], "eval/pixel_acc": scores["pixel_acc"]})
+            state = {"net1": net1.state_dict(), "net2": net2.state_dict()}
+            state["optimizer"] = optimizer.state_dict()
+            state["augment_rng"] = augment_rng.get_state()
+            book.save({**state, "step": step + 1, "evals": evals})
 
     if shown is None:  # resumed from the final checkpoint: evaluate again for the picture
-        _, shown = evaluate(
-            f1, eval_source, num_classes, args.crop_size, stats, args.batch_size, amp, args.workers
-        )
+        _, shown = evaluate(forwards[0], eval_source, num_classes, stats, args)
     common.save_segmentation_rows(out / "segmentation.png", *shown)
+    last = evals[-1]
     results = {
-        "miou": evals[-1]["miou"],
-        "pixel_acc": evals[-1]["pixel_acc"],  # Deviation: the official reports
-        "iou": [v if v == v else None for v in evals[-1]["iou"]],
-        "cps_weight": lam,  # the best snapshot
+        # Deviation: the last evaluation; the official code reports the best of its evaluated
+        # epoch snapshots (eval.py -e 20-34).
+        "miou": last["miou"],
+        "pixel_acc": last["pixel_acc"],
+        "iou": [None if math.isnan(v) else v for v in last["iou"]],  # NaN: a class never present
+        "cps_weight": cps_weight,
         "num_labeled": len(labeled),
         "iterations": args.iterations,
-        "seconds": seconds + time.perf_counter() - t_run,
-        "images_per_second": args.iterations * per_step / max(train_seconds, 1e-9),
+        **book.figures(),  # seconds, images_per_second
     }
-    print(
-        "results: " + " ".join(f"{k}={v:.4g}" for k, v in results.items() if isinstance(v, float)),
-        flush=True,
-    )
+    figures = " ".join(f"{k}={v:.4g}" for k, v in results.items() if isinstance(v, float))
+    print(f"results: {figures}", flush=True)
     return common.write_results(out, results)
 
 

@@ -28,10 +28,14 @@ One epoch (each name is a function below):
    classes, pixel accuracy and mIoU; the untrained network first, as the baseline.
 
 Usage:
-    python picie.py --dataset cocostuff27 --data-dir DIR        # the paper's recipe (GPU; official log: 1.5 h an epoch)
-    python picie.py --dataset cityscapes --data-dir DIR         # 27 classes, trains on test + train_extra
-    python picie.py --dataset shapes-seg                        # a small complete run on a CPU
-    python picie.py --dataset camvid --data-dir DIR --weights none --image-size 128 --epochs 3 --batch-size 32 --lr 1e-3
+    # the paper's recipe (GPU; official log: 1.5 h an epoch)
+    python picie.py --dataset cocostuff27 --data-dir DIR
+    # 27 classes, trains on test + train_extra
+    python picie.py --dataset cityscapes --data-dir DIR
+    # a small complete run on a CPU
+    python picie.py --dataset shapes-seg
+    python picie.py --dataset camvid --data-dir DIR --weights none --image-size 128 --epochs 3 \
+        --batch-size 32 --lr 1e-3
 
 Expected, pixel accuracy / mIoU % (the paper's, ResNet-18 FPN from ImageNet weights):
     COCO-Stuff-27  PiCIE 48.09 / 13.84   Modified DeepCluster 32.2 / 9.8    IIC 21.8 / 6.7
@@ -45,8 +49,8 @@ mIoU / pixel accuracy after training (the untrained network, batch norm recomput
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-import time
 from pathlib import Path
 from typing import Literal
 
@@ -90,11 +94,12 @@ class Args:
     num_clusters: int | None = None
     """clusters K (default: the number of classes, 27 for COCO-Stuff-27 and Cityscapes)"""
     image_size: int = 320
-    """training and evaluation resolution, the network's input (decoded at twice it for view 1's crops)"""
+    """training and evaluation resolution, the network's input (decoded at 2x for view 1's crops)"""
     weights: Literal["imagenet", "none"] = "imagenet"
     """ResNet-18 initialisation: torchvision's ImageNet weights (the paper) or random"""
     balance: Literal["proportional", "inverse", "none"] = "proportional"
-    """cross-entropy class weights from cluster sizes: proportional (official code), inverse (the paper's aim), none"""
+    """cross-entropy class weights from cluster sizes: proportional (official code), inverse (the
+    paper's aim), none"""
     lr: float = 1e-4
     """Adam learning rate (1e-3 for Cityscapes), no weight decay"""
     min_scale: float = 0.5
@@ -102,7 +107,8 @@ class Args:
     kmeans_images: int = 5120
     """training images whose pixel features k-means sees (the official 20 batches of 256)"""
     kmeans_pixels: int = 32_768_000
-    """pixel features k-means sees, spread evenly over those images (default: every pixel of 5120 80 x 80 maps)"""
+    """pixel features k-means sees, spread evenly over those images (default: every pixel of 5120
+    80 x 80 maps)"""
     kmeans_iters: int = 20
     """Lloyd iterations of each k-means"""
     workers: int = 4
@@ -117,6 +123,7 @@ class Args:
 DATASET_DEFAULTS = {
     "cityscapes": {"lr": 1e-3},
     "cityscapes27": {"lr": 1e-3},
+    # Deviation: not in the paper: 32 px, random weights, batch 32, lr 1e-3, 6 epochs.
     "shapes-seg": {
         "image_size": 32,
         "weights": "none",
@@ -131,10 +138,26 @@ DATASET_DEFAULTS = {
 # Splits: Cityscapes follows the official protocol (train on the unlabelled test + train_extra
 # images, evaluate on train + val); the others train on train and evaluate on test (or val).
 SPLITS = {"cityscapes27": ("test+train_extra", "val+train"), "cocostuff27": ("train", "val")}
-STREAMED = (
-    "cocostuff27",
-    "cityscapes27",
-)  # too large for memory: decoded from disk by DataLoader workers
+# Too large for memory: decoded from disk by DataLoader workers.
+STREAMED = ("cocostuff27", "cityscapes27")
+
+
+def choose_num_clusters(args: Args, num_classes: int, num_fit: int) -> int:
+    """K: --num-clusters, or the number of classes; checked against what the labels and k-means
+    can hold (`num_fit` training images feed k-means)."""
+    num_clusters = args.num_clusters or num_classes
+    # The labels are held as uint8.
+    if not 2 <= num_clusters <= 256:
+        raise common.ConfigError(
+            f"--num-clusters {num_clusters}: choose 2 to 256 (the data set has {num_classes} "
+            f"classes)"
+        )
+    if num_clusters > min(args.kmeans_pixels, num_fit * math.ceil(args.image_size / 4) ** 2):
+        raise common.ConfigError(
+            f"--num-clusters {num_clusters} exceeds the pixel features k-means sees; raise "
+            f"--kmeans-pixels or --kmeans-images, or lower --num-clusters"
+        )
+    return num_clusters
 
 
 # --------------------------------------------------------------------------------------------------
@@ -142,9 +165,7 @@ STREAMED = (
 # --------------------------------------------------------------------------------------------------
 # MoCo v2's photometric transforms with PiCIE's strengths (Sec. 4; data/custom_transforms.py): each
 # jitter op on its own coin (p = 0.8), factors 1 +/- 0.3, hue +/- 0.1, in a fixed order, then
-# grayscale and blur. Deviation: the official code never applies the grayscale (it checks for
-# "gray", its flag adds "grey") and computes a blur radius from the coin that is never in
-# [0.1, 2]; we apply both as intended (method note, step 1).
+# grayscale and blur.
 PHOTOMETRIC = dict(
     brightness=0.3,
     contrast=0.3,
@@ -153,7 +174,9 @@ PHOTOMETRIC = dict(
     jitter_p=0.8,
     jitter_each=True,
     random_order=False,
+    # Deviation: grayscale applied (official: never, it checks for "gray", its flag adds "grey").
     grayscale_p=0.2,
+    # Deviation: blur sigma U[0.1, 2] (official: a radius from the coin itself, never in [0.1, 2]).
     blur_p=0.5,
     blur_sigma=(0.1, 2.0),
 )
@@ -164,19 +187,17 @@ def draw_epoch_transforms(n: int, min_scale: float = 0.5, generator=None, device
     labelling pass and the training pass all see the same views of image i: photometric parameters
     `p1`, `p2` (dicts of (n, ...) tensors), square crop `boxes` (n, 4) = (x0, y0, side, side) in
     fractions of the image (side uniform in [min_scale, 1], position uniform), `flip` (n,)."""
-    p1, p2 = (
-        common.draw_photometric(n, **PHOTOMETRIC, generator=generator, device=device)
-        for _ in range(2)
-    )
+    p1 = common.draw_photometric(n, **PHOTOMETRIC, generator=generator, device=device)
+    p2 = common.draw_photometric(n, **PHOTOMETRIC, generator=generator, device=device)
     side = min_scale + (1 - min_scale) * torch.rand(n, generator=generator, device=device)
-    x0, y0 = (torch.rand(n, generator=generator, device=device) * (1 - side) for _ in range(2))
+    x0 = torch.rand(n, generator=generator, device=device) * (1 - side)
+    y0 = torch.rand(n, generator=generator, device=device) * (1 - side)
     flip = torch.rand(n, generator=generator, device=device) < 0.5
     return {"p1": p1, "p2": p2, "boxes": torch.stack([x0, y0, side, side], 1), "flip": flip}
 
 
-def pick(
-    params: dict, idx: torch.Tensor
-) -> dict:  # the rows of a batch's images from per-image parameters
+def pick(params: dict, idx: torch.Tensor) -> dict:
+    """The rows of a batch's images `idx` from per-image parameters (nested dicts of tensors)."""
     return {k: pick(v, idx) if isinstance(v, dict) else v[idx] for k, v in params.items()}
 
 
@@ -185,11 +206,12 @@ def geometric(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size=Non
     x's own size), bilinear: view 1's transform of an image, and view 2's of a feature map.
     Sample points within half a pixel of the edge read the edge, as the official crop +
     F.interpolate does."""
+    # Deviation: continuous boxes, one resampling (official: integer boxes, then F.interpolate).
     return common.resized_crop(x, boxes, flip, size or x.shape[-2:])
 
 
 def shrink(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 or [0, 1] images (B, 3, H, W) -> float [0, 1] at size x size (bilinear, antialiased)."""
+    """uint8 or [0, 1] images (B, 3, H, W) -> float [0, 1] at size x size, bilinear, antialiased."""
     x = images.float() / 255 if images.dtype == torch.uint8 else images
     return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
@@ -205,33 +227,39 @@ def pixel_features(model: nn.Module, x: torch.Tensor, stats, amp: bool = False) 
 
 
 def view_features(
-    model: nn.Module, images: torch.Tensor, t: dict, view: int, size: int, stats, amp: bool = False
+    model: nn.Module,
+    images: torch.Tensor,
+    transforms: dict,
+    view: int,
+    size: int,
+    stats,
+    amp: bool = False,
 ) -> torch.Tensor:
     """Z_v (B, 128, size/4, size/4) of uint8 images (B, 3, 2 size, 2 size) under their epoch
-    transforms t (`pick`ed for the batch). View 1: P1, then crop + flip of the image to size.
-    View 2: P2, resized to size, then the same crop + flip of the feature map (Sec. 3.3).
-    Deviation: the official training pass feeds view 1 without P1 (its data set computes P1(x),
-    then converts x itself), while its clustering pass applies P1; we apply P1 in every pass."""
+    `transforms` (`pick`ed for the batch). View 1: P1, then crop + flip of the image to size.
+    View 2: P2, resized to size, then the same crop + flip of the feature map (Sec. 3.3)."""
     x = images.float() / 255
+    boxes = transforms["boxes"]
+    flip = transforms["flip"]
     if view == 1:
-        return pixel_features(
-            model,
-            geometric(common.apply_photometric(x, t["p1"]), t["boxes"], t["flip"], size),
-            stats,
-            amp,
-        )
-    z = pixel_features(model, shrink(common.apply_photometric(x, t["p2"]), size), stats, amp)
-    return F.normalize(geometric(z, t["boxes"], t["flip"]), dim=1)
+        # Deviation: P1 in every pass (official: the training pass feeds view 1 without P1; its
+        # data set computes P1(x), then converts x itself, while its clustering pass applies P1).
+        x1 = geometric(common.apply_photometric(x, transforms["p1"]), boxes, flip, size)
+        return pixel_features(model, x1, stats, amp)
+    x2 = shrink(common.apply_photometric(x, transforms["p2"]), size)
+    z = pixel_features(model, x2, stats, amp)
+    return F.normalize(geometric(z, boxes, flip), dim=1)
 
 
 def sample_pixels(z: torch.Tensor, per_image: int, generator=None) -> torch.Tensor:
-    """`per_image` random pixel features (all, if fewer) of each map z (B, C, h, w) -> (B * per_image, C)."""
+    """`per_image` random pixel features of each map z (B, C, h, w), or all of them if fewer:
+    (B * per_image, C)."""
     b, c, h, w = z.shape
     flat = z.flatten(2).transpose(1, 2)  # (B, h w, C)
     if per_image >= h * w:
         return flat.reshape(-1, c)
-    pos = torch.rand(b, h * w, generator=generator, device=z.device).argsort(1)[:, :per_image]
-    return flat.gather(1, pos[:, :, None].expand(-1, -1, c)).reshape(-1, c)
+    positions = torch.rand(b, h * w, generator=generator, device=z.device).argsort(1)[:, :per_image]
+    return flat.gather(1, positions[:, :, None].expand(-1, -1, c)).reshape(-1, c)
 
 
 @torch.no_grad()
@@ -239,33 +267,33 @@ def cluster_pixels(
     features_of,
     source,
     idx: torch.Tensor,
-    k: int,
+    num_clusters: int,
     pixels: int,
     iters: int,
     batch_size: int,
     seed: int,
     workers: int = 0,
 ) -> tuple[torch.Tensor, float]:
-    """k-means (K = k) on pixel features of the images `idx` of `source`, `pixels` of them spread
+    """k-means (K = num_clusters) on `pixels` pixel features of the images `idx` of `source`, spread
     evenly over the images; `features_of(idx, images)` gives a batch's feature maps. Returns the
-    centroids (k, C) and the mean squared distance of the sample to them (the k-means loss).
-    Deviation: the official code runs k-means on all pixels of 20 batches and then moves the
-    centroids by a running mean over the other batches; we cluster the sample only."""
-    generator, sample = torch.Generator(device=idx.device).manual_seed(seed), []
-    for b_idx, images, _ in batches(source, idx, batch_size, workers):
-        z = features_of(b_idx, images)
+    centroids (K, C) and the mean squared distance of the sample to them (the k-means loss)."""
+    generator = torch.Generator(device=idx.device).manual_seed(seed)
+    sample = []
+    for batch_idx, images, _ in batches(source, idx, batch_size, workers):
+        z = features_of(batch_idx, images)
         sample.append(sample_pixels(z, max(1, pixels // len(idx)), generator))
     sample = torch.cat(sample)
-    centroids, labels = common.kmeans(sample, k, iters=iters, seed=seed)
+    # Deviation: one k-means on the sample (official: on all pixels of 20 batches, then running
+    # means of the centroids over every other batch).
+    centroids, labels = common.kmeans(sample, num_clusters, iters=iters, seed=seed)
     return centroids, float((sample - centroids[labels]).square().sum(1).mean())
 
 
 def assign_labels(z: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """Nearest centroid (Euclidean) of every pixel of z (B, C, h, w) -> (B, h, w): the argmax of
-    2 z . mu_k - |mu_k|^2 (the official compute_negative_euclidean; centroids are not normalised)."""
-    return (
-        2 * cluster_logits(z, centroids) - centroids.square().sum(1)[None, :, None, None]
-    ).argmax(1)
+    2 z . mu_k - |mu_k|^2 (the official compute_negative_euclidean; centroids not normalised)."""
+    squared_norms = centroids.square().sum(1)[None, :, None, None]
+    return (2 * cluster_logits(z, centroids) - squared_norms).argmax(1)
 
 
 def cluster_weights(counts: torch.Tensor, balance: str = "proportional") -> torch.Tensor:
@@ -301,7 +329,7 @@ def picie_loss(
     y2: torch.Tensor,
     w1: torch.Tensor,
     w2: torch.Tensor,
-):
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The PiCIE objective (Eq. 5-7): with CE_v the cross-entropy weighted by w_v (mean over
     pixels, weighted as torch's `weight`), features Z (B, C, h, w), labels y (B, h, w),
     L_within = [CE_1(mu_1 . Z1, y1) + CE_2(mu_2 . Z2, y2)] / 2,
@@ -317,7 +345,7 @@ def picie_loss(
 
 
 # --------------------------------------------------------------------------------------------------
-# The network: ResNet-18 and a top-down FPN (128-d, stride 4)
+# The networks: ResNet-18 and a top-down FPN (128-d, stride 4)
 # --------------------------------------------------------------------------------------------------
 def imagenet_resnet(name: str, weights: str = "imagenet") -> nn.Module:
     """torchvision's ResNet `name` (resnet18, resnet50, ...): with ImageNet weights from torch.hub's
@@ -355,15 +383,16 @@ class PiCIENet(nn.Module):
         self.lateral = nn.ModuleList([nn.Conv2d(c, dim, 1) for c in (64, 128, 256, 512)])
 
     def forward(self, x):  # (B, 3, H, W) -> (B, 128, H/4, W/4)
-        levels, x = [], self.stem(x)
+        x = self.stem(x)
+        levels = []
         for stage in self.stages:
             x = stage(x)
             levels.append(x)  # res2 (stride 4), res3, res4, res5 (stride 32)
         out = self.lateral[3](levels[3])
-        for lateral, level in zip(self.lateral[2::-1], levels[2::-1]):
-            out = F.interpolate(
-                out, size=level.shape[-2:], mode="bilinear", align_corners=False
-            ) + lateral(level)
+        for lateral, level in zip(self.lateral[2::-1], levels[2::-1], strict=True):
+            size = level.shape[-2:]
+            upsampled = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
+            out = upsampled + lateral(level)
         return out
 
 
@@ -375,21 +404,23 @@ class Squares(torch.utils.data.Dataset):
     official BaseTransform; items (index, image uint8 (3, side, side), label (side, side))."""
 
     def __init__(self, data: common.SegmentationSet, side: int):
-        self.data, self.side = data, side
+        self.data = data
+        self.side = side
 
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, i):
-        image, label = self.data[i]
-        top, left = (image.shape[1] - self.side) // 2, (image.shape[2] - self.side) // 2
-        rows, cols = slice(top, top + self.side), slice(left, left + self.side)
-        return i, image[:, rows, cols], label[rows, cols]
+    def __getitem__(self, index):
+        image, label = self.data[index]
+        top = (image.shape[1] - self.side) // 2
+        left = (image.shape[2] - self.side) // 2
+        rows = slice(top, top + self.side)
+        cols = slice(left, left + self.side)
+        return index, image[:, rows, cols], label[rows, cols]
 
 
-def loader_name(
-    dataset: str,
-) -> str:  # --dataset cityscapes means PiCIE's 27 classes (common's cityscapes27)
+def loader_name(dataset: str) -> str:
+    """--dataset cityscapes means PiCIE's 27 classes (common's cityscapes27)."""
     return "cityscapes27" if dataset == "cityscapes" else dataset
 
 
@@ -398,9 +429,9 @@ def load_split(args: Args, split: str, device) -> tuple:
     official res2 = 640 for 320). source: (images, labels) on the device, or a `Squares` set
     decoded on demand (STREAMED sets)."""
     name = loader_name(args.dataset)
-    data_dir = args.data_dir or (
-        None if name in ("shapes-seg", "segfolder") else f"data/{args.dataset}"
-    )
+    data_dir = args.data_dir
+    if data_dir is None and name not in ("shapes-seg", "segfolder"):
+        data_dir = f"data/{args.dataset}"
     data = common.load_segmentation(name, split, data_dir, image_size=2 * args.image_size)
     squares = Squares(data, 2 * args.image_size)
     if name in STREAMED:
@@ -422,12 +453,10 @@ def batches(source, idx: torch.Tensor, batch_size: int, workers: int = 0):
     """(indices, uint8 images, labels) of the images `idx` in that order, `batch_size` at a time,
     on idx's device: slices of in-memory tensors, or decoded from disk by DataLoader workers."""
     if isinstance(source, tuple):
-        for s in range(0, len(idx), batch_size):
-            yield (
-                idx[s : s + batch_size],
-                source[0][idx[s : s + batch_size]],
-                source[1][idx[s : s + batch_size]],
-            )
+        images, labels = source
+        for start in range(0, len(idx), batch_size):
+            batch = idx[start : start + batch_size]
+            yield batch, images[batch], labels[batch]
         return
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(source, idx.tolist()),
@@ -435,9 +464,9 @@ def batches(source, idx: torch.Tensor, batch_size: int, workers: int = 0):
         num_workers=workers,
         pin_memory=idx.is_cuda,
     )
-    for i, images, labels in loader:
+    for batch, images, labels in loader:
         yield (
-            i.to(idx.device),
+            batch.to(idx.device),
             images.to(idx.device, non_blocking=True),
             labels.to(idx.device, non_blocking=True),
         )
@@ -488,77 +517,116 @@ def evaluate(
     algorithm. Returns the scores (miou, pixel_acc, per-class iou) and `show` images spread evenly
     over the split, their labels and matched predictions (255 where a cluster matched no class)."""
     model.eval()
+
+    def features_of(idx, images):
+        return pixel_features(model, shrink(images, size), stats, amp)
+
     centroids, _ = cluster_pixels(
-        lambda i, images: pixel_features(model, shrink(images, size), stats, amp),
-        train_source,
-        fit_idx,
-        num_clusters,
-        pixels,
-        iters,
-        batch_size,
-        seed,
-        workers,
+        features_of, train_source, fit_idx, num_clusters, pixels, iters, batch_size, seed, workers
     )
-    conf, shown = (
-        torch.zeros(num_classes, num_clusters, dtype=torch.long, device=fit_idx.device),
-        [],
-    )
+    device = fit_idx.device
+    conf = torch.zeros(num_classes, num_clusters, dtype=torch.long, device=device)
+    shown = []
     picks = set(torch.linspace(0, num_eval - 1, show).round().long().tolist())
-    for idx, images, labels in batches(
-        eval_source, torch.arange(num_eval, device=fit_idx.device), batch_size, workers
-    ):
+    eval_idx = torch.arange(num_eval, device=device)
+    for idx, images, labels in batches(eval_source, eval_idx, batch_size, workers):
         x = shrink(images, size)
         y = F.interpolate(labels[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
         logits = cluster_logits(pixel_features(model, x, stats, amp), centroids)
-        pred = F.interpolate(
-            logits, size=(size, size), mode="bilinear", align_corners=False
-        ).argmax(1)
+        logits = F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
+        pred = logits.argmax(1)
         conf += common.confusion_matrix(pred, y, num_classes, num_clusters=num_clusters)
         keep = [j for j, i in enumerate(idx.tolist()) if i in picks]
         shown.append((x[keep], y[keep], pred[keep]))
     scores = common.segmentation_scores(conf, hungarian=True)
     match = torch.tensor([c if c >= 0 else 255 for c in scores["match"]], device=conf.device)
-    x, y, pred = (torch.cat(part) for part in zip(*shown))
+    x, y, pred = (torch.cat(part) for part in zip(*shown, strict=True))
     return scores, (x, y, match[pred])
 
 
 # --------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------
+def picie_net_and_optimizer(args: Args, device) -> tuple:
+    """PiCIENet (built first: it checks the ImageNet weights before anything is written), its Adam
+    optimizer, and the network the passes call (compiled with --compile)."""
+    model = PiCIENet(args.weights).to(device)
+    # Channels-last weights, except when compiled: torch 2.11's inductor failed a stride check in
+    # conv backward with them.
+    if device.type == "cuda" and not args.compile:
+        model = model.to(memory_format=torch.channels_last)
+    # No weight decay (official: Adam, lr only).
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    forward = torch.compile(model) if args.compile else model
+    return model, optimizer, forward
+
+
 @torch.no_grad()
-def label_view(
-    model, source, n: int, t: dict, view: int, centroids, num_classes: int, args: Args, stats, amp
-):
-    """Steps 3-4 for one view: every pixel of every training image gets its nearest centroid
+def label_view(features, source, transforms, view, centroids, num_classes, args):
+    """Step 4 for one view: every pixel of every training image gets its nearest centroid
     (uint8 (n, h, w), in memory); also the cluster sizes and, as a diagnostic never used in
     training, the confusion of the labels with the truth moved by the same crop and flip."""
-    model.eval()
-    labels, counts, conf = (
-        None,
-        torch.zeros(len(centroids), dtype=torch.long, device=centroids.device),
-        0,
-    )
-    for idx, images, truth in batches(
-        source, torch.arange(n, device=centroids.device), args.batch_size, args.workers
-    ):
-        y = assign_labels(
-            view_features(model, images, pick(t, idx), view, args.image_size, stats, amp), centroids
-        )
+    num_images = len(transforms["flip"])
+    labels = None
+    counts = torch.zeros(len(centroids), dtype=torch.long, device=centroids.device)
+    conf = 0
+    all_idx = torch.arange(num_images, device=centroids.device)
+    for idx, images, truth in batches(source, all_idx, args.batch_size, args.workers):
+        y = assign_labels(features(idx, images, transforms, view), centroids)
         if labels is None:
-            labels = torch.empty(n, *y.shape[1:], dtype=torch.uint8, device=y.device)
-        labels[idx], counts = (
-            y.to(torch.uint8),
-            counts + torch.bincount(y.flatten(), minlength=len(centroids)),
-        )
+            # Deviation: labels in memory (official: one file per image, view and epoch).
+            labels = torch.empty(num_images, *y.shape[1:], dtype=torch.uint8, device=y.device)
+        labels[idx] = y.to(torch.uint8)
+        counts += torch.bincount(y.flatten(), minlength=len(centroids))
         # both views' labels lie in the crop's frame (view 2's through its feature map)
-        truth = common.resized_crop(
-            truth, t["boxes"][idx], t["flip"][idx], y.shape[1:], mode="nearest", fill=255
-        )
+        boxes = transforms["boxes"][idx]
+        flip = transforms["flip"][idx]
+        truth = common.resized_crop(truth, boxes, flip, y.shape[1:], mode="nearest", fill=255)
         conf = conf + common.confusion_matrix(y, truth, num_classes, num_clusters=len(centroids))
     return labels, counts, common.segmentation_scores(conf, hungarian=True)["miou"]
 
 
+@torch.no_grad()
+def cluster_and_label(features, source, fit_idx, transforms, num_classes, num_clusters, args, seed):
+    """Steps 3-4 of an epoch, in the official order: both views' k-means on the images `fit_idx`,
+    then both label passes over all images; `features(idx, images, transforms, view)` gives a
+    batch's Z_v. Returns per view the centroids, the labels and the cross-entropy weights
+    (`cluster_weights`), and the epoch's log record (k-means losses, cluster sizes, label mIoU)."""
+    record = {}
+    centroids = []
+    for view in (1, 2):
+        features_of = functools.partial(features, transforms=transforms, view=view)
+        mu, inertia = cluster_pixels(
+            features_of,
+            source,
+            fit_idx,
+            num_clusters,
+            args.kmeans_pixels,
+            args.kmeans_iters,
+            args.batch_size,
+            seed + view,
+            args.workers,
+        )
+        centroids.append(mu)
+        record[f"cluster/kmeans_loss{view}"] = inertia
+    labels = []
+    weights = []
+    for view in (1, 2):
+        y, counts, label_miou = label_view(
+            features, source, transforms, view, centroids[view - 1], num_classes, args
+        )
+        labels.append(y)
+        weights.append(cluster_weights(counts, args.balance))
+        sizes = counts.float() / counts.sum()
+        record[f"cluster/min_size{view}"] = sizes.min()
+        record[f"cluster/max_size{view}"] = sizes.max()
+        record[f"diag/label_miou{view}"] = label_miou
+    return centroids, labels, weights, record
+
+
 def train(args: Args) -> dict:
+    """Load the data and check the input; the baseline (step 7 on the untrained network); then
+    per epoch steps 1-6 and the evaluation. Resumable after any epoch."""
     device = common.select_device(args.device)
     common.set_seed(args.seed)
     info = common.dataset_info(args.dataset, "segment")
@@ -567,45 +635,33 @@ def train(args: Args) -> dict:
             f"--image-size {args.image_size}: the network needs at least 16 px"
         )
     train_split, eval_split = SPLITS.get(loader_name(args.dataset), ("train", "test"))
-    train_source, n, classes = load_split(args, train_split, device)
+    train_source, num_train, classes = load_split(args, train_split, device)
     eval_source, num_eval, _ = load_split(args, eval_split, device)
-    num_classes, k = len(classes), args.num_clusters or len(classes)
-    fit = min(args.kmeans_images, n)
-    if not 2 <= k <= 256:  # labels are held as uint8
-        raise common.ConfigError(
-            f"--num-clusters {k}: choose 2 to 256 (the data set has {num_classes} classes)"
-        )
-    if k > min(args.kmeans_pixels, fit * math.ceil(args.image_size / 4) ** 2):
-        raise common.ConfigError(
-            f"--num-clusters {k} exceeds the pixel features k-means sees; raise --kmeans-pixels "
-            f"or --kmeans-images, or lower --num-clusters"
-        )
-    model = PiCIENet(args.weights).to(
-        device
-    )  # checks the ImageNet weights before anything is written
+    num_classes = len(classes)
+    num_fit = min(args.kmeans_images, num_train)
+    num_clusters = choose_num_clusters(args, num_classes, num_fit)
+    model, optimizer, forward = picie_net_and_optimizer(args, device)
     out = common.prepare_out_dir(
         args.out_dir or f"runs/picie-{args.dataset}-{args.seed}", args.resume, args
     )
     print(
-        f"picie: {args.dataset} on {device}, {n} training ({train_split}) and {num_eval} evaluation ({eval_split}) "
-        f"images at {args.image_size} px, K = {k}, ResNet-18 FPN ({args.weights} weights)",
+        f"picie: {args.dataset} on {device}, {num_train} training ({train_split}) and {num_eval} "
+        f"evaluation ({eval_split}) images at {args.image_size} px, K = {num_clusters}, "
+        f"ResNet-18 FPN ({args.weights} weights)",
         flush=True,
     )
-    stats, amp = (info.mean, info.std), args.amp and device.type == "cuda"
-    if (
-        device.type == "cuda" and not args.compile
-    ):  # (compiled with channels-last weights, torch 2.11's
-        model = model.to(
-            memory_format=torch.channels_last
-        )  # inductor failed a stride check in conv backward)
-    optimizer = torch.optim.Adam(
-        model.parameters(), lr=args.lr
-    )  # no weight decay (official: Adam, lr only)
-    forward = torch.compile(model) if args.compile else model
-    fit_idx = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))[:fit].to(device)
+    stats = (info.mean, info.std)
+    amp = args.amp and device.type == "cuda"
+
+    def features(idx, images, transforms, view):  # step 2 on this run's network: a batch's Z_v
+        batch_transforms = pick(transforms, idx)
+        return view_features(forward, images, batch_transforms, view, args.image_size, stats, amp)
+
+    fit_generator = torch.Generator().manual_seed(args.seed)
+    fit_idx = torch.randperm(num_train, generator=fit_generator)[:num_fit].to(device)
     evaluation = dict(
         num_classes=num_classes,
-        num_clusters=k,
+        num_clusters=num_clusters,
         size=args.image_size,
         stats=stats,
         seed=args.seed,
@@ -615,145 +671,94 @@ def train(args: Args) -> dict:
         workers=args.workers,
         amp=amp,
     )
+    book = common.RunBook(out, args, device)
+    start = book.checkpoint.get("epoch", 0)
+    book.start_log(total=args.epochs, start=start)
     if args.resume:
-        state = common.load_checkpoint(out / "checkpoint.pt", map_location=device)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"].cpu())
+        model.load_state_dict(book.checkpoint["model"])
+        optimizer.load_state_dict(book.checkpoint["optimizer"])
+        torch.set_rng_state(book.checkpoint["torch_rng"].cpu())
         if device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"].cpu())
-        start, seconds, train_seconds = state["epoch"], state["seconds"], state["train_seconds"]
-        baseline, result = state["baseline"], state["result"]
-        logger = common.Logger(out, total=args.epochs, start=start)
+            torch.cuda.set_rng_state(book.checkpoint["cuda_rng"].cpu())
+        baseline = book.checkpoint["baseline"]
+        result = book.checkpoint["result"]
         print(f"resumed after epoch {start}", flush=True)
     else:
-        start, seconds, train_seconds, result = 0, 0.0, 0.0, {}
-        logger = common.Logger(out, total=args.epochs)
+        result = {}
         # The baseline: the untrained network, its batch-norm statistics recomputed on training
-        # images. Training starts from this network (deviation: the official code keeps ImageNet's statistics).
-        fit_batches = batches(
-            train_source,
-            without_lone_image(fit_idx, args.batch_size),
-            args.batch_size,
-            args.workers,
-        )
-        recompute_batch_norm(
-            model, (common.normalize(shrink(x, args.image_size), *stats) for _, x, _ in fit_batches)
-        )
+        # images; training starts from this network.
+        # Deviation: batch norm recomputed at the start (official: ImageNet's statistics).
+        fit_even = without_lone_image(fit_idx, args.batch_size)
+        fit_batches = batches(train_source, fit_even, args.batch_size, args.workers)
+        inputs = (common.normalize(shrink(x, args.image_size), *stats) for _, x, _ in fit_batches)
+        recompute_batch_norm(model, inputs)
         baseline, _ = evaluate(forward, train_source, fit_idx, eval_source, num_eval, **evaluation)
-        logger.log(
+        book.log(
             0, {"baseline/miou": baseline["miou"], "baseline/pixel_acc": baseline["pixel_acc"]}
         )
 
-    shown, t_run = None, time.perf_counter()
+    shown = None
     for epoch in range(start, args.epochs):
-        t_epoch, epoch_seed = time.perf_counter(), args.seed * 1_000_003 + epoch
-        # Every random draw of an epoch comes from (seed, epoch): a resumed run repeats it exactly.
-        generator = torch.Generator(device=device).manual_seed(epoch_seed)
-        t = draw_epoch_transforms(n, args.min_scale, generator, device)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed)).to(device)
-        centroids, labels, weights, record = [], [], [], {}
-        for view in (1, 2):  # steps 3-4; the official order: both k-means, then both label passes
+        # Training time is the whole epoch, clustering and labelling included.
+        with book.timed():
+            # Steps 1-4; every draw of an epoch comes from (seed, epoch): a resumed run repeats it.
+            epoch_seed = args.seed * 1_000_003 + epoch
+            generator = torch.Generator(device=device).manual_seed(epoch_seed)
+            transforms = draw_epoch_transforms(num_train, args.min_scale, generator, device)
+            order_generator = torch.Generator().manual_seed(epoch_seed)
+            order = torch.randperm(num_train, generator=order_generator).to(device)
             model.eval()
-            mu, inertia = cluster_pixels(
-                lambda i, images: view_features(
-                    forward, images, pick(t, i), view, args.image_size, stats, amp
-                ),
+            centroids, labels, weights, record = cluster_and_label(
+                features,
                 train_source,
-                order[:fit],
-                k,
-                args.kmeans_pixels,
-                args.kmeans_iters,
-                args.batch_size,
-                epoch_seed + view,
-                args.workers,
-            )
-            centroids.append(mu)
-            record[f"cluster/kmeans_loss{view}"] = inertia
-        for view in (1, 2):
-            y, counts, label_miou = label_view(
-                forward,
-                train_source,
-                n,
-                t,
-                view,
-                centroids[view - 1],
+                order[:num_fit],
+                transforms,
                 num_classes,
+                num_clusters,
                 args,
-                stats,
-                amp,
+                epoch_seed,
             )
-            labels.append(y)
-            weights.append(cluster_weights(counts, args.balance))
-            sizes = counts.float() / counts.sum()
-            record.update(
-                {
-                    f"cluster/min_size{view}": sizes.min(),
-                    f"cluster/max_size{view}": sizes.max(),
-                    f"diag/label_miou{view}": label_miou,
-                }
-            )
-        logger.log(epoch, record)
+            book.log(epoch, record)
 
-        model.train()
-        trained = without_lone_image(order, args.batch_size)
-        steps, seen, sums = (
-            math.ceil(len(trained) / args.batch_size),
-            0,
-            torch.zeros(3, device=device),
-        )
-        for b, (idx, images, _) in enumerate(
-            batches(train_source, trained, args.batch_size, args.workers)
-        ):
-            tb = pick(t, idx)
-            z1 = view_features(forward, images, tb, 1, args.image_size, stats, amp)
-            z2 = view_features(forward, images, tb, 2, args.image_size, stats, amp)
-            loss, within, cross = picie_loss(
-                z1, z2, *centroids, labels[0][idx], labels[1][idx], *weights
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            sums += torch.stack([loss.detach(), within.detach(), cross.detach()])
-            seen += len(idx)
-            if (b + 1) % args.log_every == 0 or b + 1 == steps:
-                steps_done = b % args.log_every + 1
-                logger.log(
-                    epoch + (b + 1) / steps,
-                    {
-                        "train/loss": sums[0] / steps_done,
-                        "train/loss_within": sums[1] / steps_done,
-                        "train/loss_cross": sums[2] / steps_done,
-                    },
-                    images=seen,
+            # Steps 5-6: Adam on the loss of both views, the images in this epoch's order.
+            model.train()
+            trained = without_lone_image(order, args.batch_size)
+            steps = math.ceil(len(trained) / args.batch_size)
+            loss_sums = torch.zeros(3, device=device)
+            for step, (idx, images, _) in enumerate(
+                batches(train_source, trained, args.batch_size, args.workers)
+            ):
+                z1 = features(idx, images, transforms, 1)
+                z2 = features(idx, images, transforms, 2)
+                loss, within, cross = picie_loss(
+                    z1, z2, *centroids, labels[0][idx], labels[1][idx], *weights
                 )
-                seen, sums = 0, torch.zeros(3, device=device)
-        train_seconds += time.perf_counter() - t_epoch
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sums += torch.stack([loss.detach(), within.detach(), cross.detach()])
+                book.count(len(idx))
+                if (step + 1) % args.log_every == 0 or step + 1 == steps:
+                    mean_losses = loss_sums / (step % args.log_every + 1)
+                    metrics = {
+                        "train/loss": mean_losses[0],
+                        "train/loss_within": mean_losses[1],
+                        "train/loss_cross": mean_losses[2],
+                    }
+                    book.log(epoch + (step + 1) / steps, metrics)
+                    loss_sums = torch.zeros(3, device=device)
 
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             result, shown = evaluate(
                 forward, train_source, fit_idx, eval_source, num_eval, **evaluation
             )
-            logger.log(
+            book.log(
                 epoch + 1, {"eval/miou": result["miou"], "eval/pixel_acc": result["pixel_acc"]}
             )
-        seconds += time.perf_counter() - t_run
-        t_run = time.perf_counter()
-        common.save_checkpoint(
-            out / "checkpoint.pt",
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                "epoch": epoch + 1,
-                "seconds": seconds,
-                "train_seconds": train_seconds,
-                "baseline": baseline,
-                "result": result,
-                "args": dataclasses.asdict(args),
-            },
-        )
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+        state["torch_rng"] = torch.get_rng_state()
+        state["cuda_rng"] = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        book.save({**state, "epoch": epoch + 1, "baseline": baseline, "result": result})
 
     if shown is None:  # resumed from the final checkpoint: evaluate again for the picture
         result, shown = evaluate(
@@ -765,17 +770,13 @@ def train(args: Args) -> dict:
         "pixel_acc": result["pixel_acc"],
         "baseline_miou": baseline["miou"],
         "baseline_pixel_acc": baseline["pixel_acc"],
-        "iou": [v if v == v else None for v in result["iou"]],
-        "num_clusters": k,
+        "iou": [None if math.isnan(v) else v for v in result["iou"]],
+        "num_clusters": num_clusters,
         "epochs": args.epochs,
-        "seconds": seconds + time.perf_counter() - t_run,
-        "images_per_second": args.epochs * n / max(train_seconds, 1e-9),
-    }  # whole epochs: clustering included
-    print(
-        "results: "
-        + " ".join(f"{key}={v:.4g}" for key, v in results.items() if isinstance(v, float)),
-        flush=True,
-    )
+        **book.figures(),
+    }
+    floats = " ".join(f"{key}={v:.4g}" for key, v in results.items() if isinstance(v, float))
+    print(f"results: {floats}", flush=True)
     return common.write_results(out, results)
 
 

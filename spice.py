@@ -16,7 +16,7 @@ Stage 1, MoCo v2 (`train_moco`): the backbone learns by instance discrimination.
     (`momentum_update`) the other, on shuffled groups (`shuffled_key_forward`: shuffle-BN on one
     device, so batch norm cannot tell which key belongs to which query).
  2. `moco_loss`: InfoNCE of each query against its key and the `MocoQueue` of earlier keys.
- 3. `embed`: the backbone feature of every image, unaugmented, L2-normalised, in the data set's
+ 3. `network_outputs`: the backbone feature of every image, unaugmented, L2-normalised, in
     order: the embedding of stages 2 and 3 and of the k-means baseline (`kmeans_baseline`).
 Stage 2, SPICE-Self (`train_self`): 10 heads on the frozen backbone; per draw of N images:
  4. Every head scores the weak views: P (N x K).
@@ -27,9 +27,10 @@ Stage 2, SPICE-Self (`train_self`): 10 heads on the frozen backbone; per draw of
 Stage 3, SPICE-Semi (`train_semi`):
  8. `reliable_samples`: the predicted cluster is shared by 99 of the 100 nearest neighbours
     (`knn_indices`) and the confidence exceeds 0.99; balanced to the smallest cluster's count.
- 9. FixMatch (`fixmatch_loss`) trains a new WRN-28-2: reliable images labelled with their
-    clusters, every training image unlabelled; the final EMA model is the result, scored by
-    ACC (Hungarian), NMI (geometric normalisation, as the official code) and ARI (`scores`).
+ 9. FixMatch (`fixmatch_loss`, `cosine_lr`, `parameter_groups`) trains a new WRN-28-2: reliable
+    images labelled with their clusters, every training image unlabelled; the final EMA model is
+    the result, scored (`evaluate`) by ACC (Hungarian), NMI (geometric normalisation, as the
+    official code) and ARI (`scores`).
 
 Usage:
     python spice.py --dataset cifar10                      # the paper's recipe (GPU: days)
@@ -51,8 +52,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import time
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -61,7 +62,9 @@ import torch.nn.functional as F
 import common
 
 
-# --- Arguments: defaults are the paper's recipe for CIFAR-10 --------------------------------------
+# --------------------------------------------------------------------------------------------------
+# Arguments: defaults are the paper's recipe for CIFAR-10
+# --------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Args:
     dataset: str = "cifar10"
@@ -79,18 +82,18 @@ class Args:
     batch_size: int = 128
     """MoCo images per step"""
     eval_every: int = 1024
-    """SPICE-Semi steps between evaluations of the EMA model (MoCo and SPICE-Self checkpoint every epoch)"""
+    """SPICE-Semi steps between evaluations and checkpoints (MoCo, SPICE-Self: every epoch)"""
     resume: bool = False
     """continue the run in --out-dir from its checkpoint"""
     amp: bool = True
     """bfloat16 autocast on CUDA (ignored on the CPU)"""
     compile: bool = False
     """torch.compile the network(s)"""
-    stage: str = "all"
-    """all, or one stage: moco, self (needs --init-from moco.pt), semi (needs --init-from self.pt)"""
+    stage: Literal["all", "moco", "self", "semi"] = "all"
+    """all, or one stage: moco, self (--init-from moco.pt) or semi (--init-from self.pt)"""
     init_from: str | None = None
     """the previous stage's hand-over file (moco.pt or self.pt) or the run folder holding it"""
-    protocol: str = "split"
+    protocol: Literal["split", "all"] = "split"
     """split: train on train, evaluate on test (SCAN's); all: train and evaluate on train + test"""
     num_clusters: int | None = None
     """clusters, K (default: the number of classes)"""
@@ -108,18 +111,28 @@ class Args:
     """MoCo queue of negative keys (capped at half the images on small data sets)"""
     bn_groups: int = 4
     """groups the MoCo batch is split into for batch norm (shuffle-BN; 4 x 32 at batch 128)"""
-    self_epochs: int = 30
+    moco_weight_decay: float = 1e-4
+    """MoCo SGD weight decay (MoCo v2's)"""
+    moco_temperature: float = 0.2
+    """temperature T of MoCo's InfoNCE loss (MoCo v2's)"""
+    self_epochs: int = 30  # Deviation: 30, the method note's (the official file's: 100)
     """SPICE-Self epochs (the official CIFAR-10 configuration file sets 100)"""
-    self_batch: int = 5000
+    self_batch: int = 5000  # Deviation: the official configuration's N (the paper's: 1000)
     """SPICE-Self images per draw, N (the paper's text: 1000; the official configuration: 5000)"""
     num_heads: int = 10
     """SPICE-Self heads"""
     double_softmax: bool = True
-    """cross-entropy on the heads' softmax outputs, as the official code (--no-double-softmax: on logits)"""
+    """cross-entropy on the heads' softmax outputs, as official (--no-double-softmax: on logits)"""
+    self_lr: float = 0.005
+    """SPICE-Self Adam learning rate, no weight decay (the official configuration)"""
+    self_passes: int = 8
+    """SPICE-Self passes over each draw's pseudo-labels, in mini-batches of 128"""
     consistency_ratio: float = 0.99
-    """share of the 100 nearest neighbours that must agree for a label to be reliable"""
+    """share of the --semi-knn nearest neighbours that must agree for a label to be reliable"""
     confidence: float = 0.99
     """top probability a label needs to be reliable"""
+    semi_knn: int = 100
+    """nearest neighbours k of a reliable label (the paper's 100; capped at the image count)"""
     semi_steps: int = 2**20
     """SPICE-Semi (FixMatch) steps"""
     semi_batch_size: int = 64
@@ -134,6 +147,10 @@ class Args:
     """SPICE-Semi batch-norm momentum (PyTorch's convention); short runs need more"""
     ema_decay: float = 0.999
     """decay of the exponential moving average of the SPICE-Semi weights that is evaluated"""
+    semi_lr: float = 0.03
+    """SPICE-Semi learning rate eta of SGD, decayed as eta cos(7 pi k / 16 K) (FixMatch's)"""
+    semi_weight_decay: float = 5e-4
+    """SPICE-Semi weight decay, not on batch norm or biases (FixMatch's CIFAR-10 value)"""
     log_every: int = 50
     """steps between log lines"""
 
@@ -145,7 +162,7 @@ DATASET_DEFAULTS = {
     "cifar100-20": {"self_batch": 10000, "self_epochs": 100},
     "stl10": {"image_size": 96, "self_epochs": 100, "consistency_ratio": 0.9},
     "imagefolder": {"consistency_ratio": 0.9},
-    "shapes": {
+    "shapes": {  # Deviation: our synthetic set, with networks and schedules for a CPU
         "backbone_width": 8,
         "image_size": 16,
         "moco_epochs": 32,
@@ -169,7 +186,237 @@ DATASET_DEFAULTS = {
 }
 
 
-# --- The networks: CIFAR ResNet-18 (stages 1-2), WRN-28-2 (stage 3) -------------------------------
+# --------------------------------------------------------------------------------------------------
+# The paper's pieces: stage 1, MoCo v2
+# --------------------------------------------------------------------------------------------------
+class MocoQueue:
+    """The last `size` keys (size, dim), the negatives of `moco_loss`; at first random ones."""
+
+    def __init__(self, size: int, dim: int, device=None):
+        self.keys = F.normalize(torch.randn(size, dim, device=device), dim=1)
+        self.ptr = 0
+
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Overwrite the oldest len(keys) entries, wrapping around the end."""
+        idx = (self.ptr + torch.arange(len(keys), device=self.keys.device)) % len(self.keys)
+        self.keys[idx] = keys.detach().to(self.keys.dtype)
+        self.ptr = (self.ptr + len(keys)) % len(self.keys)
+
+
+def moco_loss(
+    q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float = 0.2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """InfoNCE (MoCo Eq. 1): logits [q.k+, q.queue] / T, cross-entropy towards index 0. Returns the
+    loss and the share of queries whose own key scores highest."""
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], 1) / temperature
+    target = torch.zeros(len(q), dtype=torch.long, device=q.device)
+    return F.cross_entropy(logits, target), (logits.argmax(1) == 0).float().mean()
+
+
+@torch.no_grad()
+def momentum_update(key_encoder: nn.Module, encoder: nn.Module, momentum: float = 0.999) -> None:
+    """theta_k <- m theta_k + (1 - m) theta_q; the key encoder keeps its batch-norm statistics."""
+    for pk, pq in zip(key_encoder.parameters(), encoder.parameters(), strict=True):
+        pk.lerp_(pq.detach(), 1 - momentum)
+
+
+def grouped_forward(encoder: nn.Module, x: torch.Tensor, groups: int) -> torch.Tensor:
+    """The encoder on consecutive chunks: batch-norm statistics per chunk, as per GPU."""
+    return torch.cat([encoder(chunk) for chunk in x.chunk(groups)])
+
+
+def shuffled_key_forward(
+    key_encoder: nn.Module, x: torch.Tensor, groups: int, generator=None
+) -> torch.Tensor:
+    """Shuffle-BN on one device: shuffle the key batch, run it in groups (statistics per group,
+    each group a random mix of the query groups' images), restore the original order."""
+    # Deviation: shuffle-BN by groups on one device (the official code shuffles across GPUs).
+    perm = torch.randperm(len(x), generator=generator, device=x.device)
+    return grouped_forward(key_encoder, x[perm], groups)[perm.argsort()]
+
+
+def moco_augment(images: torch.Tensor, generator=None) -> torch.Tensor:
+    """MoCo v2's view: random resized crop (scale 0.2-1) + flip, colour jitter (0.4, 0.4, 0.4,
+    0.1) with p = 0.8, grayscale p = 0.2, Gaussian blur sigma 0.1-2 with p = 0.5."""
+    boxes, flip = common.draw_crops(
+        len(images), scale=(0.2, 1.0), generator=generator, device=images.device
+    )
+    x = common.resized_crop(images, boxes, flip, images.shape[-2:])
+    return common.photometric_augment(x, generator=generator)
+
+
+# --------------------------------------------------------------------------------------------------
+# The paper's pieces: stage 2, SPICE-Self
+# --------------------------------------------------------------------------------------------------
+def prototype_pseudo_labels(
+    probs: torch.Tensor, embedding: torch.Tensor, center_ratio: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 5 for one head: probs (N, K), embedding (N, d) L2-normalised.
+    Prototype c = mean embedding of the 0.5 N / K images with the highest probs[:, c] (ranked per
+    column: one image may serve several prototypes); then the N / K images with the highest dot
+    product with prototype c are labelled c (top per prototype, not an argmax per image: an image
+    picked by two prototypes appears twice, once with each label). Returns (indices, labels),
+    each of length K x (N // K)."""
+    n, k = probs.shape
+    per_cluster = n // k
+    top = probs.topk(max(1, int(center_ratio * per_cluster)), dim=0).indices  # (M, K)
+    prototypes = embedding[top].mean(0)  # (M, K, d) -> (K, d), not re-normalised
+    picked = (embedding @ prototypes.T).topk(per_cluster, dim=0).indices  # (N / K, K)
+    labels = torch.arange(k, device=probs.device).repeat_interleave(per_cluster)
+    return picked.T.reshape(-1), labels
+
+
+def head_loss(
+    logits: torch.Tensor, labels: torch.Tensor, double_softmax: bool = True
+) -> torch.Tensor:
+    """Cross-entropy against the pseudo-labels. The official heads end in a softmax and the loss
+    applies another one to those probabilities ("double softmax", the default here)."""
+    logits = logits.float()
+    return F.cross_entropy(logits.softmax(-1) if double_softmax else logits, labels)
+
+
+def select_head(
+    logits: torch.Tensor, embedding: torch.Tensor, double_softmax: bool = True
+) -> tuple[int, torch.Tensor]:
+    """Step 7, label-free head selection: for every head, step 5 over the whole split on its logits
+    (heads, N, K), then its loss on those labels; the lowest loss wins. Returns (best, losses)."""
+    losses = []
+    for head_logits in logits:
+        idx, labels = prototype_pseudo_labels(head_logits.softmax(-1), embedding)
+        losses.append(head_loss(head_logits[idx], labels, double_softmax))
+    losses = torch.stack(losses)
+    return int(losses.argmin()), losses  # Deviation: no labels (official: the ground truth)
+
+
+def train_heads(
+    heads: Heads,
+    optimizer: torch.optim.Optimizer,
+    features: torch.Tensor,
+    targets: list,
+    passes: int = 8,
+    batch_size: int = 128,
+    double_softmax: bool = True,
+    generator=None,
+) -> torch.Tensor:
+    """Step 6: `passes` shuffled passes of mini-batches over each head's (index, label) pairs,
+    features (N, d) of the strong views; the heads' losses are summed (each head owns its
+    parameters, so Adam trains them independently). Returns the mean loss per head."""
+    total = torch.zeros(len(targets), device=features.device)
+    steps = 0
+    for _ in range(passes):
+        order = torch.randperm(len(targets[0][0]), generator=generator, device=generator.device)
+        order = order.to(features.device)
+        for b in range(0, len(order), batch_size):
+            pos = order[b : b + batch_size]
+            losses = torch.stack(
+                [
+                    head_loss(head(features[idx[pos]]), labels[pos], double_softmax)
+                    for head, (idx, labels) in zip(heads.heads, targets, strict=True)
+                ]
+            )
+            optimizer.zero_grad(set_to_none=True)
+            losses.sum().backward()
+            optimizer.step()
+            total = total + losses.detach()
+            steps += 1
+    return total / steps
+
+
+# --------------------------------------------------------------------------------------------------
+# The paper's pieces: stage 3, SPICE-Semi
+# --------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def knn_indices(embedding: torch.Tensor, k: int = 100, chunk: int = 1024) -> torch.Tensor:
+    """The k most cosine-similar rows of each row of the L2-normalised embedding (itself
+    included), in chunks of rows: (N, k) without an N x N matrix."""
+    rows = []
+    for i in range(0, len(embedding), chunk):
+        rows.append((embedding[i : i + chunk] @ embedding.T).topk(k, dim=1).indices)
+    return torch.cat(rows)
+
+
+def reliable_samples(
+    preds: torch.Tensor,
+    confidence: torch.Tensor,
+    neighbours: torch.Tensor,
+    num_clusters: int,
+    ratio: float = 0.99,
+    threshold: float = 0.99,
+    generator=None,
+) -> torch.Tensor:
+    """Indices of the reliable images: at least ratio x k of the k neighbours (the image itself
+    among them) share its predicted cluster, and its top probability exceeds `threshold`; then
+    the same number per cluster, the smallest cluster's count, drawn at random."""
+    agree = (preds[neighbours] == preds[:, None]).sum(1)
+    reliable = (agree >= math.ceil(ratio * neighbours.shape[1] - 1e-6)) & (confidence > threshold)
+    counts = torch.bincount(preds[reliable], minlength=num_clusters)
+    if (counts == 0).any():
+        empty = torch.nonzero(counts == 0).squeeze(1).tolist()
+        raise common.ConfigError(
+            f"no reliable image in cluster(s) {empty} ({int(reliable.sum())} reliable in all): "
+            f"lower --consistency-ratio (now {ratio}) or --confidence (now {threshold}), "
+            f"or train the earlier stages longer (self.pt is kept: --stage semi --init-from it)"
+        )
+    n_min = int(counts.min())
+    keep = []
+    for c in range(num_clusters):
+        members = torch.nonzero(reliable & (preds == c)).squeeze(1)
+        chosen = torch.randperm(len(members), generator=generator)[:n_min]
+        keep.append(members[chosen.to(members.device)])
+    return torch.cat(keep)
+
+
+def fixmatch_loss(
+    logits_x: torch.Tensor,
+    targets_x: torch.Tensor,
+    logits_weak: torch.Tensor,
+    logits_strong: torch.Tensor,
+    threshold: float = 0.95,
+    lambda_u: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The FixMatch objective, Eq. 2-4: l_s + lambda_u l_u with
+    l_s = mean cross-entropy of the labelled batch (B, C),
+    l_u = (1 / mu B) sum_b 1[max q_b >= tau] CE(argmax q_b, strong logits_b), q_b = softmax of the
+    weak logits (no gradient, hard labels, no temperature). Returns the total, l_s, l_u, the mask
+    (mu B,) and the pseudo-labels (mu B,)."""
+    loss_s = F.cross_entropy(logits_x.float(), targets_x)
+    confidence, pseudo = torch.softmax(logits_weak.detach().float(), dim=1).max(1)
+    mask = (confidence >= threshold).float()
+    per_image = F.cross_entropy(logits_strong.float(), pseudo, reduction="none")
+    loss_u = (per_image * mask).mean()  # divided by all mu B images, confident or not
+    return loss_s + lambda_u * loss_u, loss_s, loss_u, mask, pseudo
+
+
+def cosine_lr(step: int, total_steps: int, lr: float) -> float:
+    """eta cos(7 pi k / 16 K): no warm-up; ends at eta cos(7 pi / 16), about 0.2 eta."""
+    return lr * math.cos(7 * math.pi * step / (16 * total_steps))
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on the weights of convolutions and linear layers (tensors of 2+ dimensions),
+    none on batch-norm parameters and biases, as the official code groups them."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay ema + (1 - decay) model for the parameters; the batch-norm buffers (running
+    statistics) are copied from the trained network: a port that forgot them stalled near 93% at
+    4000 CIFAR-10 labels (method note)."""
+    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+        e.lerp_(p.detach(), 1 - decay)
+    for e, b in zip(ema.buffers(), model.buffers(), strict=True):
+        e.copy_(b)
+
+
+# --------------------------------------------------------------------------------------------------
+# The networks: CIFAR ResNet-18 and MoCo's projector (stage 1), heads (stage 2), WRN-28-2 (stage 3)
+# --------------------------------------------------------------------------------------------------
 class BasicBlock(nn.Module):
     """ResNet's basic block: conv3x3 -> BN -> ReLU -> conv3x3 -> BN, plus the input (through a 1x1
     convolution and BN where the shape changes), then ReLU."""
@@ -220,7 +467,8 @@ class MoCo(nn.Module):
 
     def __init__(self, width: int = 64, dim: int = 128):
         super().__init__()
-        self.backbone, d = ResNet18(width), 8 * width
+        self.backbone = ResNet18(width)
+        d = 8 * width
         self.projector = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, dim))
 
     def forward(self, x):
@@ -310,60 +558,86 @@ class WideResNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-# --- Stage 1: MoCo v2 -----------------------------------------------------------------------------
-class MocoQueue:
-    """The last `size` keys (size, dim), the negatives of `moco_loss`; random unit vectors at first."""
+# --------------------------------------------------------------------------------------------------
+# Data: whole data sets on the device as uint8 tensors, the hand-over files, the batch draws
+# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Data:
+    """The images (N, 3, H, W) uint8 and labels (N,) of a run, on the device."""
 
-    def __init__(self, size: int, dim: int, device=None):
-        self.keys = F.normalize(torch.randn(size, dim, device=device), dim=1)
-        self.ptr = 0
-
-    def enqueue(self, keys: torch.Tensor) -> None:
-        """Overwrite the oldest len(keys) entries, wrapping around the end."""
-        idx = (self.ptr + torch.arange(len(keys), device=self.keys.device)) % len(self.keys)
-        self.keys[idx] = keys.detach().to(self.keys.dtype)
-        self.ptr = (self.ptr + len(keys)) % len(self.keys)
-
-
-def moco_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float = 0.2):
-    """InfoNCE (MoCo Eq. 1): logits [q.k+, q.queue] / T, cross-entropy towards index 0. Returns the
-    loss and the share of queries whose own key scores highest."""
-    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], 1) / temperature
-    target = torch.zeros(len(q), dtype=torch.long, device=q.device)
-    return F.cross_entropy(logits, target), (logits.argmax(1) == 0).float().mean()
+    images: torch.Tensor  # what is clustered: the training split (--protocol all: + test)
+    labels: torch.Tensor
+    eval_images: torch.Tensor  # what is scored: the test split (--protocol all: the same tensors)
+    eval_labels: torch.Tensor
+    pretrain: torch.Tensor  # MoCo's images (STL-10: plus its 100,000 unlabelled ones)
+    num_classes: int
 
 
-@torch.no_grad()
-def momentum_update(key_encoder: nn.Module, encoder: nn.Module, momentum: float = 0.999) -> None:
-    """theta_k <- m theta_k + (1 - m) theta_q; the key encoder keeps its own batch-norm statistics."""
-    for pk, pq in zip(key_encoder.parameters(), encoder.parameters()):
-        pk.lerp_(pq.detach(), 1 - momentum)
+def load_data(args: Args, device: torch.device) -> Data:
+    """The data set on the device, checked against the arguments."""
+    options = dict(data_dir=args.data_dir, download=args.download, image_size=args.image_size)
+    train_set = common.load_dataset(args.dataset, "train", **options)
+    test_set = common.load_dataset(args.dataset, "test", **options)
+    images, labels = train_set.images.to(device), train_set.labels.to(device)  # what is clustered
+    eval_images, eval_labels = test_set.images.to(device), test_set.labels.to(device)
+    if args.protocol == "all":  # the paper's main table: cluster and evaluate train + test
+        images, labels = torch.cat([images, eval_images]), torch.cat([labels, eval_labels])
+        eval_images, eval_labels = images, labels  # aliases, no copies
+    pretrain = images  # MoCo's images; STL-10 adds its 100,000 unlabelled ones, made for this
+    # Deviation: STL-10: MoCo on train + unlabeled, stage 3 on WRN-28-2 (FixMatch's: WRN-37-2)
+    if args.dataset == "stl10":
+        unlabeled = common.load_dataset("stl10", "unlabeled", **options)
+        pretrain = torch.cat([images, unlabeled.images.to(device)])
+    num_clusters = args.num_clusters or train_set.num_classes
+    if not 2 <= num_clusters <= min(len(images), args.self_batch):
+        raise common.ConfigError(
+            f"--num-clusters {num_clusters}: need 2 to min(images {len(images)}, "
+            f"--self-batch {args.self_batch}) clusters"
+        )
+    if not 1 <= args.bn_groups <= args.batch_size <= len(pretrain):
+        raise common.ConfigError(
+            f"need 1 <= --bn-groups ({args.bn_groups}) <= --batch-size ({args.batch_size}) <= "
+            f"the {len(pretrain)} training images"
+        )
+    return Data(images, labels, eval_images, eval_labels, pretrain, train_set.num_classes)
 
 
-def grouped_forward(encoder: nn.Module, x: torch.Tensor, groups: int) -> torch.Tensor:
-    """The encoder on consecutive chunks: batch-norm statistics per chunk, as per GPU."""
-    return torch.cat([encoder(chunk) for chunk in x.chunk(groups)])
+def load_handover(args: Args) -> dict:
+    """The previous stage's file for --stage self / semi, checked against this run's settings."""
+    wanted = {"self": "moco.pt", "semi": "self.pt"}[args.stage]
+    path = Path(args.init_from)
+    if path.is_dir():
+        path = path / wanted
+    if not path.is_file():
+        raise common.ConfigError(
+            f"--init-from {args.init_from}: no {wanted} there; --stage {args.stage} starts from "
+            f"the {wanted} that an earlier run's previous stage wrote into its --out-dir"
+        )
+    state = common.load_checkpoint(path)
+    if state.get("stage") != wanted.removesuffix(".pt"):
+        raise common.ConfigError(
+            f"--init-from {path} is a {state.get('stage')!r} hand-over; --stage {args.stage} "
+            f"needs {wanted}"
+        )
+    for key in ("dataset", "protocol", "backbone_width", "image_size", "num_clusters"):
+        if state["args"][key] != getattr(args, key):
+            raise common.ConfigError(
+                f"--init-from {path} was made with --{key.replace('_', '-')} "
+                f"{state['args'][key]}, this run has {getattr(args, key)}: pass the same value"
+            )
+    return state
 
 
-def shuffled_key_forward(
-    key_encoder: nn.Module, x: torch.Tensor, groups: int, generator=None
-) -> torch.Tensor:
-    """Shuffle-BN on one device: shuffle the key batch, run it in groups (statistics per group,
-    each group a random mix of the query groups' images), restore the original order."""
-    perm = torch.randperm(len(x), generator=generator, device=x.device)
-    return grouped_forward(key_encoder, x[perm], groups)[perm.argsort()]
+def uniform_indices(n: int, batch_size: int, step: int, seed: int, device) -> torch.Tensor:
+    """Uniform indices (with replacement), a function of the step: a resumed run redraws them."""
+    # Deviation: SPICE-Semi draws uniform batches per step (exact resume), not shuffled epochs.
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.randint(n, (batch_size,), generator=generator).to(device)
 
 
-def moco_augment(images: torch.Tensor, generator=None) -> torch.Tensor:
-    """MoCo v2's view: random resized crop (scale 0.2-1) + flip, colour jitter (0.4, 0.4, 0.4,
-    0.1) with p = 0.8, grayscale p = 0.2, Gaussian blur sigma 0.1-2 with p = 0.5."""
-    boxes, flip = common.draw_crops(
-        len(images), scale=(0.2, 1.0), generator=generator, device=images.device
-    )
-    x = common.resized_crop(images, boxes, flip, images.shape[-2:])
-    return common.photometric_augment(x, generator=generator)
-
-
+# --------------------------------------------------------------------------------------------------
+# Evaluation: ACC, NMI and ARI of the clusters on the evaluated split
+# --------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def network_outputs(
     model: nn.Module, images: torch.Tensor, stats, amp: bool = False, batch_size: int = 512
@@ -380,162 +654,9 @@ def network_outputs(
     return outputs
 
 
-# --- Stage 2: SPICE-Self --------------------------------------------------------------------------
-def prototype_pseudo_labels(
-    probs: torch.Tensor, embedding: torch.Tensor, center_ratio: float = 0.5
-):
-    """Step 5 for one head: probs (N, K), embedding (N, d) L2-normalised.
-    Prototype c = mean embedding of the 0.5 N / K images with the highest probs[:, c] (ranked per
-    column: one image may serve several prototypes); then the N / K images with the highest dot
-    product with prototype c are labelled c (top per prototype, not an argmax per image: an image
-    picked by two prototypes appears twice, once with each label). Returns (indices, labels),
-    each of length K x (N // K)."""
-    n, k = probs.shape
-    per_cluster = n // k
-    top = probs.topk(max(1, int(center_ratio * per_cluster)), dim=0).indices  # (M, K)
-    prototypes = embedding[top].mean(0)  # (M, K, d) -> (K, d), not re-normalised
-    picked = (embedding @ prototypes.T).topk(per_cluster, dim=0).indices  # (N / K, K)
-    labels = torch.arange(k, device=probs.device).repeat_interleave(per_cluster)
-    return picked.T.reshape(-1), labels
-
-
-def head_loss(
-    logits: torch.Tensor, labels: torch.Tensor, double_softmax: bool = True
-) -> torch.Tensor:
-    """Cross-entropy against the pseudo-labels. The official heads end in a softmax and the loss
-    applies another one to those probabilities ("double softmax", the default here)."""
-    logits = logits.float()
-    return F.cross_entropy(logits.softmax(-1) if double_softmax else logits, labels)
-
-
-def select_head(logits: torch.Tensor, embedding: torch.Tensor, double_softmax: bool = True):
-    """Step 7, label-free head selection: for every head, step 5 over the whole split on its logits
-    (heads, N, K), then its loss on those labels; the lowest loss wins. Returns (best, losses)."""
-    losses = []
-    for head_logits in logits:
-        idx, labels = prototype_pseudo_labels(head_logits.softmax(-1), embedding)
-        losses.append(head_loss(head_logits[idx], labels, double_softmax))
-    losses = torch.stack(losses)
-    return int(losses.argmin()), losses
-
-
-def train_heads(
-    heads: Heads,
-    optimizer,
-    features: torch.Tensor,
-    targets: list,
-    passes: int = 8,
-    batch_size: int = 128,
-    double_softmax: bool = True,
-    generator=None,
-) -> torch.Tensor:
-    """Step 6: `passes` shuffled passes of mini-batches over each head's (index, label) pairs,
-    features (N, d) of the strong views; the heads' losses are summed (each head owns its
-    parameters, so Adam trains them independently). Returns the mean loss per head."""
-    total, steps = torch.zeros(len(targets), device=features.device), 0
-    for _ in range(passes):
-        order = torch.randperm(len(targets[0][0]), generator=generator, device=generator.device).to(
-            features.device
-        )
-        for b in range(0, len(order), batch_size):
-            pos = order[b : b + batch_size]
-            losses = torch.stack(
-                [
-                    head_loss(head(features[idx[pos]]), labels[pos], double_softmax)
-                    for head, (idx, labels) in zip(heads.heads, targets)
-                ]
-            )
-            optimizer.zero_grad(set_to_none=True)
-            losses.sum().backward()
-            optimizer.step()
-            total, steps = total + losses.detach(), steps + 1
-    return total / steps
-
-
-# --- Stage 3: SPICE-Semi --------------------------------------------------------------------------
-@torch.no_grad()
-def knn_indices(embedding: torch.Tensor, k: int = 100, chunk: int = 1024) -> torch.Tensor:
-    """The k most cosine-similar rows of each row of the L2-normalised embedding (itself
-    included), in chunks of rows: (N, k) without an N x N matrix."""
-    return torch.cat(
-        [
-            (embedding[i : i + chunk] @ embedding.T).topk(k, dim=1).indices
-            for i in range(0, len(embedding), chunk)
-        ]
-    )
-
-
-def reliable_samples(
-    preds: torch.Tensor,
-    confidence: torch.Tensor,
-    neighbours: torch.Tensor,
-    num_clusters: int,
-    ratio: float = 0.99,
-    threshold: float = 0.99,
-    generator=None,
-) -> torch.Tensor:
-    """Indices of the reliable images: at least ratio x k of the k neighbours (the image itself
-    among them) share its predicted cluster, and its top probability exceeds `threshold`; then
-    the same number per cluster, the smallest cluster's count, drawn at random."""
-    agree = (preds[neighbours] == preds[:, None]).sum(1)
-    reliable = (agree >= math.ceil(ratio * neighbours.shape[1] - 1e-6)) & (confidence > threshold)
-    counts = torch.bincount(preds[reliable], minlength=num_clusters)
-    if (counts == 0).any():
-        empty = torch.nonzero(counts == 0).squeeze(1).tolist()
-        raise common.ConfigError(
-            f"no reliable image in cluster(s) {empty} ({int(reliable.sum())} reliable in all): "
-            f"lower --consistency-ratio (now {ratio}) or --confidence (now {threshold}), "
-            f"or train the earlier stages longer (self.pt is kept: --stage semi --init-from it)"
-        )
-    n_min, keep = int(counts.min()), []
-    for c in range(num_clusters):
-        members = torch.nonzero(reliable & (preds == c)).squeeze(1)
-        keep.append(
-            members[torch.randperm(len(members), generator=generator)[:n_min].to(members.device)]
-        )
-    return torch.cat(keep)
-
-
-def fixmatch_loss(
-    logits_x: torch.Tensor,
-    targets_x: torch.Tensor,
-    logits_weak: torch.Tensor,
-    logits_strong: torch.Tensor,
-    threshold: float = 0.95,
-    lambda_u: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The FixMatch objective, Eq. 2-4: l_s + lambda_u l_u with
-    l_s = mean cross-entropy of the labelled batch (B, C),
-    l_u = (1 / mu B) sum_b 1[max q_b >= tau] CE(argmax q_b, strong logits_b), q_b = softmax of the
-    weak logits (no gradient, hard labels, no temperature). Returns the total, l_s, l_u, the mask
-    (mu B,) and the pseudo-labels (mu B,)."""
-    loss_s = F.cross_entropy(logits_x.float(), targets_x)
-    confidence, pseudo = torch.softmax(logits_weak.detach().float(), dim=1).max(1)
-    mask = (confidence >= threshold).float()
-    per_image = F.cross_entropy(logits_strong.float(), pseudo, reduction="none")
-    loss_u = (per_image * mask).mean()  # divided by all mu B images, confident or not
-    return loss_s + lambda_u * loss_u, loss_s, loss_u, mask, pseudo
-
-
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay ema + (1 - decay) model for the parameters; the batch-norm buffers (running
-    statistics) are copied from the trained network: a port that forgot them stalled near 93% at
-    4000 CIFAR-10 labels (method note)."""
-    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-        e.lerp_(p.detach(), 1 - decay)
-    for e, b in zip(ema.buffers(), model.buffers(), strict=True):
-        e.copy_(b)
-
-
-def uniform_indices(n: int, batch_size: int, step: int, seed: int, device) -> torch.Tensor:
-    """A uniform draw of indices (with replacement), a function of the step alone (a resumed run draws the same)."""
-    return torch.randint(
-        n, (batch_size,), generator=torch.Generator().manual_seed(seed * 1_000_003 + step)
-    ).to(device)
-
-
-def predict(model: nn.Module, images: torch.Tensor, stats, amp: bool = False):
+def predict(
+    model: nn.Module, images: torch.Tensor, stats, amp: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Cluster and confidence of every image under a classifier in eval mode."""
     confidence, preds = network_outputs(model, images, stats, amp).softmax(1).max(1)
     return preds, confidence
@@ -550,107 +671,108 @@ def scores(labels: torch.Tensor, preds: torch.Tensor, prefix: str = "") -> dict:
     }
 
 
-# --- Training: one function per stage, each ending in a hand-over file (moco.pt, self.pt) ---------
+def evaluate(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, run: Run, prefix="", picture=None
+) -> dict:
+    """The `scores` of a classifier's clusters (`predict`) on uint8 images, keys after `prefix`;
+    with `picture`, a file name in the run folder, also each cluster's most confident images."""
+    preds, confidence = predict(model, images, run.stats, run.amp)
+    if picture:
+        path = run.book.out / picture
+        common.save_cluster_grid(path, images, preds, confidence, num_clusters=run.num_clusters)
+    return scores(labels, preds, prefix)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training: one function per stage, each ending in a hand-over file (moco.pt, self.pt)
+# --------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Run:
-    """What every stage needs besides the arguments."""
+    """What every stage needs besides the arguments: the bookkeeping (`common.RunBook`: timing,
+    log, checkpoint and resume state), the device, the data set's statistics, autocast, K."""
 
-    out: Path
+    book: common.RunBook
     device: torch.device
-    stats: tuple
-    amp: bool
-    checkpoint: dict  # the interrupted stage's checkpoint when resuming, else {}
-    totals: dict  # seconds, train_seconds, images over the whole pipeline so far
-    t_last: float = dataclasses.field(
-        default_factory=time.perf_counter
-    )  # when totals["seconds"] last grew
+    stats: tuple  # the data set's channel mean and std (ImageNet's for image folders)
+    amp: bool  # bfloat16 autocast (CUDA only)
+    num_clusters: int
 
-    def inputs(
-        self, images: torch.Tensor
-    ) -> torch.Tensor:  # uint8 -> normalised (channels-last on CUDA)
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images -> normalised floats (channels-last on CUDA)."""
         x = common.normalize(images, *self.stats)
         return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
 
-    def place(self, model: nn.Module) -> nn.Module:  # on the device, channels-last on CUDA
+    def place(self, model: nn.Module) -> nn.Module:
+        """The model on the device (channels-last on CUDA)."""
         model = model.to(self.device)
         return model.to(memory_format=torch.channels_last) if self.device.type == "cuda" else model
 
     def resumed(self, stage: str) -> dict:
-        return self.checkpoint if self.checkpoint.get("stage") == stage else {}
-
-    def tick(self) -> dict:  # the totals, wall time brought up to now
-        now = time.perf_counter()
-        self.totals["seconds"], self.t_last = self.totals["seconds"] + now - self.t_last, now
-        return self.totals
-
-    def save(
-        self, name: str, state: dict
-    ) -> None:  # a checkpoint or hand-over file, with the totals
-        common.save_checkpoint(self.out / name, {**state, "totals": dict(self.tick())})
+        """The checkpoint when resuming in this stage, else {}."""
+        return self.book.checkpoint if self.book.checkpoint.get("stage") == stage else {}
 
 
 def train_moco(args: Args, run: Run, images: torch.Tensor) -> dict:
     """Stage 1 on uint8 `images`; returns the backbone's weights."""
+    book = run.book
     torch.manual_seed(args.seed)  # every stage seeds itself: a stage run alone repeats the same run
     model = run.place(MoCo(args.backbone_width))
     key_encoder = copy.deepcopy(model).requires_grad_(False)
-    n, steps = len(images), len(images) // args.batch_size  # the last partial batch is dropped
+    n = len(images)
+    steps = n // args.batch_size  # the last partial batch is dropped
     queue_size = args.moco_queue if n >= 2 * args.moco_queue else n // 2
     if queue_size != args.moco_queue:  # else every image meets its own stale keys as negatives
         print(f"moco: queue capped at {queue_size} keys, half the {n} images", flush=True)
     queue = MocoQueue(queue_size, 128, run.device)
     optimizer = torch.optim.SGD(
-        model.parameters(), lr=args.moco_lr, momentum=0.9, weight_decay=1e-4
+        model.parameters(), lr=args.moco_lr, momentum=0.9, weight_decay=args.moco_weight_decay
     )
     forward = torch.compile(model) if args.compile else model
-    state, start = run.resumed("moco"), 0
+    state = run.resumed("moco")
+    start = state.get("epoch", 0)
     if state:
         model.load_state_dict(state["model"])
         key_encoder.load_state_dict(state["key_encoder"])
         optimizer.load_state_dict(state["optimizer"])
-        queue.keys, queue.ptr, start = state["queue"], state["queue_ptr"], state["epoch"]
-    logger = common.Logger(run.out, total=args.moco_epochs, start=start)
+        queue.keys = state["queue"]
+        queue.ptr = state["queue_ptr"]
+    book.start_log(total=args.moco_epochs, start=start)
     for epoch in range(start, args.moco_epochs):
-        lr = (
-            args.moco_lr * 0.5 * (1 + math.cos(math.pi * epoch / args.moco_epochs))
-        )  # cosine, per epoch
+        # cosine decay, per epoch
+        lr = args.moco_lr * 0.5 * (1 + math.cos(math.pi * epoch / args.moco_epochs))
         for group in optimizer.param_groups:
             group["lr"] = lr
         rng = torch.Generator(run.device).manual_seed(args.seed * 1_000_003 + epoch)
         order = torch.randperm(n, generator=rng, device=run.device)
-        model.train(), key_encoder.train()
-        losses, accs, seen = [], [], 0
+        model.train()
+        key_encoder.train()
+        losses, accs = [], []
         for b in range(steps):
-            t_step = time.perf_counter()
-            x = images[order[b * args.batch_size : (b + 1) * args.batch_size]]
-            x_q, x_k = run.inputs(moco_augment(x, rng)), run.inputs(moco_augment(x, rng))
-            with torch.autocast(run.device.type, torch.bfloat16, enabled=run.amp):
-                q = grouped_forward(forward, x_q, args.bn_groups)
-                with torch.no_grad():
-                    momentum_update(key_encoder, model, args.moco_momentum)
-                    k = shuffled_key_forward(key_encoder, x_k, args.bn_groups, rng)
-            loss, acc = moco_loss(q.float(), k.float(), queue.keys, temperature=0.2)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            queue.enqueue(k)
-            run.totals["train_seconds"] += time.perf_counter() - t_step
-            run.totals["images"] += 2 * len(x)
-            losses.append(loss.detach()), accs.append(acc)
-            seen += 2 * len(x)
+            with book.timed(images=2 * args.batch_size):
+                x = images[order[b * args.batch_size : (b + 1) * args.batch_size]]
+                x_q = run.inputs(moco_augment(x, rng))  # step 1: two views
+                x_k = run.inputs(moco_augment(x, rng))
+                with torch.autocast(run.device.type, torch.bfloat16, enabled=run.amp):
+                    q = grouped_forward(forward, x_q, args.bn_groups)
+                    with torch.no_grad():
+                        momentum_update(key_encoder, model, args.moco_momentum)
+                        k = shuffled_key_forward(key_encoder, x_k, args.bn_groups, rng)
+                loss, acc = moco_loss(q.float(), k.float(), queue.keys, args.moco_temperature)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                queue.enqueue(k)
+            losses.append(loss.detach())
+            accs.append(acc)
             if (b + 1) % args.log_every == 0 or b + 1 == steps:
-                logger.log(
-                    epoch + (b + 1) / steps,
-                    {
-                        "moco/loss": torch.stack(losses).mean(),
-                        "moco/instance_acc": torch.stack(accs).mean(),
-                        "moco/lr": lr,
-                    },
-                    images=seen,
-                )
-                losses, accs, seen = [], [], 0
-        run.save(
-            "checkpoint.pt",
+                metrics = {
+                    "moco/loss": torch.stack(losses).mean(),
+                    "moco/instance_acc": torch.stack(accs).mean(),
+                    "moco/lr": lr,
+                }
+                book.log(epoch + (b + 1) / steps, metrics)
+                losses, accs = [], []
+        book.save(
             {
                 "stage": "moco",
                 "epoch": epoch + 1,
@@ -659,143 +781,120 @@ def train_moco(args: Args, run: Run, images: torch.Tensor) -> dict:
                 "optimizer": optimizer.state_dict(),
                 "queue": queue.keys,
                 "queue_ptr": queue.ptr,
-            },
+            }
         )
     return model.backbone.state_dict()
 
 
-def kmeans_baseline(
-    args: Args, run: Run, backbone: nn.Module, train_images, eval_images, eval_labels
-) -> dict:
+def kmeans_baseline(args: Args, run: Run, backbone: nn.Module, data: Data) -> dict:
     """k-means with K clusters on the stage-1 embedding of the training images, applied to the
     evaluated split's embedding: the baseline that SPICE-Self must beat."""
-    fit = F.normalize(network_outputs(backbone, train_images, run.stats, run.amp), dim=1)
-    evaluated = (
-        fit
-        if eval_images is train_images
-        else F.normalize(network_outputs(backbone, eval_images, run.stats, run.amp), 1)
-    )
-    centroids, _ = common.kmeans(fit, args.num_clusters, seed=args.seed)
-    return scores(eval_labels, common.assign_to_centroids(evaluated, centroids), "kmeans_")
+    train_features = network_outputs(backbone, data.images, run.stats, run.amp)
+    train_embedding = F.normalize(train_features, dim=1)
+    eval_embedding = train_embedding
+    if data.eval_images is not data.images:
+        eval_features = network_outputs(backbone, data.eval_images, run.stats, run.amp)
+        eval_embedding = F.normalize(eval_features, p=1, dim=1)
+    centroids, _ = common.kmeans(train_embedding, args.num_clusters, seed=args.seed)
+    preds = common.assign_to_centroids(eval_embedding, centroids)
+    return scores(data.eval_labels, preds, "kmeans_")
 
 
-def train_self(
-    args: Args, run: Run, backbone: nn.Module, images, labels, eval_images, eval_labels
-) -> tuple:
+def train_self(args: Args, run: Run, backbone: nn.Module, data: Data) -> tuple[nn.Module, dict]:
     """Stage 2 on the frozen backbone (kept in eval mode); returns the selected head and the
     SPICE-Self figures on the evaluated split."""
+    book = run.book
+    images = data.images
     torch.manual_seed(args.seed + 1)
-    backbone.eval().requires_grad_(False)
-    features = network_outputs(
-        backbone, images, run.stats, run.amp
-    )  # (n, d): unaugmented, for selection
+    backbone.eval().requires_grad_(False)  # Deviation: eval mode (official: train, BN drifts)
+    features = network_outputs(backbone, images, run.stats, run.amp)  # (n, d), for selection
     embedding = F.normalize(features, dim=1)  # prototypes and similarities live here
     heads = Heads(args.num_heads, backbone.dim, args.num_clusters).to(run.device)
-    optimizer = torch.optim.Adam(
-        heads.parameters(), lr=0.005
-    )  # no weight decay (official configuration)
-    n, size = len(images), min(args.self_batch, len(images))
+    optimizer = torch.optim.Adam(heads.parameters(), lr=args.self_lr)
+    n = len(images)
+    size = min(args.self_batch, n)
     if size < args.self_batch:
         print(
             f"self: N = {size}, all the images (fewer than --self-batch {args.self_batch})",
             flush=True,
         )
-    state, start, best = run.resumed("self"), 0, 0
+    state = run.resumed("self")
+    start = state.get("epoch", 0)
+    best = state.get("best", 0)
     if state:
         heads.load_state_dict(state["heads"])
         optimizer.load_state_dict(state["optimizer"])
-        start, best = state["epoch"], state["best"]
-    logger = common.Logger(run.out, total=args.self_epochs, start=start)
+    book.start_log(total=args.self_epochs, start=start)
     for epoch in range(start, args.self_epochs):
         rng = torch.Generator(run.device).manual_seed(args.seed * 1_000_003 + 500_000 + epoch)
         order = torch.randperm(n, generator=rng, device=run.device)
         for d in range(n // size):
-            t_step = time.perf_counter()
-            draw = order[d * size : (d + 1) * size]
-            weak = network_outputs(
-                backbone, common.weak_augment(images[draw], generator=rng), run.stats, run.amp
-            )
-            # SCAN's strong view: flip, 4 RandAugment ops always applied, Cutout of random side up to half
-            strong = network_outputs(
-                backbone,
-                common.strong_augment(
+            with book.timed(images=2 * size):
+                draw = order[d * size : (d + 1) * size]
+                weak = common.weak_augment(images[draw], generator=rng)
+                weak = network_outputs(backbone, weak, run.stats, run.amp)
+                # SCAN's strong view: flip, 4 RandAugment ops always applied, Cutout of a random
+                # side up to half the image
+                strong = common.strong_augment(
                     images[draw],
                     num_ops=4,
                     prob=1.0,
                     random_cutout=True,
                     cutout_size=images.shape[-1] // 2,
                     generator=rng,
-                ),
-                run.stats,
-                run.amp,
-            )
-            with torch.no_grad():
-                probs = heads(weak).softmax(-1)  # (heads, N, K): step 4
-            targets = [prototype_pseudo_labels(p, embedding[draw]) for p in probs]  # step 5
-            losses = train_heads(
-                heads, optimizer, strong, targets, double_softmax=args.double_softmax, generator=rng
-            )  # step 6
-            run.totals["train_seconds"] += time.perf_counter() - t_step
-            run.totals["images"] += 2 * size
-            logger.log(
-                epoch + (d + 1) / (n // size),
-                {"self/loss": losses.mean(), "self/loss_min": losses.min()},
-                images=2 * size,
-            )
+                )
+                strong = network_outputs(backbone, strong, run.stats, run.amp)
+                with torch.no_grad():
+                    probs = heads(weak).softmax(-1)  # step 4: (heads, N, K)
+                targets = [prototype_pseudo_labels(p, embedding[draw]) for p in probs]  # step 5
+                losses = train_heads(  # step 6
+                    heads,
+                    optimizer,
+                    strong,
+                    targets,
+                    args.self_passes,
+                    double_softmax=args.double_softmax,
+                    generator=rng,
+                )
+            metrics = {"self/loss": losses.mean(), "self/loss_min": losses.min()}
+            book.log(epoch + (d + 1) / (n // size), metrics)
         with torch.no_grad():
             logits = heads(features)
-        best, selection = select_head(logits, embedding, args.double_softmax)
-        oracle = [
-            common.cluster_accuracy(labels, head_logits.argmax(1)) for head_logits in logits
-        ]  # chooses nothing
-        logger.log(
-            epoch + 1,
-            {
-                "self/selected_head": best,
-                "self/selection_loss": selection[best],
-                "oracle/selected_head_acc": oracle[best],
-                "oracle/best_head_acc": max(oracle),
-            },
-        )
-        run.save(
-            "checkpoint.pt",
+        best, selection = select_head(logits, embedding, args.double_softmax)  # step 7
+        # against the true labels: a diagnostic that chooses nothing
+        oracle = [common.cluster_accuracy(data.labels, h.argmax(1)) for h in logits]
+        metrics = {
+            "self/selected_head": best,
+            "self/selection_loss": selection[best],
+            "oracle/selected_head_acc": oracle[best],
+            "oracle/best_head_acc": max(oracle),
+        }
+        book.log(epoch + 1, metrics)
+        book.save(
             {
                 "stage": "self",
                 "epoch": epoch + 1,
                 "heads": heads.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "best": best,
-            },
+            }
         )
     head = heads.heads[best]
-    preds, confidence = predict(nn.Sequential(backbone, head), eval_images, run.stats, run.amp)
-    common.save_cluster_grid(
-        run.out / "self_clusters.png",
-        eval_images,
-        preds,
-        confidence,
-        num_clusters=args.num_clusters,
-    )
-    return head, {**scores(eval_labels, preds, "self_"), "selected_head": best}
+    model = nn.Sequential(backbone, head)
+    figures = evaluate(model, data.eval_images, data.eval_labels, run, "self_", "self_clusters.png")
+    return head, {**figures, "selected_head": best}
 
 
-def train_semi(
-    args: Args,
-    run: Run,
-    backbone: nn.Module,
-    head: nn.Module,
-    images,
-    labels,
-    eval_images,
-    eval_labels,
-) -> dict:
+def train_semi(args: Args, run: Run, backbone: nn.Module, head: nn.Module, data: Data) -> dict:
     """Stage 3: reliable labels from the stage-2 classifier and the stage-1 embedding, then
     FixMatch training a new WideResNet; returns the final EMA model's figures and the count."""
+    book = run.book
+    images = data.images
     torch.manual_seed(args.seed + 2)
     embedding = F.normalize(network_outputs(backbone, images, run.stats, run.amp), dim=1)
     preds, confidence = predict(nn.Sequential(backbone, head), images, run.stats, run.amp)
-    neighbours = knn_indices(embedding, k=min(100, len(images)))
-    reliable = reliable_samples(
+    neighbours = knn_indices(embedding, k=min(args.semi_knn, len(images)))
+    reliable = reliable_samples(  # step 8
         preds,
         confidence,
         neighbours,
@@ -804,90 +903,66 @@ def train_semi(
         args.confidence,
         generator=torch.Generator().manual_seed(args.seed),
     )
-    oracle = common.cluster_accuracy(
-        labels[reliable], preds[reliable]
-    )  # a diagnostic: chooses nothing
+    # a diagnostic against the true labels: it chooses nothing
+    oracle = common.cluster_accuracy(data.labels[reliable], preds[reliable])
     print(
-        f"semi: {len(reliable)} reliable images ({len(reliable) // args.num_clusters} per cluster), oracle accuracy "
-        f"of their cluster labels {oracle:.4f}",
+        f"semi: {len(reliable)} reliable images ({len(reliable) // args.num_clusters} per "
+        f"cluster), oracle accuracy of their cluster labels {oracle:.4f}",
         flush=True,
     )
-    x_images, x_labels = images[reliable], preds[reliable]
-    model = run.place(
-        WideResNet(
-            args.num_clusters, args.semi_depth, args.semi_widen_factor, args.semi_bn_momentum
-        )
+    x_images, x_labels = images[reliable], preds[reliable]  # the clusters are the labels
+    model = WideResNet(
+        args.num_clusters, args.semi_depth, args.semi_widen_factor, args.semi_bn_momentum
     )
+    model = run.place(model)
     ema = copy.deepcopy(model).requires_grad_(False)
-    groups = [
-        {
-            "params": [p for p in model.parameters() if p.ndim > 1],
-            "weight_decay": 5e-4,
-        },  # not BN, biases
-        {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.SGD(
-        groups, lr=0.03, momentum=0.9, nesterov=True
-    )  # lr 0.03 cos(7 pi k / 16 K)
+    groups = parameter_groups(model, args.semi_weight_decay)
+    optimizer = torch.optim.SGD(groups, lr=args.semi_lr, momentum=0.9, nesterov=True)
     forward = torch.compile(model) if args.compile else model
     rng = torch.Generator(run.device).manual_seed(args.seed)
-    state, start = run.resumed("semi"), 0
+    state = run.resumed("semi")
+    start = state.get("step", 0)
     if state:
-        model.load_state_dict(state["model"]), ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"]), rng.set_state(state["rng"].cpu())
-        start = state["step"]
-    logger = common.Logger(run.out, total=args.semi_steps, start=start)
-    b, seen = args.semi_batch_size, 0
-    for step in range(start, args.semi_steps):
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        rng.set_state(state["rng"].cpu())
+    book.start_log(total=args.semi_steps, start=start)
+    b = args.semi_batch_size
+    for step in range(start, args.semi_steps):  # step 9
         model.train()
-        t_step = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = 0.03 * math.cos(7 * math.pi * step / (16 * args.semi_steps))
-        xi = uniform_indices(len(x_images), b, step, args.seed, run.device)
-        ui = uniform_indices(len(images), args.semi_mu * b, step, args.seed + 1, run.device)
-        u = images[ui]
-        inputs = torch.cat(
-            [
-                common.weak_augment(x_images[xi], generator=rng),
-                common.weak_augment(u, generator=rng),
-                common.strong_augment(u, cutout_size=u.shape[-1] // 2, generator=rng),
-            ]
-        )
-        with torch.autocast(run.device.type, torch.bfloat16, enabled=run.amp):
-            logits = forward(run.inputs(inputs)).float()
-        logits_x, logits_weak, logits_strong = logits.split([len(xi), len(ui), len(ui)])
-        loss, _, loss_u, mask, _ = fixmatch_loss(logits_x, x_labels[xi], logits_weak, logits_strong)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        ema_update(ema, model, args.ema_decay)
-        run.totals["train_seconds"] += time.perf_counter() - t_step
-        run.totals["images"] += len(inputs)
-        seen += len(inputs)
+        with book.timed(images=(1 + 2 * args.semi_mu) * b):
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(step, args.semi_steps, args.semi_lr)
+            xi = uniform_indices(len(x_images), b, step, args.seed, run.device)
+            ui = uniform_indices(len(images), args.semi_mu * b, step, args.seed + 1, run.device)
+            u = images[ui]
+            x = common.weak_augment(x_images[xi], generator=rng)
+            u_weak = common.weak_augment(u, generator=rng)
+            u_strong = common.strong_augment(u, cutout_size=u.shape[-1] // 2, generator=rng)
+            inputs = torch.cat([x, u_weak, u_strong])
+            with torch.autocast(run.device.type, torch.bfloat16, enabled=run.amp):
+                logits = forward(run.inputs(inputs)).float()
+            logits_x, logits_weak, logits_strong = logits.split([len(xi), len(ui), len(ui)])
+            loss, _, loss_u, mask, _ = fixmatch_loss(
+                logits_x, x_labels[xi], logits_weak, logits_strong
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            ema_update(ema, model, args.ema_decay)
         if (step + 1) % args.log_every == 0 or step + 1 == args.semi_steps:
-            logger.log(
-                step + 1,
-                {
-                    "semi/loss": loss,
-                    "semi/loss_u": loss_u,
-                    "semi/mask": mask.mean(),
-                    "semi/lr": optimizer.param_groups[0]["lr"],
-                },
-                images=seen,
-            )
-            seen = 0
+            metrics = {
+                "semi/loss": loss,
+                "semi/loss_u": loss_u,
+                "semi/mask": mask.mean(),
+                "semi/lr": optimizer.param_groups[0]["lr"],
+            }
+            book.log(step + 1, metrics)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.semi_steps:
-            logger.log(
-                step + 1,
-                {
-                    f"eval/{k}": v
-                    for k, v in scores(
-                        eval_labels, predict(ema, eval_images, run.stats, run.amp)[0]
-                    ).items()
-                },
-            )
-            run.save(
-                "checkpoint.pt",
+            figures = evaluate(ema, data.eval_images, data.eval_labels, run)
+            book.log(step + 1, {f"eval/{k}": v for k, v in figures.items()})
+            book.save(
                 {
                     "stage": "semi",
                     "step": step + 1,
@@ -895,54 +970,17 @@ def train_semi(
                     "ema": ema.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "rng": rng.get_state(),
-                },
+                }
             )
-    preds, confidence = predict(
-        ema, eval_images, run.stats, run.amp
-    )  # the final EMA model, never a chosen one
-    common.save_cluster_grid(
-        run.out / "clusters.png", eval_images, preds, confidence, num_clusters=args.num_clusters
-    )
-    return {
-        **scores(eval_labels, preds),
-        "num_reliable": len(reliable),
-        "oracle_reliable_acc": oracle,
-    }
-
-
-def load_handover(args: Args) -> dict:
-    """The previous stage's file for --stage self / semi, checked against this run's settings."""
-    wanted = {"self": "moco.pt", "semi": "self.pt"}[args.stage]
-    path = Path(args.init_from) / wanted if Path(args.init_from).is_dir() else Path(args.init_from)
-    if not path.is_file():
-        raise common.ConfigError(
-            f"--init-from {args.init_from}: no {wanted} there; --stage {args.stage} starts from "
-            f"the {wanted} that an earlier run's previous stage wrote into its --out-dir"
-        )
-    state = common.load_checkpoint(path)
-    if state.get("stage") != wanted[:-3]:
-        raise common.ConfigError(
-            f"--init-from {path} is a {state.get('stage')!r} hand-over; --stage {args.stage} "
-            f"needs {wanted}"
-        )
-    for key in ("dataset", "protocol", "backbone_width", "image_size", "num_clusters"):
-        if state["args"][key] != getattr(args, key):
-            raise common.ConfigError(
-                f"--init-from {path} was made with --{key.replace('_', '-')} "
-                f"{state['args'][key]}, this run has {getattr(args, key)}: pass the same value"
-            )
-    return state
+    # the final EMA model, never a chosen one
+    figures = evaluate(ema, data.eval_images, data.eval_labels, run, picture="clusters.png")
+    return {**figures, "num_reliable": len(reliable), "oracle_reliable_acc": oracle}
 
 
 def train(args: Args) -> dict:
     if (args.semi_depth - 4) % 6:
         raise common.ConfigError(
             f"--semi-depth {args.semi_depth}: a WideResNet has depth 6 n + 4 (10, 16, 22, 28, ...)"
-        )
-    if args.stage not in ("all", "moco", "self", "semi") or args.protocol not in ("split", "all"):
-        raise common.ConfigError(
-            f"--stage must be all, moco, self or semi (got {args.stage!r}) and --protocol "
-            f"split or all (got {args.protocol!r})"
         )
     if (args.init_from is None) == (args.stage in ("self", "semi")):
         raise common.ConfigError(
@@ -952,57 +990,22 @@ def train(args: Args) -> dict:
     device = common.select_device(args.device)
     common.set_seed(args.seed)
     info = common.dataset_info(args.dataset, "classify")
-    load = dict(data_dir=args.data_dir, download=args.download, image_size=args.image_size)
-    train_set, test_set = (
-        common.load_dataset(args.dataset, split, **load) for split in ("train", "test")
-    )
-    images, labels = train_set.images.to(device), train_set.labels.to(device)  # what is clustered
-    eval_images, eval_labels = (
-        test_set.images.to(device),
-        test_set.labels.to(device),
-    )  # below: aliases, no copies
-    if args.protocol == "all":  # the paper's main table: cluster and evaluate train + test
-        images, labels = torch.cat([images, eval_images]), torch.cat([labels, eval_labels])
-        eval_images, eval_labels = images, labels
-    pretrain = images  # MoCo's images; STL-10 adds its 100,000 unlabelled ones, made for this
-    if args.dataset == "stl10":
-        pretrain = torch.cat(
-            [images, common.load_dataset("stl10", "unlabeled", **load).images.to(device)]
-        )
-    args = dataclasses.replace(args, num_clusters=args.num_clusters or train_set.num_classes)
-    if not 2 <= args.num_clusters <= min(len(images), args.self_batch):
-        raise common.ConfigError(
-            f"--num-clusters {args.num_clusters}: need 2 to min(images {len(images)}, "
-            f"--self-batch {args.self_batch}) clusters"
-        )
-    if not 1 <= args.bn_groups <= args.batch_size <= len(pretrain):
-        raise common.ConfigError(
-            f"need 1 <= --bn-groups ({args.bn_groups}) <= --batch-size ({args.batch_size}) <= "
-            f"the {len(pretrain)} training images"
-        )
+    data = load_data(args, device)
+    args = dataclasses.replace(args, num_clusters=args.num_clusters or data.num_classes)
     handover = load_handover(args) if args.init_from else {}
     out = common.prepare_out_dir(
         args.out_dir or f"runs/spice-{args.dataset}-{args.seed}", args.resume, args
     )
     print(
-        f"spice: {args.dataset} on {device}, stage {args.stage}, protocol {args.protocol}: {len(images)} images "
-        f"into {args.num_clusters} clusters, evaluated on {len(eval_images)}",
+        f"spice: {args.dataset} on {device}, stage {args.stage}, protocol {args.protocol}: "
+        f"{len(data.images)} images into {args.num_clusters} clusters, evaluated on "
+        f"{len(data.eval_images)}",
         flush=True,
     )
-    checkpoint = (
-        common.load_checkpoint(out / "checkpoint.pt", map_location=device) if args.resume else {}
-    )
-    totals = checkpoint.get(
-        "totals", handover.get("totals", {"seconds": 0.0, "train_seconds": 0.0, "images": 0})
-    )
-    run = Run(
-        out,
-        device,
-        (info.mean, info.std),
-        args.amp and device.type == "cuda",
-        checkpoint,
-        dict(totals),
-    )
+    # The totals: the checkpoint's when resuming, else the hand-over file's, else none.
+    book = common.RunBook(out, args, device, totals=handover.get("totals"))
+    amp = args.amp and device.type == "cuda"
+    run = Run(book, device, (info.mean, info.std), amp, args.num_clusters)
     results = dict(handover.get("results", {}))
     backbone = ResNet18(args.backbone_width).to(device)
     if handover:
@@ -1010,41 +1013,32 @@ def train(args: Args) -> dict:
     for stage in ["moco", "self", "semi"] if args.stage == "all" else [args.stage]:
         if args.resume and (out / f"{stage}.pt").exists():  # finished before the interruption
             handover = common.load_checkpoint(out / f"{stage}.pt", map_location=device)
-            results = handover["results"]  # the totals: this file's or the later checkpoint's
-            run.totals = max(run.totals, handover["totals"], key=lambda t: t["seconds"])
+            results = handover["results"]
+            # the totals: this file's or the later checkpoint's, whichever counts more time
+            book.totals = max(book.totals, handover["totals"], key=lambda t: t["seconds"])
             backbone.load_state_dict(handover["backbone"])
             continue
         if stage == "moco":
-            backbone.load_state_dict(train_moco(args, run, pretrain))
-            results.update(kmeans_baseline(args, run, backbone, images, eval_images, eval_labels))
+            backbone.load_state_dict(train_moco(args, run, data.pretrain))
+            results.update(kmeans_baseline(args, run, backbone, data))
             print("baseline: " + " ".join(f"{k}={v:.4g}" for k, v in results.items()), flush=True)
             handover = {"backbone": backbone.state_dict()}
         elif stage == "self":
-            head, figures = train_self(
-                args, run, backbone, images, labels, eval_images, eval_labels
-            )
+            head, figures = train_self(args, run, backbone, data)
             results.update(figures)
             handover = {"backbone": backbone.state_dict(), "head": head.state_dict()}
         else:
             head = Heads(1, backbone.dim, args.num_clusters).heads[0].to(device)
             head.load_state_dict(handover["head"])
-            results.update(
-                train_semi(args, run, backbone, head, images, labels, eval_images, eval_labels)
-            )
-        if stage != "semi":
-            run.save(
-                f"{stage}.pt",
-                {**handover, "stage": stage, "results": results, "args": dataclasses.asdict(args)},
-            )
-    results.update(
-        seconds=run.tick()["seconds"],
-        images_per_second=run.totals["images"] / max(run.totals["train_seconds"], 1e-9),
-    )
+            results.update(train_semi(args, run, backbone, head, data))
+        if stage != "semi":  # the hand-over file, with the totals and the arguments
+            book.save({**handover, "stage": stage, "results": results}, f"{stage}.pt")
+    results.update(book.figures())
     print("results: " + " ".join(f"{k}={v:.4g}" for k, v in results.items()), flush=True)
     return common.write_results(out, results)
 
 
-def main(argv=None) -> dict:
+def main(argv: list[str] | None = None) -> dict:
     torch.set_flush_denormal(True)  # denormal floats slow CPU training many times over
     args = common.parse_args(Args, argv, DATASET_DEFAULTS, description=__doc__.split("\n")[0])
     try:

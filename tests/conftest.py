@@ -8,7 +8,8 @@ import common
 @pytest.fixture
 def interrupted_run(monkeypatch):
     """`interrupted_run(main, argv)`: the run dies right after writing its first checkpoint, as a
-    crash or a kill would, so a test can check that `--resume` ends where an uninterrupted run does."""
+    crash or a kill would, so a test can check that `--resume` ends where an uninterrupted run
+    does."""
 
     def run(main, argv):
         real_save = common.save_checkpoint

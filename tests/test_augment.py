@@ -186,9 +186,10 @@ def test_photometric_parameters_can_be_fixed_per_image(images):
     # PiCIE draws one coin per jitter op; MoCo one coin for the whole jitter
     each = common.draw_photometric(4000, jitter_each=True, generator=gen(9))
     joint = common.draw_photometric(4000, generator=gen(9))
-    moved = lambda p: torch.stack(
-        [p["brightness"] != 1, p["contrast"] != 1, p["saturation"] != 1], 1
-    )  # noqa: E731
+
+    def moved(p: dict) -> torch.Tensor:  # (n, 3): which of the three jitter ops changed the image
+        return torch.stack([p["brightness"] != 1, p["contrast"] != 1, p["saturation"] != 1], 1)
+
     assert moved(joint).float().std(1).max() == 0  # all three move together
     assert moved(each).float().std(1).max() > 0
     assert abs(float(moved(each).float().mean()) - 0.8) < 0.03

@@ -21,14 +21,14 @@ def ce(logits, target):  # cross-entropy of one pixel's logits (list) by hand
     return math.log(sum(math.exp(v) for v in logits)) - logits[target]
 
 
-def test_cps_loss_on_a_constructed_example_is_symmetric_and_passes_no_gradient_through_pseudo_labels():
-    # Two pixels, three classes. Network 1 says (class 0, class 2), network 2 says (class 1, class 2).
+def test_cps_loss_is_symmetric_and_passes_no_gradient_through_pseudo_labels():
+    # A constructed example: two pixels, three classes. Network 1 says (class 0, class 2), network 2
+    # says (class 1, class 2).
     l1 = torch.tensor([[2.0, 0.5, 0.0], [0.0, 1.0, 3.0]]).T.reshape(1, 3, 1, 2)
     l2 = torch.tensor([[0.0, 1.0, -1.0], [0.5, 0.0, 2.0]]).T.reshape(1, 3, 1, 2)
-    by_hand = (
-        (ce([2.0, 0.5, 0.0], 1) + ce([0.0, 1.0, 3.0], 2)) / 2  # CE(p1, argmax p2), mean over pixels
-        + (ce([0.0, 1.0, -1.0], 0) + ce([0.5, 0.0, 2.0], 2)) / 2
-    )  # CE(p2, argmax p1)
+    first = (ce([2.0, 0.5, 0.0], 1) + ce([0.0, 1.0, 3.0], 2)) / 2  # CE(p1, argmax p2), pixel mean
+    second = (ce([0.0, 1.0, -1.0], 0) + ce([0.5, 0.0, 2.0], 2)) / 2  # CE(p2, argmax p1)
+    by_hand = first + second
     assert cps.cross_pseudo_supervision_loss(l1, l2).item() == pytest.approx(by_hand, rel=1e-6)
     # symmetric in the two networks, on random logits too
     a, b = torch.randn(2, 5, 3, 4, 4, generator=torch.Generator().manual_seed(0))
@@ -37,67 +37,61 @@ def test_cps_loss_on_a_constructed_example_is_symmetric_and_passes_no_gradient_t
     )
     # Gradients: each network's logits get exactly the gradient of CE against the other's fixed
     # argmax; nothing flows through the pseudo-labels (a soft or undetached target would add some).
-    a, b = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    a = a.clone().requires_grad_(True)
+    b = b.clone().requires_grad_(True)
     cps.cross_pseudo_supervision_loss(a, b).backward()
-    a_ref, b_ref = a.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)
-    (
-        F.cross_entropy(a_ref, b.detach().argmax(1)) + F.cross_entropy(b_ref, a.detach().argmax(1))
-    ).backward()
-    assert torch.allclose(a.grad, a_ref.grad, atol=1e-7) and torch.allclose(
-        b.grad, b_ref.grad, atol=1e-7
-    )
+    a_ref = a.detach().clone().requires_grad_(True)
+    b_ref = b.detach().clone().requires_grad_(True)
+    reference = F.cross_entropy(a_ref, b.detach().argmax(1))
+    reference = reference + F.cross_entropy(b_ref, a.detach().argmax(1))
+    reference.backward()
+    assert torch.allclose(a.grad, a_ref.grad, atol=1e-7)
+    assert torch.allclose(b.grad, b_ref.grad, atol=1e-7)
     # with given (CutMix) pseudo-labels, the loss uses them, not the argmax of the logits
     y = torch.zeros(1, 1, 2, dtype=torch.long)
-    given = (ce([2.0, 0.5, 0.0], 0) + ce([0.0, 1.0, 3.0], 0)) / 2 + (
-        ce([0.0, 1.0, -1.0], 0) + ce([0.5, 0.0, 2.0], 0)
-    ) / 2
+    given = (ce([2.0, 0.5, 0.0], 0) + ce([0.0, 1.0, 3.0], 0)) / 2
+    given += (ce([0.0, 1.0, -1.0], 0) + ce([0.5, 0.0, 2.0], 0)) / 2
     assert cps.cross_pseudo_supervision_loss(l1, l2, y, y).item() == pytest.approx(given, rel=1e-6)
 
 
 def test_mixed_pseudo_label_is_the_argmax_of_the_mixed_predictions():
     g = torch.Generator().manual_seed(1)
-    la, lb = (
-        torch.randn(4, 6, 20, 24, generator=g, requires_grad=True),
-        torch.randn(4, 6, 20, 24, generator=g),
-    )
+    logits_a = torch.randn(4, 6, 20, 24, generator=g, requires_grad=True)
+    logits_b = torch.randn(4, 6, 20, 24, generator=g)
     mask = cps.box_masks(cps.draw_boxes(4, 20, 24, generator=g), 20, 24)
-    pseudo = cps.mixed_pseudo_labels(la, lb, mask)
+    pseudo = cps.mixed_pseudo_labels(logits_a, logits_b, mask)
     # pixel by pixel: network's argmax on the source image that the mask put there
-    expected = torch.where(mask[:, 0] > 0, lb.argmax(1), la.argmax(1))
+    expected = torch.where(mask[:, 0] > 0, logits_b.argmax(1), logits_a.argmax(1))
     assert torch.equal(pseudo, expected) and not pseudo.requires_grad
     assert 0 < mask.mean() < 1, "both sources are present"
-    ua, ub = torch.zeros(4, 3, 20, 24), torch.ones(4, 3, 20, 24)
-    assert torch.equal(cps.cutmix(ua, ub, mask), mask.expand(-1, 3, -1, -1)), "U_b where M = 1"
+    unlabeled_a = torch.zeros(4, 3, 20, 24)
+    unlabeled_b = torch.ones(4, 3, 20, 24)
+    mixed = cps.cutmix(unlabeled_a, unlabeled_b, mask)
+    assert torch.equal(mixed, mask.expand(-1, 3, -1, -1)), "U_b where M = 1"
 
 
 def test_box_masks_have_the_stated_area_and_toggle_where_boxes_overlap():
     g = torch.Generator().manual_seed(0)
     boxes = cps.draw_boxes(2000, 120, 90, n_boxes=3, generator=g)  # (n, 3, 4) = y0, x0, y1, x1
-    heights, widths = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+    heights = boxes[..., 2] - boxes[..., 0]
+    widths = boxes[..., 3] - boxes[..., 1]
     area = (heights * widths).float() / (120 * 90)
     # each box covers a / 3 of the image, a ~ U(0.25, 0.5), up to rounding of its sides to pixels
     assert area.min() > 0.25 / 3 - 0.01 and area.max() < 0.5 / 3 + 0.01
-    assert area.min() < 0.25 / 3 + 0.005 and area.max() > 0.5 / 3 - 0.005, (
-        "the whole range is drawn"
-    )
-    assert (
-        (boxes[..., :2] >= 0).all() and (boxes[..., 2] <= 120).all() and (boxes[..., 3] <= 90).all()
-    )
+    assert area.min() < 0.25 / 3 + 0.005, "the whole range is drawn"
+    assert area.max() > 0.5 / 3 - 0.005, "the whole range is drawn"
+    assert (boxes[..., :2] >= 0).all() and (boxes[..., 2] <= 120).all()
+    assert (boxes[..., 3] <= 90).all()
     aspect = heights.float() / widths.float()
     assert aspect.min() < 0.5 and aspect.max() > 2, "a random aspect ratio"
-    one = cps.box_masks(
-        cps.draw_boxes(500, 64, 64, n_boxes=1, generator=g), 64, 64
-    )  # one box: a in [0.25, 0.5]
+    # one box: a in [0.25, 0.5]
+    one = cps.box_masks(cps.draw_boxes(500, 64, 64, n_boxes=1, generator=g), 64, 64)
     assert 0.24 < one.mean((1, 2, 3)).min() and one.mean((1, 2, 3)).max() < 0.51
     # toggling: two boxes overlapping in a 2 x 2 square; a third covering one pixel of it
     boxes = torch.tensor([[[0, 0, 4, 4], [2, 2, 6, 6], [3, 3, 4, 4]]])
     mask = cps.box_masks(boxes[:, :2], 8, 8)[0, 0]
-    assert (
-        mask.sum() == 16 + 16 - 2 * 4
-        and mask[2:4, 2:4].sum() == 0
-        and mask[0, 0] == 1
-        and mask[5, 5] == 1
-    )
+    assert mask.sum() == 16 + 16 - 2 * 4 and mask[2:4, 2:4].sum() == 0
+    assert mask[0, 0] == 1 and mask[5, 5] == 1
     mask3 = cps.box_masks(boxes, 8, 8)[0, 0]
     assert mask3[3, 3] == 1 and mask3[2, 2] == 0 and mask3.shape == (8, 8)
 
@@ -115,7 +109,8 @@ def test_ohem_keeps_the_hard_pixels_and_at_least_min_kept():
     assert cps.supervised_loss(logits, target, 3).item() == pytest.approx(
         nll[[1, 2, 3]].mean().item(), rel=1e-5
     )
-    # fewer labelled pixels than min_kept: plain cross-entropy (as the official code); and without OHEM
+    # fewer labelled pixels than min_kept: plain cross-entropy (as the official code); and without
+    # OHEM
     assert cps.supervised_loss(logits, target).item() == pytest.approx(nll.mean().item(), rel=1e-5)
     assert cps.supervised_loss(logits, target, 10).item() == pytest.approx(
         nll.mean().item(), rel=1e-5
@@ -132,7 +127,8 @@ def test_the_two_networks_share_backbone_weights_and_differ_in_their_heads():
         [m.weight for part in net.head() for m in part.modules() if isinstance(m, nn.Conv2d)]
         for net in (net1, net2)
     ]
-    assert len(heads[0]) == 10 and all(not torch.allclose(w1, w2) for w1, w2 in zip(*heads))
+    assert len(heads[0]) == 10
+    assert all(not torch.allclose(w1, w2) for w1, w2 in zip(*heads, strict=True))
     # Kaiming normal, fan in: the classifier's weights have std sqrt(2 / 256)
     assert net1.classifier.weight.std().item() == pytest.approx(math.sqrt(2 / 256), rel=0.1)
     x = torch.randn(2, 3, 32, 32)
@@ -201,9 +197,8 @@ def test_sliding_window_equals_a_single_forward_when_the_image_fits_and_stitches
 
 def test_random_scale_crop_moves_labels_with_their_pixels_and_pads_0_and_255():
     g = torch.Generator().manual_seed(0)
-    labels = (
-        torch.randint(0, 5, (6, 8, 8), generator=g).repeat_interleave(8, 1).repeat_interleave(8, 2)
-    )  # 64 x 64
+    blocks = torch.randint(0, 5, (6, 8, 8), generator=g)
+    labels = blocks.repeat_interleave(8, 1).repeat_interleave(8, 2)  # 64 x 64 in blocks of 8 x 8
     images = 10.0 ** labels[:, None].float().expand(-1, 3, -1, -1)  # each pixel's value: 10^label
     sizes = torch.tensor([[64, 64]] * 6)
     x, y = cps.random_scale_crop(images, labels, sizes, 48, generator=g)
@@ -230,17 +225,19 @@ def test_random_scale_crop_moves_labels_with_their_pixels_and_pads_0_and_255():
     assert (y[0, :12] == 255).all() and (y[0, 12:52] != 255).all(), "centred vertically"
 
 
-def test_labeled_split_by_ratio_and_by_list(tmp_path):
+def test_labeled_partition_by_ratio_and_by_list(tmp_path):
     names = [f"img{i:03d}" for i in range(80)]
-    labeled, unlabeled, how = cps.labeled_partition(names, 1 / 8, seed=3)
-    assert len(labeled) == 10 and len(unlabeled) == 70 and "10 images" in how
+    labeled, unlabeled, description = cps.labeled_partition(names, 1 / 8, seed=3)
+    assert len(labeled) == 10 and len(unlabeled) == 70 and "10 images" in description
     assert sorted(labeled.tolist() + unlabeled.tolist()) == list(range(80))
     assert torch.equal(labeled, cps.labeled_partition(names, 0.125, seed=3)[0])
     assert not torch.equal(labeled, cps.labeled_partition(names, 0.125, seed=4)[0])
     lines = "image/img005.jpg\tlabel/img005.png\nimage/img042.jpg\tlabel/img042.png\n\nimg007\n"
     (tmp_path / "list.txt").write_text(lines)  # the official lists' format, or bare names
-    labeled, unlabeled, how = cps.labeled_partition(names, 0.5, 0, str(tmp_path / "list.txt"))
-    assert labeled.tolist() == [5, 7, 42] and len(unlabeled) == 77 and "list.txt" in how
+    labeled, unlabeled, description = cps.labeled_partition(
+        names, 0.5, 0, str(tmp_path / "list.txt")
+    )
+    assert labeled.tolist() == [5, 7, 42] and len(unlabeled) == 77 and "list.txt" in description
 
 
 @pytest.fixture
@@ -300,9 +297,7 @@ def test_smoke_run_writes_its_files_and_resume_reaches_the_same_result(
     )
     assert sum("eval/miou" in r for r in records) == 2
 
-    interrupted_run(
-        cps.main, SMOKE + ["--out-dir", str(tmp_path / "b")]
-    )  # dies after the first checkpoint
+    interrupted_run(cps.main, SMOKE + ["--out-dir", str(tmp_path / "b")])  # dies at 1st checkpoint
     assert common.load_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 2
     with pytest.raises(SystemExit, match="--resume"):  # a run in progress is not overwritten
         cps.main(SMOKE + ["--out-dir", str(tmp_path / "b")])
@@ -326,7 +321,8 @@ def test_without_cutmix_and_supervised_only(tmp_path, small_shapes_seg):
 
 
 def write_voc(root, sizes, seed=0):
-    """A tiny VOC2012 tree with images of different sizes: 2 classes painted as halves, void borders."""
+    """A tiny VOC2012 tree with images of different sizes: 2 classes painted as halves, void
+    borders."""
     from PIL import Image
 
     base = root / "VOCdevkit" / "VOC2012"
@@ -452,9 +448,9 @@ def test_missing_imagenet_weights_offline_name_the_file_and_the_way_out(
 @pytest.mark.slow
 def test_cps_learns_shapes_seg_within_a_cpu_budget(tmp_path):
     # The shapes-seg defaults (64 px images, 32 px crops, ResNet-18 from random weights, 8 labelled
-    # images, batch 4 + 4 + 4, lr 0.02, 200 iterations, CutMix, lambda 1): 155-180 s a run here (2-core
-    # CPU shared with another job, one thread). Predicting background everywhere scores mIoU 0.141
-    # and pixel accuracy 0.703 on the test split. Measured, seeds 0 / 1 / 2:
+    # images, batch 4 + 4 + 4, lr 0.02, 200 iterations, CutMix, lambda 1): 155-180 s a run here
+    # (2-core CPU shared with another job, one thread). Predicting background everywhere scores
+    # mIoU 0.141 and pixel accuracy 0.703 on the test split. Measured, seeds 0 / 1 / 2:
     #   CPS                     mIoU 0.227 / 0.222 / 0.228, pixel accuracy 0.736 / 0.730 / 0.730
     #   --cps-weight 0 (twin)   mIoU 0.248 / 0.255 / 0.249, pixel accuracy 0.726 / 0.710 / 0.727
     # So CPS learns, but within a CPU budget from random weights it does not beat its supervised

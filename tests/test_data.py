@@ -34,7 +34,8 @@ def test_shapes_colour_says_nothing_and_raw_pixel_kmeans_is_near_chance():
     assert (predicted == data.labels[held]).float().mean() < 0.15
     x = data.images[:2000].float().flatten(1) / 255
     _, labels = common.kmeans(x, 10, seed=0)
-    # measured 0.23-0.24 over seeds 0-1 on these 2000 images (chance 0.10); learned features reach 0.8+
+    # measured 0.23-0.24 over seeds 0-1 on these 2000 images (chance 0.10); learned features
+    # reach 0.8+
     assert common.cluster_accuracy(data.labels[:2000], labels) < 0.3
 
 

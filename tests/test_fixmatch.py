@@ -1,6 +1,7 @@
 """fixmatch.py: the paper's pieces on constructed inputs, a smoke run with resume, bad input,
 and a learning test against the supervised-only baseline."""
 
+import dataclasses
 import json
 import math
 
@@ -41,9 +42,8 @@ def test_unlabelled_term_is_divided_by_all_unlabelled_samples():
     )
     assert torch.allclose(total, loss_s + 2 * loss_u)
     total.backward()
-    assert (
-        weak.grad is None and strong.grad[:3].abs().sum() > 0 and strong.grad[3:].abs().sum() == 0
-    )
+    assert weak.grad is None
+    assert strong.grad[:3].abs().sum() > 0 and strong.grad[3:].abs().sum() == 0
 
 
 def test_cosine_schedule_end_points():
@@ -58,11 +58,11 @@ def test_ema_with_decay_zero_is_the_model_including_batch_norm_buffers():
     model.train()
     model(torch.randn(8, 3, 32, 32))  # moves the running statistics
     fixmatch.ema_update(ema, model, decay=0.0)
-    for (name, a), b in zip(model.state_dict().items(), ema.state_dict().values()):
+    for (name, a), b in zip(model.state_dict().items(), ema.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     before, other = [p.clone() for p in ema.parameters()], fixmatch.WideResNet(10, 10, 1)
     fixmatch.ema_update(ema, other, decay=0.9)
-    for b, e, o in zip(before, ema.parameters(), other.parameters()):
+    for b, e, o in zip(before, ema.parameters(), other.parameters(), strict=True):
         assert torch.allclose(e, 0.9 * b + 0.1 * o)
 
 
@@ -99,15 +99,27 @@ def test_labeled_split_is_balanced_seeded_and_inside_the_training_set():
         fixmatch.labeled_split(labels, 1010, 10, 0)
 
 
+def test_load_data_draws_the_labelled_split_and_keeps_every_training_image_unlabelled():
+    args = fixmatch.Args(dataset="shapes", num_labeled=30, image_size=16)
+    labeled_set, unlabeled_set, test_set = fixmatch.load_data(args, torch.device("cpu"))
+    train_set = common.load_dataset("shapes", "train", image_size=16)
+    assert torch.bincount(labeled_set.labels, minlength=10).tolist() == [3] * 10
+    assert labeled_set.images.dtype == torch.uint8 and labeled_set.images.shape[1:] == (3, 16, 16)
+    assert torch.equal(unlabeled_set.images, train_set.images)
+    assert torch.equal(unlabeled_set.labels, train_set.labels)
+    assert len(test_set) > 0 and labeled_set.num_classes == 10
+    with pytest.raises(common.ConfigError, match="exceeds"):
+        fixmatch.load_data(dataclasses.replace(args, num_labeled=10**6), torch.device("cpu"))
+
+
 def test_batch_indices_cover_every_item_once_per_pass():
     first_pass = torch.cat(
         [fixmatch.batch_indices(40, 8, step, seed=0, device="cpu") for step in range(5)]
     )
     assert sorted(first_pass.tolist()) == list(range(40))
     crossing = fixmatch.batch_indices(40, 16, 2, seed=0, device="cpu")  # items 32..47: two passes
-    assert len(crossing) == 16 and torch.equal(
-        crossing, fixmatch.batch_indices(40, 16, 2, seed=0, device="cpu")
-    )
+    assert len(crossing) == 16
+    assert torch.equal(crossing, fixmatch.batch_indices(40, 16, 2, seed=0, device="cpu"))
 
 
 SMOKE = [
@@ -179,7 +191,8 @@ def test_fixmatch_beats_the_supervised_baseline_on_shapes(tmp_path):
     # (WRN-10-1, 1200 steps) at 16 px: about 75 s per run on 2 CPU cores. Measured final EMA
     # accuracy, FixMatch vs --lambda-u 0, seeds 0 / 1 / 2: 0.922 vs 0.874, 0.902 vs 0.881,
     # 0.899 vs 0.866, a gain of 2.1 to 4.8 points (a quarter to a third fewer errors). With 10
-    # labels per class the gain was 0.9 to 4.8 points (0.382 vs 0.373, 0.432 vs 0.389, 0.518 vs 0.470).
+    # labels per class the gain was 0.9 to 4.8 points (0.382 vs 0.373, 0.432 vs 0.389,
+    # 0.518 vs 0.470).
     # After the resized_crop edge fix (commit fc4138b; RandAugment's rotations and shears read the
     # edge pixels near the border), 250 labels: 0.919 vs 0.853, 0.908 vs 0.878, 0.900 vs 0.872.
     argv = [
@@ -198,7 +211,6 @@ def test_fixmatch_beats_the_supervised_baseline_on_shapes(tmp_path):
     supervised = fixmatch.main(
         argv + ["--out-dir", str(tmp_path / "supervised"), "--lambda-u", "0"]
     )
-    assert (
-        supervised["acc_last"] > 0.6
-    )  # the baseline learns too: the comparison is not against chance
+    # The baseline learns too: the comparison is not against chance.
+    assert supervised["acc_last"] > 0.6
     assert fixmatch_run["acc_last"] >= supervised["acc_last"] + 0.01

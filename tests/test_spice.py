@@ -13,6 +13,11 @@ import torch.nn.functional as F
 import spice
 
 
+def figures(results: dict) -> dict:
+    """The results without the timing, which differs from run to run."""
+    return {k: v for k, v in results.items() if k not in ("seconds", "images_per_second")}
+
+
 def unit(degrees):
     """Unit vectors in the plane at the given angles."""
     a = torch.tensor(degrees, dtype=torch.float32) * math.pi / 180
@@ -23,12 +28,12 @@ def test_prototypes_and_pseudo_labels_on_a_constructed_example():
     # Images 0-2 lie near 0 degrees, 3-5 near 90, image 6 half-way, image 7 opposite both.
     embedding = unit([0, 10, 20, 90, 80, 70, 45, 225])
     p0 = torch.tensor([0.9, 0.8, 0.3, 0.1, 0.2, 0.35, 0.5, 0.4])
-    probs = torch.stack(
-        [p0, 1 - p0], 1
-    )  # the head is most sure of 0, 1 (cluster 0) and 3, 4 (cluster 1)
+    # the head is most sure of 0, 1 (cluster 0) and 3, 4 (cluster 1)
+    probs = torch.stack([p0, 1 - p0], 1)
     idx, labels = spice.prototype_pseudo_labels(probs, embedding)
-    # N / K = 4 per cluster; prototypes from the top 0.5 N / K = 2: mean of images 0, 1 (at 5 degrees) and
-    # of 3, 4 (at 85); each prototype's 4 nearest images get its label, image 6 is among both.
+    # N / K = 4 per cluster; prototypes from the top 0.5 N / K = 2: mean of images 0, 1 (at 5
+    # degrees) and of 3, 4 (at 85); each prototype's 4 nearest images get its label, image 6 is
+    # among both.
     assert len(idx) == len(labels) == 8
     assert sorted(idx[labels == 0].tolist()) == [0, 1, 2, 6]
     assert sorted(idx[labels == 1].tolist()) == [3, 4, 5, 6]
@@ -70,13 +75,12 @@ def test_head_selection_picks_the_head_with_the_lowest_loss():
         [
             torch.randn(60, 3, generator=g),  # a random head
             8.0 * F.one_hot(clusters, 3).float(),  # a head that agrees with the embedding
-            torch.zeros(60, 3),
+            torch.zeros(60, 3),  # an undecided head
         ]
-    )  # an undecided head
+    )
     best, losses = spice.select_head(logits, embedding)
-    for h in range(
-        3
-    ):  # each loss is the head's loss on its own prototype labels over the whole split
+    # each loss is the head's loss on its own prototype labels over the whole split
+    for h in range(3):
         idx, labels = spice.prototype_pseudo_labels(logits[h].softmax(-1), embedding)
         assert losses[h].item() == pytest.approx(
             spice.head_loss(logits[h][idx], labels).item(), rel=1e-6
@@ -131,9 +135,8 @@ def test_reliable_samples_keep_exactly_the_agreeing_confident_ones():
 
 def test_reliable_samples_stop_clearly_on_an_empty_cluster():
     preds = torch.tensor([0, 0, 1, 1, 2, 2])
-    neighbours = torch.tensor(
-        [[0, 1], [1, 0], [2, 0], [3, 1], [4, 5], [5, 4]]
-    )  # cluster 1 disagrees
+    # the neighbours of each image; cluster 1 disagrees
+    neighbours = torch.tensor([[0, 1], [1, 0], [2, 0], [3, 1], [4, 5], [5, 4]])
     with pytest.raises(
         spice.common.ConfigError, match=r"cluster\(s\) \[1\].*--consistency-ratio.*--confidence"
     ):
@@ -156,16 +159,17 @@ def test_moco_loss_on_a_constructed_example():
     loss, acc = spice.moco_loss(q, q.clone(), queue, temperature=0.2)
     assert loss.item() == pytest.approx(-math.log(math.exp(5) / (math.exp(5) + 6)), rel=1e-5)
     assert acc.item() == 1.0
-    loss, acc = spice.moco_loss(
-        q, -q, torch.cat([q, queue]), temperature=0.2
-    )  # a queued key beats the positive
+    # a queued key beats the positive
+    loss, acc = spice.moco_loss(q, -q, torch.cat([q, queue]), temperature=0.2)
     assert acc.item() == 0.0
 
 
 def test_momentum_update_moves_parameters_only():
     q, k = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
     with torch.no_grad():
-        q.weight.fill_(2.0), k.weight.fill_(1.0), k.running_mean.fill_(5.0)
+        q.weight.fill_(2.0)
+        k.weight.fill_(1.0)
+        k.running_mean.fill_(5.0)
     spice.momentum_update(k, q, momentum=0.9)
     assert torch.allclose(k.weight, torch.full((3,), 1.1))
     assert torch.equal(k.running_mean, torch.full((3,), 5.0)), (
@@ -181,12 +185,9 @@ def test_shuffled_key_forward_restores_the_order_and_normalises_per_group():
     )
     bn = nn.BatchNorm1d(3, affine=False).train()
     out = spice.shuffled_key_forward(bn, x, 3, torch.Generator().manual_seed(0))
-    perm = torch.randperm(
-        12, generator=torch.Generator().manual_seed(0)
-    )  # the same shuffle, replayed
-    for group in perm.chunk(
-        3
-    ):  # each group of 4 shuffled images is normalised by its own statistics
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(0))  # the same shuffle
+    # each group of 4 shuffled images is normalised by its own statistics
+    for group in perm.chunk(3):
         assert torch.allclose(out[group].mean(0), torch.zeros(3), atol=1e-5)
     assert not torch.allclose(out, bn(x), atol=1e-3), "not the statistics of the whole batch"
 
@@ -256,7 +257,6 @@ def test_smoke_every_stage_alone_and_resumed(tmp_path, interrupted_run):
     )
     assert all(0 <= results[k] <= 1 for k in keys if k.endswith(("acc", "nmi")))
     assert all(-1 <= results[k] <= 1 for k in keys if k.endswith("ari"))
-    figures = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "images_per_second")}  # noqa: E731
     # Stage 2 alone from stage 1's file, then stage 3 alone from stage 2's: the same figures.
     alone = spice.main(
         TINY
@@ -284,7 +284,8 @@ def test_smoke_every_stage_alone_and_resumed(tmp_path, interrupted_run):
         ]
     )
     assert figures(alone) == figures(results)
-    # A run killed after its first checkpoint (MoCo's first epoch) and resumed ends where the whole run did.
+    # A run killed after its first checkpoint (MoCo's first epoch) and resumed ends where the whole
+    # run did.
     interrupted_run(spice.main, TINY + ["--out-dir", str(tmp_path / "resumed")])
     assert not (tmp_path / "resumed" / "moco.pt").exists()
     assert figures(
@@ -297,7 +298,6 @@ def test_smoke_every_stage_alone_and_resumed(tmp_path, interrupted_run):
     [
         (["--stage", "semi"], "--init-from goes with"),
         (["--stage", "all", "--init-from", "x.pt"], "--init-from goes with"),
-        (["--protocol", "both"], "--protocol"),
         (["--num-clusters", "1"], "--num-clusters 1"),
         (["--semi-depth", "27"], "--semi-depth 27"),
         (["--stage", "semi", "--init-from", "missing-folder"], "no self.pt there"),
@@ -306,6 +306,14 @@ def test_smoke_every_stage_alone_and_resumed(tmp_path, interrupted_run):
 def test_bad_input_is_refused_before_anything_is_written(tmp_path, extra, message):
     with pytest.raises(SystemExit, match=message):
         spice.main(TINY + ["--out-dir", str(tmp_path / "run")] + extra)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--protocol", "both"), ("--stage", "semi-only")])
+def test_a_value_outside_the_choices_is_refused_by_the_parser(tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit):
+        spice.main(TINY + ["--out-dir", str(tmp_path / "run"), flag, value])
+    assert f"argument {flag}: invalid choice: '{value}'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 

@@ -94,7 +94,8 @@ COPIES = {  # name: the scripts that keep a character-identical copy of it
     "ema_update": ["fixmatch", "spice"],
     "fixmatch_loss": ["fixmatch", "spice"],
     "batch_indices": ["fixmatch", "cps"],
-    "parameter_groups": ["fixmatch", "cps"],
+    "parameter_groups": ["fixmatch", "spice", "cps"],
+    "cosine_lr": ["fixmatch", "spice"],
     "BasicBlock": ["odc", "spice"],
     "ResNet18": ["odc", "spice"],
     "network_outputs": ["odc", "spice"],
@@ -103,7 +104,7 @@ COPIES = {  # name: the scripts that keep a character-identical copy of it
 }
 # The skeleton's names: the same role in every script, its own content.
 SKELETON = {"Args", "DATASET_DEFAULTS", "STREAMED", "load_split", "load_data", "evaluate"}
-SKELETON |= {"train", "main"}
+SKELETON |= {"train_step", "train", "main"}
 
 
 @pytest.mark.parametrize("name", sorted(COPIES))
