@@ -8,8 +8,8 @@ that all five evaluate, augment and log the same way.
 - Augmentation on the device, batched, random parameters per sample: weak (flip + translate),
   strong (RandAugment + Cutout), photometric (colour jitter, grayscale, blur), geometric (random
   resized crop + flip, applied alike to images, label maps and feature maps).
-- Run plumbing: command line from a dataclass, out-dir rules, device, logger, atomic checkpoints,
-  results.json, pictures. `python common.py` benchmarks this device."""
+- Run plumbing: command line from a dataclass, out-dir rules, device, the RunBook (timing, log,
+  resume), atomic checkpoints, results.json, pictures. `python common.py` benchmarks this device."""
 
 from __future__ import annotations
 
@@ -157,9 +157,8 @@ def _entropy(counts: np.ndarray) -> float:
 
 
 def nmi(y_true, y_pred, average: str = "arithmetic") -> float:
-    """Normalised mutual information, scikit-learn's normalized_mutual_info_score to the last
-    bit: MI over the arithmetic (its default) or geometric (SPICE's code) mean of the two
-    entropies; two single-cluster labelings score 1, MI = 0 scores 0."""
+    """scikit-learn's normalized_mutual_info_score to the bit: MI over the arithmetic (default) or
+    geometric (SPICE's code) mean of the entropies; two single clusters score 1, MI = 0 scores 0."""
     counts = _contingency(y_true, y_pred)
     if counts.shape[0] == counts.shape[1] <= 1:
         return 1.0
@@ -183,8 +182,7 @@ def nmi(y_true, y_pred, average: str = "arithmetic") -> float:
 
 
 def ari(y_true, y_pred) -> float:
-    """Adjusted Rand index as scikit-learn's adjusted_rand_score, from the pair confusion
-    matrix in Python integers (no overflow on large sets)."""
+    """Adjusted Rand index, scikit-learn's, from the pair confusion matrix in Python ints."""
     counts = _contingency(y_true, y_pred).astype(object)
     n, sum_squares = int(counts.sum()), int((counts**2).sum())
     tp = sum_squares - n
@@ -310,13 +308,11 @@ def kmeans(
     n_init: int = 1,
     chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """k-means on the rows of x (N, D) on x's device -> centroids (k, D), labels (N,).
-
-    Greedy k-means++ seeding, then Lloyd iterations until the centres move less than `tol` x
-    the mean feature variance (scikit-learn's rule) or `iters` run out; the best of `n_init`
-    restarts (lowest inertia) wins. Distances in blocks (N x K never in memory), cluster sums by
-    index_add_, empty clusters re-seeded at the worst-served points. `metric="cosine"`:
-    spherical k-means on L2-normalised rows and centres."""
+    """k-means on the rows of x (N, D), on x's device -> centroids (k, D), labels (N,): greedy
+    k-means++ seeding, then Lloyd iterations until the centres move less than `tol` x the mean
+    feature variance (scikit-learn's rule) or `iters` run out; the best of `n_init` restarts
+    (lowest inertia) wins. Distances in blocks (N x K never in memory), cluster sums by index_add_,
+    empty clusters re-seeded at the worst-served points. metric="cosine": spherical k-means."""
     if metric not in ("euclidean", "cosine") or not 1 <= k <= len(x):
         raise ValueError(
             f"kmeans needs metric euclidean or cosine (got {metric}) and 1 <= k <= N = {len(x)} "
@@ -579,19 +575,19 @@ def _lut(mapping: dict[int, int] | int) -> torch.Tensor:
 
 
 def _cocostuff_lut() -> torch.Tensor:  # COCOSTUFF_27's spans of fine ids -> their coarse index
-    spans = [
-        (c, span.partition("-"))
-        for c, group in enumerate(COCOSTUFF_27.values())
-        for span in group.split()
-    ]
-    return _lut({fine: c for c, (lo, _, hi) in spans for fine in range(int(lo), int(hi or lo) + 1)})
+    coarse = {}
+    for c, group in enumerate(COCOSTUFF_27.values()):
+        for span in group.split():  # "71-76" or "0"
+            lo, _, hi = span.partition("-")
+            coarse.update(dict.fromkeys(range(int(lo), int(hi or lo) + 1), c))
+    return _lut(coarse)
 
 
 class SegmentationSet(torch.utils.data.Dataset):
-    """(image uint8 (3, H, W), label int64 (H, W), 255 = ignore) pairs, held in memory or read
-    from `pairs` of files: decoded, raw labels mapped through `lut`, shorter side resized to
-    `image_size` (labels nearest). Large sets stream through a DataLoader with
-    `collate_fn=pad_collate`; `tensors()` decodes a small one whole."""
+    """(image uint8 (3, H, W), label int64 (H, W), 255 = ignore) pairs, held in memory or read from
+    `pairs` of files: raw labels mapped through `lut`, shorter side resized to `image_size` (labels
+    nearest). Large sets stream through a DataLoader (`collate_fn=pad_collate`); `tensors()`
+    decodes a small one whole."""
 
     def __init__(
         self, classes, split, pairs=(), lut=None, image_size=None, images=None, labels=None
@@ -637,8 +633,7 @@ class SegmentationSet(torch.utils.data.Dataset):
 
 
 def pad_collate(batch):
-    """Stack (image, label) pairs of different sizes: images padded with 0, labels with 255, at
-    the bottom and right, to the largest height and width."""
+    """Stack (image, label) pairs padded bottom and right to the largest: images 0, labels 255."""
     h = max(im.shape[1] for im, _ in batch)
     w = max(im.shape[2] for im, _ in batch)
     images = [F.pad(im, (0, w - im.shape[2], 0, h - im.shape[1])) for im, _ in batch]
@@ -752,10 +747,8 @@ def _seg_pairs(name: str, root: Path, split: str):
     # segfolder: <split>/images/*, <split>/masks/<stem>.png, optional classes.txt ("<index> <name>")
     pairs = _pairs_by_stem(root / split / "images", root / split / "masks")
     if (root / "classes.txt").exists():
-        entries = sorted(
-            (int(i), n)
-            for i, n in (line.split(maxsplit=1) for line in _read_lines(root / "classes.txt"))
-        )
+        lines = [line.split(maxsplit=1) for line in _read_lines(root / "classes.txt")]
+        entries = sorted((int(i), n) for i, n in lines)
         return pairs, _lut(len(entries)), [n for _, n in entries]
     label_maps = (_read_label(p).numpy() for _, p in pairs)
     largest = max(int(lb[lb != 255].max(initial=0)) for lb in label_maps)
@@ -872,10 +865,9 @@ def make_shapes(
 
 
 def make_shapes_seg(n: int, seed: int = 0, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """`shapes-seg`: n images (n, 3, size, size) with 1-4 regions each and label maps (n, size,
-    size). A region's class is its texture (speckle, stripes, checks, dots; random period and
-    angle), never its colour or outline (disc, square or diamond at random); class 0 is the
-    smooth, mottled background."""
+    """`shapes-seg`: n images (n, 3, size, size) of 1-4 regions and label maps (n, size, size). A
+    region's class is its texture (speckle, stripes, checks, dots; random period and angle), never
+    its colour or outline (disc, square or diamond); class 0 is the smooth, mottled background."""
     g = torch.Generator().manual_seed(seed)
     y, x = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
     c1, c2 = _two_tone(n, g)
@@ -966,8 +958,7 @@ def cutout(
     random_size: bool = False,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """A grey square of side `size` px (uniform in [0, size] with random_size) per sample,
-    centred anywhere and clipped at the border."""
+    """Per sample a grey square of side `size` px (random_size: U[0, size]), anywhere, clipped."""
     b, _, h, w = x.shape
     side = torch.full((b,), float(size), device=x.device)
     if random_size:
@@ -1161,8 +1152,7 @@ def _adjust_hue(x, shift):
 
 
 def _gaussian_blur(x, sigma):
-    """Separable Gaussian blur, one sigma per sample (half-width 3 sigma), reflect padding, as a
-    grouped convolution over all B x C channels."""
+    """Separable Gaussian blur, a sigma per sample (half-width 3 sigma), reflect-padded, grouped."""
     b, c, h, w = x.shape
     half = max(1, min(math.ceil(3 * float(sigma.max())), h - 1, w - 1))
     t = torch.arange(-half, half + 1, device=x.device, dtype=x.dtype)
@@ -1193,20 +1183,23 @@ def draw_photometric(
     jitter_p (factors 1 +/- strength, hue shift +/- hue; `jitter_each`: one coin per op, as
     PiCIE), ops in random order (torchvision's ColorJitter), grayscale, Gaussian blur. Drawn
     apart from `apply_photometric` so a method can fix them per image (PiCIE: once an epoch)."""
-    r = lambda *shape: _rand(shape, generator, device)  # noqa: E731
-    coin = r(n) < jitter_p
-    on = (lambda: r(n) < jitter_p) if jitter_each else (lambda: coin)
+
+    def uniform(*shape):  # U[0, 1) of this shape
+        return _rand(shape, generator, device)
+
+    coin = uniform(n) < jitter_p
+    on = (lambda: uniform(n) < jitter_p) if jitter_each else (lambda: coin)
     strengths = {"brightness": brightness, "contrast": contrast, "saturation": saturation}
     params = {}
     for name, strength in strengths.items():  # factor 1 +/- strength, or 1 where jitter is off
-        params[name] = torch.where(on(), 1 + strength * (2 * r(n) - 1), 1.0)
-    params["hue"] = torch.where(on(), hue * (2 * r(n) - 1), 0.0)
+        params[name] = torch.where(on(), 1 + strength * (2 * uniform(n) - 1), 1.0)
+    params["hue"] = torch.where(on(), hue * (2 * uniform(n) - 1), 0.0)
     in_order = torch.arange(4, device=device).expand(n, 4)
-    params["order"] = r(n, 4).argsort(1) if random_order else in_order
-    params["grayscale"] = r(n) < grayscale_p
-    blurred = r(n) < blur_p
+    params["order"] = uniform(n, 4).argsort(1) if random_order else in_order
+    params["grayscale"] = uniform(n) < grayscale_p
+    blurred = uniform(n) < blur_p
     lo, hi = blur_sigma
-    params["sigma"] = torch.where(blurred, lo + (hi - lo) * r(n), 0.0)
+    params["sigma"] = torch.where(blurred, lo + (hi - lo) * uniform(n), 0.0)
     return params
 
 
@@ -1351,11 +1344,10 @@ def _number(text: str) -> float:  # a float flag that also takes fractions such 
 def parse_args(
     cls, argv=None, dataset_defaults: dict | None = None, description: str | None = None
 ):
-    """An instance of the dataclass `cls` from the command line: every field is a flag
-    (`num_labeled` -> `--num-labeled`) whose help is the string under the field; booleans are
-    `--x/--no-x`; float fields accept fractions (`1/8`); Literal fields list their choices.
-    `dataset_defaults[name]` overrides the class defaults for data set `name`; flags given on
-    the command line override both."""
+    """An instance of dataclass `cls` from the command line: every field a flag (`num_labeled` ->
+    `--num-labeled`), its help the string under the field; booleans are `--x/--no-x`, floats take
+    fractions (`1/8`), Literal fields list their choices. `dataset_defaults[name]` overrides the
+    class defaults for data set `name`; flags given on the command line override both."""
     hints, helps = typing.get_type_hints(cls), _field_help(cls)
     parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
     defaults = {
@@ -1425,30 +1417,6 @@ def _plain(value):  # tensors, numpy values, paths -> plain Python values, by a 
     return json.loads(text)
 
 
-class Logger:
-    """One `key=value` line per call on stdout, the same record appended to <out_dir>/log.jsonl;
-    with `images` done since the last call, the throughput; with `total` steps, the ETA."""
-
-    def __init__(self, out_dir, total: int | None = None, start: int = 0):
-        self.path, self.total, self.start = Path(out_dir) / "log.jsonl", total, start
-        self.t0 = self.t_last = time.perf_counter()
-
-    def log(self, step: int, metrics: dict, images: int = 0) -> dict:
-        now = time.perf_counter()
-        record = {"step": step, **_plain(metrics)}
-        if images:
-            record["perf/img_per_s"] = images / max(now - self.t_last, 1e-9)
-        record["perf/elapsed_s"] = now - self.t0
-        if self.total and step > self.start:
-            record["perf/eta_s"] = (now - self.t0) / (step - self.start) * (self.total - step)
-        self.t_last = now
-        fields = (f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
-        print(" ".join(fields), flush=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        return record
-
-
 class RunBook:
     """The bookkeeping that every training loop repeats, kept out of the loops: wall time and
     training time over the whole run (a resumed run carries on from its checkpoint), the images
@@ -1480,11 +1448,12 @@ class RunBook:
         self.totals.setdefault("images", 0)
         self._images_since_log = 0
         self._wall_clock = time.perf_counter()
-        self.logger = None
 
     def start_log(self, total: int | None = None, start: int = 0) -> None:
         """A log whose ETA counts from `start` to `total` (steps or epochs of this loop)."""
-        self.logger = Logger(self.out, total=total, start=start)
+        self._log_total = total
+        self._log_start = start
+        self._log_t0 = self._log_last = time.perf_counter()
 
     @contextlib.contextmanager
     def timed(self, images: int = 0):
@@ -1499,9 +1468,23 @@ class RunBook:
         self._images_since_log += images
 
     def log(self, step, metrics: dict) -> dict:
-        """One log line, with the throughput of the images counted since the last one."""
-        images, self._images_since_log = self._images_since_log, 0
-        return self.logger.log(step, metrics, images=images)
+        """One `key=value` line on stdout, the same record appended to <out>/log.jsonl: the
+        metrics, the throughput of the images counted since the last line, the time and the ETA."""
+        now = time.perf_counter()
+        elapsed = now - self._log_t0
+        record = {"step": step, **_plain(metrics)}
+        if self._images_since_log:
+            record["perf/img_per_s"] = self._images_since_log / max(now - self._log_last, 1e-9)
+        record["perf/elapsed_s"] = elapsed
+        if self._log_total and step > self._log_start:
+            record["perf/eta_s"] = elapsed / (step - self._log_start) * (self._log_total - step)
+        self._log_last = now
+        self._images_since_log = 0
+        fields = (f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+        print(" ".join(fields), flush=True)
+        with open(self.out / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        return record
 
     def tick(self) -> dict:
         """The totals, with the wall time brought up to now."""
@@ -1580,8 +1563,7 @@ def save_cluster_grid(
     per_row: int = 10,
     num_clusters: int | None = None,
 ) -> None:
-    """One row per cluster: its `per_row` images of highest `scores` (confidence), blank where a
-    cluster has fewer. PNG via torchvision's save_image."""
+    """A PNG, a row per cluster: its `per_row` images of highest `scores` (confidence), or blank."""
     from torchvision.utils import save_image
 
     images, labels = _to_float(images.cpu()), labels.cpu()

@@ -16,10 +16,10 @@ One training step, `train_step` (each name is a function below):
    hard example mining for Cityscapes).
 3. Without CutMix: `cross_pseudo_supervision_loss` trains each network on the other's argmax
    over all pixels of the labelled and the unlabelled batch.
-4. With CutMix: `draw_boxes` / `box_masks` give one mask M per pair of unlabelled images; without
-   gradient, each network predicts both source batches and `mixed_pseudo_labels` mixes its
-   predictions with M; `cutmix` mixes the images with M; each network's prediction on the mixed
-   images is trained on the *other* network's mixed pseudo-label.
+4. With CutMix (`cutmix_cps_loss`): `draw_boxes` / `box_masks` give one mask M per pair of
+   unlabelled images; without gradient, each network predicts both source batches and
+   `mixed_pseudo_labels` mixes its predictions with M; `cutmix` mixes the images with M; each
+   network's prediction on the mixed images is trained on the *other* network's mixed pseudo-label.
 5. L = L_s + lambda L_cps; one backward pass; SGD (momentum 0.9, weight decay 1e-4 on convolution
    weights only, `parameter_groups`) with `poly_lr` decay steps both networks.
 6. `evaluate`: network 1 alone, single scale, `sliding_window` of the crop size with stride 2/3
@@ -80,8 +80,7 @@ class Args:
     device: str = "auto"
     """auto, cpu, cuda or cuda:N"""
     batch_size: int = 8
-    """labelled images per step, B (the unlabelled batch is the same size; two of them with
-    CutMix)"""
+    """labelled images per step, B (as many unlabelled; two unlabelled batches with CutMix)"""
     eval_every: int = 5000
     """iterations between evaluations of network 1 (a checkpoint follows each)"""
     resume: bool = False
@@ -91,14 +90,11 @@ class Args:
     compile: bool = False
     """torch.compile the network(s)"""
     labeled_ratio: float = 0.125
-    """fraction of the training images that is labelled, drawn with the seed (1/16, 1/8, 1/4,
-    1/2 in the paper)"""
+    """labelled fraction of the training images, drawn with the seed (paper: 1/16, 1/8, 1/4, 1/2)"""
     labeled_list: str | None = None
-    """file naming the labelled images, one per line (an official split list); overrides
-    --labeled-ratio"""
+    """list of the labelled images, one a line (official split files); overrides --labeled-ratio"""
     iterations: int = 39_338
-    """training iterations (the official 1/8 run: 34 epochs of 1,157; about the same total at
-    every split)"""
+    """training iterations (official 1/8 run: 34 epochs of 1,157; about the same at every split)"""
     image_size: int | None = None
     """shorter side of every image after loading (default: as stored)"""
     crop_size: int = 512
@@ -106,8 +102,7 @@ class Args:
     backbone: Literal["resnet50", "resnet101", "resnet18"] = "resnet50"
     """torchvision ResNet under each DeepLabv3+ (resnet18 for small machines)"""
     weights: Literal["imagenet", "none"] = "imagenet"
-    """backbone initialisation, the same for both networks: torchvision's ImageNet weights or
-    random"""
+    """both backbones' initialisation (the same): torchvision's ImageNet weights or random"""
     cutmix: bool = True
     """CutMix on the unlabelled images (two unlabelled batches per step)"""
     cps_weight: float | None = None
@@ -120,17 +115,15 @@ class Args:
     ohem: bool = False
     """online hard example mining in the supervised loss (on by default for Cityscapes)"""
     pseudo_label_mode: Literal["train", "eval"] = "train"
-    """batch-norm mode of the no-gradient CutMix passes that make pseudo-labels (train: the
-    official code)"""
+    """batch-norm mode of the no-gradient CutMix passes making pseudo-labels (train: official)"""
     workers: int = 4
     """DataLoader workers that decode the streamed data sets (VOC, Cityscapes)"""
     log_every: int = 50
     """iterations between log lines"""
 
 
-# Per-data-set departures from the VOC recipe. Cityscapes: lr 0.02, 800 crops, OHEM, 137 epochs of
-# 325 iterations (official config and script). CamVid (no published CPS figure): crops of its
-# native 360 px height.
+# Departures from the VOC recipe. Cityscapes (official config and script): lr 0.02, 800 crops, OHEM,
+# 137 epochs of 325 iterations. CamVid (no published CPS figure): crops of its native 360 px height.
 DATASET_DEFAULTS = {
     "cityscapes": {"lr": 0.02, "crop_size": 800, "ohem": True, "iterations": 44_525},
     "camvid": {"crop_size": 360},
@@ -202,17 +195,14 @@ def supervised_loss(
     logits: torch.Tensor, target: torch.Tensor, ohem_min_kept: int = 0, threshold: float = 0.7
 ) -> torch.Tensor:
     """L_s of one network: cross-entropy of logits (B, C, H, W) against labels (B, H, W), 255
-    ignored. With ohem_min_kept > 0, online hard example mining (the official
-    ProbOhemCrossEntropy2d): over the batch, only pixels whose true-class probability is at most
-    `threshold` count, the threshold raised to the ohem_min_kept-th smallest probability when fewer
-    are that hard; all pixels when the batch has fewer than ohem_min_kept labelled ones."""
+    ignored. With ohem_min_kept > 0, online hard example mining (official ProbOhemCrossEntropy2d):
+    only the batch's pixels whose true-class probability is at most max(`threshold`, the
+    ohem_min_kept-th smallest) count; all when fewer than ohem_min_kept are labelled."""
     valid = target != 255
     if 0 < ohem_min_kept <= int(valid.sum()):
         with torch.no_grad():
             safe_target = torch.where(valid, target, 0)[:, None]  # (B, 1, H, W), void as class 0
-            prob = torch.softmax(logits.float(), 1).gather(1, safe_target)[
-                :, 0
-            ]  # of the true class
+            prob = torch.softmax(logits.float(), 1).gather(1, safe_target)[:, 0]  # true class
             kth = prob[valid].kthvalue(ohem_min_kept).values
             target = torch.where(valid & (prob <= torch.clamp(kth, min=threshold)), target, 255)
     return F.cross_entropy(logits.float(), target, ignore_index=255)
@@ -224,10 +214,9 @@ def cross_pseudo_supervision_loss(
     pseudo1: torch.Tensor | None = None,
     pseudo2: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The paper's L_cps: CE(p1, Y2) + CE(p2, Y1), each the mean over all pixels of the batch, where
-    Y_i is network i's one-hot pseudo-label: by default the argmax of its own logits (B, C, H, W),
-    taken without gradient and without any confidence threshold; with CutMix, the mixed
-    pseudo-labels (B, H, W) given. The loss is symmetric: swapping the networks gives the same."""
+    """The paper's L_cps = CE(p1, Y2) + CE(p2, Y1) (symmetric), means over all pixels of the batch;
+    Y_i is network i's one-hot pseudo-label: the argmax of its logits (B, C, H, W) (no gradient, no
+    confidence threshold) or, with CutMix, the mixed pseudo-labels (B, H, W) given."""
     pseudo1 = logits1.detach().argmax(1) if pseudo1 is None else pseudo1
     pseudo2 = logits2.detach().argmax(1) if pseudo2 is None else pseudo2
     return F.cross_entropy(logits1.float(), pseudo2) + F.cross_entropy(logits2.float(), pseudo1)
@@ -277,9 +266,8 @@ def cutmix(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
 def mixed_pseudo_labels(
     logits_a: torch.Tensor, logits_b: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
-    """One network's pseudo-label for the mixed images (n, H, W): its predictions on the two
-    source batches mixed with the same mask, then the argmax (mixing logits or probabilities is
-    the same: the mask is 0 or 1)."""
+    """One network's pseudo-label (n, H, W) for the mixed images: the argmax of its predictions on
+    the two source batches mixed with the same mask (logits or probabilities alike: M is 0 or 1)."""
     return cutmix(logits_a.detach(), logits_b.detach(), mask).argmax(1)
 
 
@@ -302,8 +290,7 @@ def random_scale_crop(
     scale = torch.tensor(scales, device=device)[drawn]
     flip = torch.rand(b, generator=generator, device=device) < 0.5
     side = (crop / scale)[:, None].expand(-1, 2)  # the window's side in the original image's pixels
-    # (B, 2) as (x, y); negative: the scaled image is smaller than the crop
-    room = sizes.flip(1).float() - side
+    room = sizes.flip(1).float() - side  # (B, 2) as (x, y), < 0 where the scaled image is smaller
     # Deviation: continuous crop offsets, one resampling per batch (official: whole pixels, per
     # image in DataLoader workers)
     offset = torch.rand(b, 2, generator=generator, device=device) * room
@@ -362,8 +349,7 @@ def imagenet_resnet(name: str, weights: str = "imagenet") -> nn.Module:
 
 
 def resnet(name: str, weights: str = "imagenet") -> nn.Module:
-    """`imagenet_resnet` with its last stage without stride and dilated (DILATIONS): output stride
-    16, as DeepLabv3+ wants."""
+    """`imagenet_resnet` at output stride 16: no stride in its last stage, dilated (DILATIONS)."""
     # Deviation: torchvision's plain 7x7 stem and ImageNet V1 weights; the official backbone is a
     # deep-stem ResNet (resnet50_v1c) with its own weights.
     net = imagenet_resnet(name, weights)
@@ -462,9 +448,8 @@ def load_split(args: Args, split: str, device) -> tuple:
 
 
 def load_data(args: Args, device, cps_weight: float) -> tuple:
-    """The training split with its labelled and unlabelled indices (`labeled_partition`), the
-    evaluation split (val for the STREAMED sets, else test), checked, with the class names and a
-    line that describes them: (source, labelled, unlabelled, evaluation source, classes, line)."""
+    """(training source, labelled and unlabelled indices (`labeled_partition`), evaluation source
+    (val for the STREAMED sets, else test), class names, a line describing them), checked."""
     eval_split = "val" if args.dataset in STREAMED else "test"
     train_source, names, classes = load_split(args, "train", device)
     eval_source, _, _ = load_split(args, eval_split, device)
@@ -496,10 +481,9 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int, device) -> torc
 
 
 def training_batches(source, pool, seed: int, start: int, args: Args, stats, generator):
-    """Endless batches of the images `pool` (indices), one per step from `start` on, a function
-    of the step (`batch_indices`), on the generator's device, normalised (0 in any padding) and
-    augmented (`random_scale_crop`, every draw from `generator`): images (B, 3, crop, crop),
-    labels (B, crop, crop)."""
+    """Endless batches of the images `pool` (indices), one per step from `start` on, a function of
+    the step (`batch_indices`), on the generator's device, normalised (0 in any padding), augmented
+    by `random_scale_crop` (draws from `generator`): (B, 3, crop, crop), (B, crop, crop)."""
     draws = (
         pool[batch_indices(len(pool), args.batch_size, step, seed, pool.device)]
         for step in itertools.count(start)
@@ -523,10 +507,9 @@ def forward_logits(model: nn.Module, x: torch.Tensor, amp: bool = False) -> torc
 
 @torch.no_grad()
 def sliding_window(model: nn.Module, x: torch.Tensor, crop: int, amp: bool = False) -> torch.Tensor:
-    """Logits (B, C, H, W) of normalised images x (B, 3, H, W) from crop x crop windows at a stride
-    of ceil(2/3 crop), the last window flush with the border, logits averaged where windows
-    overlap; a side shorter than the window is padded with 0 (the mean colour) on both ends
-    (official evaluator: stride rate 2/3, single scale, no flip)."""
+    """Logits (B, C, H, W) of normalised images x (B, 3, H, W), averaged over crop x crop windows at
+    a stride of ceil(2/3 crop), the last flush with the border, a shorter side padded with 0 (the
+    mean colour) on both ends (official evaluator: stride rate 2/3, single scale, no flip)."""
     h, w = x.shape[-2:]
     top = max(crop - h, 0) // 2
     left = max(crop - w, 0) // 2
@@ -555,9 +538,8 @@ def sliding_window(model: nn.Module, x: torch.Tensor, crop: int, amp: bool = Fal
 def evaluate(
     model: nn.Module, source, num_classes: int, stats, args: Args, show: int = 6
 ) -> tuple[dict, tuple]:
-    """mIoU and pixel accuracy of `model` (eval mode) over the whole split, one confusion matrix,
-    windows of --crop-size; also `show` images spread over the split with their labels and
-    predictions (resized alike)."""
+    """mIoU and pixel accuracy of `model` (eval mode) over the split, one confusion matrix, windows
+    of --crop-size; and `show` images spread over it with labels and predictions (resized alike)."""
     model.eval()
     device = next(model.parameters()).device
     amp = args.amp and device.type == "cuda"
@@ -588,34 +570,94 @@ def evaluate(
 # --------------------------------------------------------------------------------------------------
 # Training: steps 1-6 of the module docstring
 # --------------------------------------------------------------------------------------------------
+def networks_and_optimizer(
+    args: Args, num_classes: int, device: torch.device
+) -> tuple[DeepLabV3Plus, DeepLabV3Plus, torch.optim.Optimizer, tuple[nn.Module, nn.Module]]:
+    """The two networks (`build_networks`), step 5's SGD over both, and the forwards that train
+    them: with --compile, their torch.compile'd wrappers (checkpoints save the networks)."""
+    net1, net2 = build_networks(num_classes, args.backbone, args.weights, device)
+    # Channels-last, except with --compile (channels-last weights failed its stride check, picie.py)
+    if device.type == "cuda" and not args.compile:
+        net1.to(memory_format=torch.channels_last)
+        net2.to(memory_format=torch.channels_last)
+    # Deviation: one SGD over both networks' parameters, where the official code has two;
+    # per-parameter momentum makes their updates identical.
+    optimizer = torch.optim.SGD(
+        parameter_groups(net1, args.weight_decay) + parameter_groups(net2, args.weight_decay),
+        lr=args.lr,
+        momentum=0.9,
+    )
+    forwards = (torch.compile(net1), torch.compile(net2)) if args.compile else (net1, net2)
+    return net1, net2, optimizer, forwards
+
+
+def argmax_agreement(logits1: torch.Tensor, logits2: torch.Tensor) -> torch.Tensor:
+    """The agreement diagnostic: the fraction of pixels where the two networks' argmax agree."""
+    return (logits1.detach().argmax(1) == logits2.detach().argmax(1)).float().mean()
+
+
+def cutmix_cps_loss(
+    forwards: tuple[nn.Module, nn.Module],
+    unlabeled: list[tuple[torch.Tensor, torch.Tensor]],
+    generator: torch.Generator,
+    args: Args,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step 4 on U_a and U_b, the two unlabelled batches to mix (one mask M a pair): L_cps, the
+    agreement on the mixed pixels and pseudo_acc, the only use of U_a's and U_b's labels."""
+    forward1, forward2 = forwards
+    (unlabeled_a, truth_a), (unlabeled_b, truth_b) = unlabeled
+    device = unlabeled_a.device
+    amp = args.amp and device.type == "cuda"
+    height, width = unlabeled_a.shape[-2:]
+    boxes = draw_boxes(len(unlabeled_a), height, width, generator=generator, device=device)
+    mask = box_masks(boxes, height, width)  # (B, 1, crop, crop)
+    with torch.no_grad():
+        # In train mode (batch statistics, running ones updated) as official, or eval mode
+        forward1.train(args.pseudo_label_mode == "train")
+        forward2.train(args.pseudo_label_mode == "train")
+        logits1_a = forward_logits(forward1, unlabeled_a, amp)
+        logits1_b = forward_logits(forward1, unlabeled_b, amp)
+        pseudo1 = mixed_pseudo_labels(logits1_a, logits1_b, mask)
+        logits2_a = forward_logits(forward2, unlabeled_a, amp)
+        logits2_b = forward_logits(forward2, unlabeled_b, amp)
+        pseudo2 = mixed_pseudo_labels(logits2_a, logits2_b, mask)
+        forward1.train()
+        forward2.train()
+    mixed_images = cutmix(unlabeled_a, unlabeled_b, mask)
+    mixed_logits1 = forward_logits(forward1, mixed_images, amp)
+    mixed_logits2 = forward_logits(forward2, mixed_images, amp)
+    loss_cps = cross_pseudo_supervision_loss(mixed_logits1, mixed_logits2, pseudo1, pseudo2)
+    # pseudo_acc: network 1's mixed pseudo-labels against the held-back truth, mixed alike
+    truth = cutmix(truth_a[:, None].float(), truth_b[:, None].float(), mask)[:, 0].long()
+    known = truth != 255
+    pseudo_acc = ((pseudo1 == truth) & known).sum() / known.sum().clamp_min(1)
+    return loss_cps, argmax_agreement(mixed_logits1, mixed_logits2), pseudo_acc
+
+
 def train_step(
     forwards: tuple[nn.Module, nn.Module],
-    labeled: tuple[torch.Tensor, torch.Tensor],
-    unlabeled: list[tuple[torch.Tensor, torch.Tensor]],
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
     cps_weight: float,
     args: Args,
 ) -> torch.Tensor:
-    """Steps 2-5 on one augmented labelled batch and the step's unlabelled batches (none for the
-    supervised twin, one for CPS, the two to mix with CutMix), both networks updated once.
-    `forwards`: the two networks, or their torch.compile'd wrappers (train() reaches through).
-    Returns (L_s, L_cps, agreement, pseudo_acc), the last two diagnostics only."""
+    """Steps 2-5 on the step's augmented batches, the labelled one and the unlabelled ones (none for
+    the supervised twin, one for CPS, two with CutMix): (L_s, L_cps, agreement, pseudo_acc)."""
     forward1, forward2 = forwards
     forward1.train()
     forward2.train()
-    images, labels = labeled  # (B, 3, crop, crop), (B, crop, crop)
-    device = images.device
-    amp = args.amp and device.type == "cuda"
-    # 2. L_s of both networks on the labelled batch. OHEM keeps at least the 50,000 hardest of an
-    # 800 x 800 crop's pixels per image, the same fraction of other crops.
+    (images, labels), *unlabeled = batches  # (B, 3, crop, crop), (B, crop, crop) each
+    amp = args.amp and images.device.type == "cuda"
+    # 2. L_s of both networks. OHEM keeps at least the 50,000 hardest of an 800 x 800 crop's
+    # pixels per image, the same fraction of other crops.
     # Deviation: the official min_kept is 50,000 x the total batch (8) per GPU process of one image.
     kept = round(50_000 * args.crop_size**2 / 800**2) * len(labels) if args.ohem else 0  # min_kept
     logits1 = forward_logits(forward1, images, amp)
     logits2 = forward_logits(forward2, images, amp)
     loss_sup = supervised_loss(logits1, labels, kept) + supervised_loss(logits2, labels, kept)
     # 0 where they do not apply: all three for the supervised twin, pseudo_acc without CutMix
-    loss_cps = agreement = pseudo_acc = torch.zeros((), device=device)
+    loss_cps = agreement = pseudo_acc = torch.zeros((), device=images.device)
     if cps_weight > 0 and not args.cutmix:
         # 3. CPS over the labelled and the unlabelled pixels. The unlabelled batch gets its own
         # forward pass, so batch norm sees it alone, as official. Its labels are never used.
@@ -625,40 +667,9 @@ def train_step(
         loss_cps = cross_pseudo_supervision_loss(
             torch.cat([logits1, unlabeled_logits1]), torch.cat([logits2, unlabeled_logits2])
         )
-    elif cps_weight > 0:
-        # 4. CPS with CutMix on U_a and U_b, the two unlabelled batches to mix: one mask M a pair.
-        # Their labels (truth_a, truth_b) serve only the pseudo_acc diagnostic.
-        (unlabeled_a, truth_a), (unlabeled_b, truth_b) = unlabeled
-        height, width = unlabeled_a.shape[-2:]
-        boxes = draw_boxes(len(unlabeled_a), height, width, generator=generator, device=device)
-        mask = box_masks(boxes, height, width)  # (B, 1, crop, crop)
-        with torch.no_grad():
-            # Pseudo-labels in train mode (batch statistics, running ones updated) as official,
-            # or in eval mode (--pseudo-label-mode eval)
-            forward1.train(args.pseudo_label_mode == "train")
-            forward2.train(args.pseudo_label_mode == "train")
-            logits1_a = forward_logits(forward1, unlabeled_a, amp)
-            logits1_b = forward_logits(forward1, unlabeled_b, amp)
-            pseudo1 = mixed_pseudo_labels(logits1_a, logits1_b, mask)
-            logits2_a = forward_logits(forward2, unlabeled_a, amp)
-            logits2_b = forward_logits(forward2, unlabeled_b, amp)
-            pseudo2 = mixed_pseudo_labels(logits2_a, logits2_b, mask)
-            forward1.train()
-            forward2.train()
-        mixed_images = cutmix(unlabeled_a, unlabeled_b, mask)
-        unlabeled_logits1 = forward_logits(forward1, mixed_images, amp)
-        unlabeled_logits2 = forward_logits(forward2, mixed_images, amp)
-        loss_cps = cross_pseudo_supervision_loss(
-            unlabeled_logits1, unlabeled_logits2, pseudo1, pseudo2
-        )
-        # pseudo_acc: network 1's mixed pseudo-labels against the held-back truth, mixed alike
-        truth = cutmix(truth_a[:, None].float(), truth_b[:, None].float(), mask)[:, 0].long()
-        known = truth != 255
-        pseudo_acc = ((pseudo1 == truth) & known).sum() / known.sum().clamp_min(1)
-    if cps_weight > 0:
-        # agreement: of the two networks' argmax on the unlabelled (with CutMix: mixed) pixels
-        same = unlabeled_logits1.detach().argmax(1) == unlabeled_logits2.detach().argmax(1)
-        agreement = same.float().mean()
+        agreement = argmax_agreement(unlabeled_logits1, unlabeled_logits2)
+    elif cps_weight > 0:  # 4. CPS with CutMix
+        loss_cps, agreement, pseudo_acc = cutmix_cps_loss(forwards, unlabeled, generator, args)
     # 5. L = L_s + lambda L_cps; one backward pass; one SGD step for both networks
     loss = loss_sup + cps_weight * loss_cps
     optimizer.zero_grad(set_to_none=True)
@@ -667,10 +678,38 @@ def train_step(
     return torch.stack([loss_sup.detach(), loss_cps.detach(), agreement, pseudo_acc])
 
 
+def train_metrics(sums: torch.Tensor, step: int, cps_weight: float, args: Args) -> dict:
+    """A log line's training figures: the means of `train_step`'s four since the last line (the
+    diagnostics only where they exist) and the learning rate."""
+    means = sums / (step % args.log_every + 1)
+    metrics = {"train/loss_sup": means[0], "train/loss_cps": means[1]}
+    if cps_weight > 0:
+        metrics["diag/agreement"] = means[2]
+    if cps_weight > 0 and args.cutmix:
+        metrics["diag/pseudo_acc"] = means[3]
+    metrics["train/lr"] = poly_lr(step, args.iterations, args.lr)
+    return metrics
+
+
+def cps_results(last: dict, cps_weight: float, num_labeled: int, args: Args) -> dict:
+    """The method's figures for results.json, from `last`, the last evaluation."""
+    return {
+        # Deviation: the last evaluation; the official code reports the best of its evaluated
+        # epoch snapshots (eval.py -e 20-34).
+        "miou": last["miou"],
+        "pixel_acc": last["pixel_acc"],
+        "iou": [None if math.isnan(v) else v for v in last["iou"]],  # NaN: a class never present
+        "cps_weight": cps_weight,
+        "num_labeled": num_labeled,
+        "iterations": args.iterations,
+    }
+
+
 def train(args: Args) -> dict:
     device = common.select_device(args.device)
     common.set_seed(args.seed)
     info = common.dataset_info(args.dataset, "segment")
+    stats = (info.mean, info.std)
     if args.batch_size < 2 or args.crop_size < 32 or args.iterations < 1:
         raise common.ConfigError(
             "--batch-size must be at least 2 (batch norm in the image-pooling branch), "
@@ -685,7 +724,7 @@ def train(args: Args) -> dict:
     )
     num_classes = len(classes)
     # Built before anything is written: a missing ImageNet weights file stops the run here.
-    net1, net2 = build_networks(num_classes, args.backbone, args.weights, device)
+    net1, net2, optimizer, forwards = networks_and_optimizer(args, num_classes, device)
     out_dir = args.out_dir or f"runs/cps-{args.dataset}-{args.seed}"
     out = common.prepare_out_dir(out_dir, args.resume, args)
     print(
@@ -693,30 +732,15 @@ def train(args: Args) -> dict:
         f"({args.weights}), lambda {cps_weight:g}, CutMix {args.cutmix}",
         flush=True,
     )
-    stats = (info.mean, info.std)
-    # Channels-last, except with --compile (channels-last weights failed its stride check, picie.py)
-    if device.type == "cuda" and not args.compile:
-        net1.to(memory_format=torch.channels_last)
-        net2.to(memory_format=torch.channels_last)
-    # Deviation: one SGD over both networks' parameters, where the official code has two;
-    # per-parameter momentum makes their updates identical.
-    optimizer = torch.optim.SGD(
-        parameter_groups(net1, args.weight_decay) + parameter_groups(net2, args.weight_decay),
-        lr=args.lr,
-        momentum=0.9,
-    )
-    forwards = (net1, net2)
-    if args.compile:
-        forwards = (torch.compile(net1), torch.compile(net2))
     augment_rng = torch.Generator(device=device).manual_seed(args.seed)
     book = common.RunBook(out, args, device)  # with --resume, the checkpoint's state
+    start = book.checkpoint.get("step", 0)
+    evals = book.checkpoint.get("evals", [])
     if args.resume:
         for key, part in (("net1", net1), ("net2", net2), ("optimizer", optimizer)):
             part.load_state_dict(book.checkpoint[key])
         augment_rng.set_state(book.checkpoint["augment_rng"].cpu())
-        print(f"resumed at iteration {book.checkpoint['step']}", flush=True)
-    start = book.checkpoint.get("step", 0)
-    evals = book.checkpoint.get("evals", [])
+        print(f"resumed at iteration {start}", flush=True)
 
     # 1. The step's batches, each stream with its own seed: the labelled images; for CPS, the
     # unlabelled ones; with CutMix, a second unlabelled stream to mix with the first (U_a, U_b).
@@ -737,23 +761,12 @@ def train(args: Args) -> dict:
         with book.timed(images=images_per_step):
             for group in optimizer.param_groups:
                 group["lr"] = poly_lr(step, args.iterations, args.lr)
-            labeled_batch, *unlabeled_batches = [next(batches) for batches in streams]  # 1.
+            batches = [next(stream) for stream in streams]  # 1.
             # 2-5. L = L_s + lambda L_cps, one SGD step for both networks
-            sums += train_step(
-                forwards, labeled_batch, unlabeled_batches, optimizer, augment_rng, cps_weight, args
-            )
+            sums += train_step(forwards, batches, optimizer, augment_rng, cps_weight, args)
 
         if (step + 1) % args.log_every == 0 or step + 1 == args.iterations:
-            means = sums / (step % args.log_every + 1)  # over the steps since the last line
-            record = {"train/loss_sup": means[0], "train/loss_cps": means[1]}
-            # The diagnostics, logged where they exist: agreement of the two networks' argmax on
-            # unlabelled pixels; pseudo_acc, network 1's CutMix pseudo-labels against the truth.
-            if cps_weight > 0:
-                record["diag/agreement"] = means[2]
-            if cps_weight > 0 and args.cutmix:
-                record["diag/pseudo_acc"] = means[3]
-            record["train/lr"] = poly_lr(step, args.iterations, args.lr)
-            book.log(step + 1, record)
+            book.log(step + 1, train_metrics(sums, step, cps_weight, args))
             sums = torch.zeros(4, device=device)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.iterations:
             # 6. Network 1 alone, sliding window
@@ -768,18 +781,7 @@ def train(args: Args) -> dict:
     if shown is None:  # resumed from the final checkpoint: evaluate again for the picture
         _, shown = evaluate(forwards[0], eval_source, num_classes, stats, args)
     common.save_segmentation_rows(out / "segmentation.png", *shown)
-    last = evals[-1]
-    results = {
-        # Deviation: the last evaluation; the official code reports the best of its evaluated
-        # epoch snapshots (eval.py -e 20-34).
-        "miou": last["miou"],
-        "pixel_acc": last["pixel_acc"],
-        "iou": [None if math.isnan(v) else v for v in last["iou"]],  # NaN: a class never present
-        "cps_weight": cps_weight,
-        "num_labeled": len(labeled),
-        "iterations": args.iterations,
-        **book.figures(),  # seconds, images_per_second
-    }
+    results = {**cps_results(evals[-1], cps_weight, len(labeled), args), **book.figures()}
     figures = " ".join(f"{k}={v:.4g}" for k, v in results.items() if isinstance(v, float))
     print(f"results: {figures}", flush=True)
     return common.write_results(out, results)

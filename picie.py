@@ -22,7 +22,7 @@ One epoch (each name is a function below):
    stay in memory. `cluster_weights` from the cluster sizes.
 5. `picie_loss`: frozen dot-product classifiers mu_1, mu_2 (`cluster_logits`); class-weighted
    cross-entropy within each view and across the views (view 1 against view 2's labels and back).
-6. Adam over the training images in random order, then the next epoch clusters anew.
+6. `train_step`: Adam over the training images in random order, then the next epoch clusters anew.
 7. `evaluate`: fresh k-means on features of un-augmented training images, prediction = argmax of
    z . mu, one confusion matrix over the evaluation split, Hungarian matching of clusters to
    classes, pixel accuracy and mIoU; the untrained network first, as the baseline.
@@ -264,28 +264,20 @@ def sample_pixels(z: torch.Tensor, per_image: int, generator=None) -> torch.Tens
 
 @torch.no_grad()
 def cluster_pixels(
-    features_of,
-    source,
-    idx: torch.Tensor,
-    num_clusters: int,
-    pixels: int,
-    iters: int,
-    batch_size: int,
-    seed: int,
-    workers: int = 0,
+    features_of, source, idx: torch.Tensor, num_clusters: int, seed: int, args: Args
 ) -> tuple[torch.Tensor, float]:
-    """k-means (K = num_clusters) on `pixels` pixel features of the images `idx` of `source`, spread
-    evenly over the images; `features_of(idx, images)` gives a batch's feature maps. Returns the
-    centroids (K, C) and the mean squared distance of the sample to them (the k-means loss)."""
+    """k-means (K = num_clusters) on --kmeans-pixels pixel features spread evenly over the images
+    `idx` of `source` (`features_of(idx, images)`: a batch's feature maps). Returns the centroids
+    (K, C) and the mean squared distance of the sample to them (the k-means loss)."""
     generator = torch.Generator(device=idx.device).manual_seed(seed)
+    per_image = max(1, args.kmeans_pixels // len(idx))
     sample = []
-    for batch_idx, images, _ in batches(source, idx, batch_size, workers):
-        z = features_of(batch_idx, images)
-        sample.append(sample_pixels(z, max(1, pixels // len(idx)), generator))
+    for batch_idx, images, _ in batches(source, idx, args.batch_size, args.workers):
+        sample.append(sample_pixels(features_of(batch_idx, images), per_image, generator))
     sample = torch.cat(sample)
     # Deviation: one k-means on the sample (official: on all pixels of 20 batches, then running
     # means of the centroids over every other batch).
-    centroids, labels = common.kmeans(sample, num_clusters, iters=iters, seed=seed)
+    centroids, labels = common.kmeans(sample, num_clusters, iters=args.kmeans_iters, seed=seed)
     return centroids, float((sample - centroids[labels]).square().sum(1).mean())
 
 
@@ -441,6 +433,50 @@ def load_split(args: Args, split: str, device) -> tuple:
     return (images.to(device), labels.to(device)), len(images), data.classes
 
 
+@dataclasses.dataclass
+class PicieData:
+    """The run's data (`load_data`): both splits as `batches` sources, the class count, K, the
+    normalisation statistics, and `fit_idx`, the --kmeans-images training images whose features
+    every evaluation's k-means sees (drawn once from the seed)."""
+
+    train_source: tuple | Squares
+    eval_source: tuple | Squares
+    num_train: int
+    num_eval: int
+    num_classes: int
+    num_clusters: int
+    stats: tuple
+    fit_idx: torch.Tensor
+    description: str
+
+
+def load_data(args: Args, device) -> PicieData:
+    """The run's `PicieData` (SPLITS), the input checked before anything is written."""
+    info = common.dataset_info(args.dataset, "segment")
+    if args.image_size < 16:
+        raise common.ConfigError(
+            f"--image-size {args.image_size}: the network needs at least 16 px"
+        )
+    train_split, eval_split = SPLITS.get(loader_name(args.dataset), ("train", "test"))
+    train_source, num_train, classes = load_split(args, train_split, device)
+    eval_source, num_eval, _ = load_split(args, eval_split, device)
+    fit_generator = torch.Generator().manual_seed(args.seed)
+    fit_idx = torch.randperm(num_train, generator=fit_generator)[: args.kmeans_images].to(device)
+    num_clusters = choose_num_clusters(args, len(classes), len(fit_idx))
+    description = f"{num_train} training ({train_split}) and {num_eval} evaluation ({eval_split})"
+    return PicieData(
+        train_source=train_source,
+        eval_source=eval_source,
+        num_train=num_train,
+        num_eval=num_eval,
+        num_classes=len(classes),
+        num_clusters=num_clusters,
+        stats=(info.mean, info.std),
+        fit_idx=fit_idx,
+        description=description,
+    )
+
+
 def without_lone_image(idx: torch.Tensor, batch_size: int) -> torch.Tensor:
     """`idx` less its last image where that image would make a batch of its own: batch norm in
     train mode cannot take one value per channel."""
@@ -494,54 +530,56 @@ def recompute_batch_norm(model: nn.Module, batches) -> None:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module,
-    train_source,
-    fit_idx: torch.Tensor,
-    eval_source,
-    num_eval: int,
-    num_classes: int,
-    num_clusters: int,
-    size: int,
-    stats,
-    seed: int,
-    pixels: int,
-    iters: int = 20,
-    batch_size: int = 128,
-    workers: int = 0,
-    amp: bool = False,
-    show: int = 6,
+    model: nn.Module, data: PicieData, args: Args, amp: bool = False, show: int = 6
 ) -> tuple[dict, tuple]:
-    """Fresh k-means on the features of the un-augmented training images `fit_idx`; each
-    evaluation pixel's cluster is the argmax of z . mu (logits upsampled bilinearly to the label
-    size); one confusion matrix over the whole split, clusters matched to classes by the Hungarian
-    algorithm. Returns the scores (miou, pixel_acc, per-class iou) and `show` images spread evenly
-    over the split, their labels and matched predictions (255 where a cluster matched no class)."""
+    """Step 7: k-means (`cluster_pixels`) on the un-augmented images `data.fit_idx`, logits resized
+    bilinearly to the label size. Returns the scores (miou, pixel_acc, per-class iou) and `show`
+    images spread evenly over the split, their labels and matched predictions (255 where a cluster
+    matched no class)."""
     model.eval()
+    size = args.image_size
 
     def features_of(idx, images):
-        return pixel_features(model, shrink(images, size), stats, amp)
+        return pixel_features(model, shrink(images, size), data.stats, amp)
 
+    fit_idx = data.fit_idx
     centroids, _ = cluster_pixels(
-        features_of, train_source, fit_idx, num_clusters, pixels, iters, batch_size, seed, workers
+        features_of, data.train_source, fit_idx, data.num_clusters, args.seed, args
     )
-    device = fit_idx.device
-    conf = torch.zeros(num_classes, num_clusters, dtype=torch.long, device=device)
+    conf = torch.zeros(data.num_classes, data.num_clusters, dtype=torch.long, device=fit_idx.device)
     shown = []
-    picks = set(torch.linspace(0, num_eval - 1, show).round().long().tolist())
-    eval_idx = torch.arange(num_eval, device=device)
-    for idx, images, labels in batches(eval_source, eval_idx, batch_size, workers):
+    picks = set(torch.linspace(0, data.num_eval - 1, show).round().long().tolist())
+    eval_idx = torch.arange(data.num_eval, device=fit_idx.device)
+    for idx, images, labels in batches(data.eval_source, eval_idx, args.batch_size, args.workers):
         x = shrink(images, size)
         y = F.interpolate(labels[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
-        logits = cluster_logits(pixel_features(model, x, stats, amp), centroids)
+        logits = cluster_logits(pixel_features(model, x, data.stats, amp), centroids)
         logits = F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
         pred = logits.argmax(1)
-        conf += common.confusion_matrix(pred, y, num_classes, num_clusters=num_clusters)
+        conf += common.confusion_matrix(pred, y, data.num_classes, num_clusters=data.num_clusters)
         keep = [j for j, i in enumerate(idx.tolist()) if i in picks]
         shown.append((x[keep], y[keep], pred[keep]))
     scores = common.segmentation_scores(conf, hungarian=True)
     match = torch.tensor([c if c >= 0 else 255 for c in scores["match"]], device=conf.device)
     x, y, pred = (torch.cat(part) for part in zip(*shown, strict=True))
     return scores, (x, y, match[pred])
+
+
+def untrained_baseline(model: nn.Module, forward, data: PicieData, args: Args, amp: bool) -> dict:
+    """Step 7 on the untrained network (`forward`: as the passes call it), its batch-norm statistics
+    first recomputed on the images `data.fit_idx`; training starts from this network."""
+    # Deviation: batch norm recomputed at the start (official: ImageNet's statistics).
+    fit_even = without_lone_image(data.fit_idx, args.batch_size)
+    fit_batches = batches(data.train_source, fit_even, args.batch_size, args.workers)
+    inputs = (common.normalize(shrink(x, args.image_size), *data.stats) for _, x, _ in fit_batches)
+    recompute_batch_norm(model, inputs)
+    scores, _ = evaluate(forward, data, args, amp)
+    return scores
+
+
+def log_scores(prefix: str, scores: dict) -> dict:
+    """The log record of an evaluation: <prefix>/miou and <prefix>/pixel_acc."""
+    return {f"{prefix}/miou": scores["miou"], f"{prefix}/pixel_acc": scores["pixel_acc"]}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -561,51 +599,61 @@ def picie_net_and_optimizer(args: Args, device) -> tuple:
     return model, optimizer, forward
 
 
+def restore(checkpoint: dict, model: nn.Module, optimizer, device) -> tuple[dict, dict]:
+    """Network, optimizer and random states from a resumed run's checkpoint (`epoch_state`);
+    returns its baseline and last evaluation scores."""
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    torch.set_rng_state(checkpoint["torch_rng"].cpu())
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(checkpoint["cuda_rng"].cpu())
+    return checkpoint["baseline"], checkpoint["result"]
+
+
+def epoch_state(model: nn.Module, optimizer, device) -> dict:
+    """What `restore` reads back besides the scores: network, optimizer, random states."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    state["torch_rng"] = torch.get_rng_state()
+    state["cuda_rng"] = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return state
+
+
 @torch.no_grad()
-def label_view(features, source, transforms, view, centroids, num_classes, args):
+def label_view(features, data: PicieData, transforms: dict, view: int, centroids, args: Args):
     """Step 4 for one view: every pixel of every training image gets its nearest centroid
     (uint8 (n, h, w), in memory); also the cluster sizes and, as a diagnostic never used in
     training, the confusion of the labels with the truth moved by the same crop and flip."""
-    num_images = len(transforms["flip"])
     labels = None
     counts = torch.zeros(len(centroids), dtype=torch.long, device=centroids.device)
     conf = 0
-    all_idx = torch.arange(num_images, device=centroids.device)
-    for idx, images, truth in batches(source, all_idx, args.batch_size, args.workers):
+    all_idx = torch.arange(data.num_train, device=centroids.device)
+    for idx, images, truth in batches(data.train_source, all_idx, args.batch_size, args.workers):
         y = assign_labels(features(idx, images, transforms, view), centroids)
         if labels is None:
             # Deviation: labels in memory (official: one file per image, view and epoch).
-            labels = torch.empty(num_images, *y.shape[1:], dtype=torch.uint8, device=y.device)
+            labels = torch.empty(data.num_train, *y.shape[1:], dtype=torch.uint8, device=y.device)
         labels[idx] = y.to(torch.uint8)
         counts += torch.bincount(y.flatten(), minlength=len(centroids))
         # both views' labels lie in the crop's frame (view 2's through its feature map)
         boxes = transforms["boxes"][idx]
         flip = transforms["flip"][idx]
         truth = common.resized_crop(truth, boxes, flip, y.shape[1:], mode="nearest", fill=255)
-        conf = conf + common.confusion_matrix(y, truth, num_classes, num_clusters=len(centroids))
+        conf += common.confusion_matrix(y, truth, data.num_classes, num_clusters=len(centroids))
     return labels, counts, common.segmentation_scores(conf, hungarian=True)["miou"]
 
 
 @torch.no_grad()
-def cluster_and_label(features, source, fit_idx, transforms, num_classes, num_clusters, args, seed):
-    """Steps 3-4 of an epoch, in the official order: both views' k-means on the images `fit_idx`,
-    then both label passes over all images; `features(idx, images, transforms, view)` gives a
-    batch's Z_v. Returns per view the centroids, the labels and the cross-entropy weights
-    (`cluster_weights`), and the epoch's log record (k-means losses, cluster sizes, label mIoU)."""
+def cluster_and_label(features, data: PicieData, fit_idx, transforms: dict, seed: int, args: Args):
+    """Steps 3-4, in the official order: both views' k-means on the images `fit_idx`, then both
+    label passes over all images (`features(idx, images, transforms, view)`: a batch's Z_v). Returns
+    `clusters` (per view the centroids, labels and `cluster_weights`) and the epoch's log record
+    (k-means losses, cluster sizes, label mIoU)."""
     record = {}
     centroids = []
     for view in (1, 2):
         features_of = functools.partial(features, transforms=transforms, view=view)
         mu, inertia = cluster_pixels(
-            features_of,
-            source,
-            fit_idx,
-            num_clusters,
-            args.kmeans_pixels,
-            args.kmeans_iters,
-            args.batch_size,
-            seed + view,
-            args.workers,
+            features_of, data.train_source, fit_idx, data.num_clusters, seed + view, args
         )
         centroids.append(mu)
         record[f"cluster/kmeans_loss{view}"] = inertia
@@ -613,7 +661,7 @@ def cluster_and_label(features, source, fit_idx, transforms, num_classes, num_cl
     weights = []
     for view in (1, 2):
         y, counts, label_miou = label_view(
-            features, source, transforms, view, centroids[view - 1], num_classes, args
+            features, data, transforms, view, centroids[view - 1], args
         )
         labels.append(y)
         weights.append(cluster_weights(counts, args.balance))
@@ -621,81 +669,72 @@ def cluster_and_label(features, source, fit_idx, transforms, num_classes, num_cl
         record[f"cluster/min_size{view}"] = sizes.min()
         record[f"cluster/max_size{view}"] = sizes.max()
         record[f"diag/label_miou{view}"] = label_miou
-    return centroids, labels, weights, record
+    return (centroids, labels, weights), record
+
+
+def train_step(features, optimizer, idx, images, transforms: dict, clusters: tuple) -> torch.Tensor:
+    """Steps 5-6 on one batch: `picie_loss` on both views against the epoch's `clusters`, one Adam
+    step. Returns L, L_within, L_cross, detached."""
+    centroids, labels, weights = clusters
+    z1 = features(idx, images, transforms, 1)
+    z2 = features(idx, images, transforms, 2)
+    loss, within, cross = picie_loss(z1, z2, *centroids, labels[0][idx], labels[1][idx], *weights)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return torch.stack([loss.detach(), within.detach(), cross.detach()])
+
+
+def report(out, result: dict, baseline: dict, num_clusters: int, args: Args, figures) -> dict:
+    """results.json, and its floats printed: the last evaluation and the baseline (`iou`: None for
+    a class never present), K, the epochs and the run's `figures` (`common.RunBook.figures`)."""
+    results = {
+        "miou": result["miou"],
+        "pixel_acc": result["pixel_acc"],
+        "baseline_miou": baseline["miou"],
+        "baseline_pixel_acc": baseline["pixel_acc"],
+        "iou": [None if math.isnan(v) else v for v in result["iou"]],
+        "num_clusters": num_clusters,
+        "epochs": args.epochs,
+        **figures,
+    }
+    floats = " ".join(f"{key}={v:.4g}" for key, v in results.items() if isinstance(v, float))
+    print(f"results: {floats}", flush=True)
+    return common.write_results(out, results)
 
 
 def train(args: Args) -> dict:
-    """Load the data and check the input; the baseline (step 7 on the untrained network); then
-    per epoch steps 1-6 and the evaluation. Resumable after any epoch."""
+    """The data and the network; the baseline (step 7 on the untrained network); then per epoch
+    steps 1-6 and the evaluation. Resumable after any epoch."""
     device = common.select_device(args.device)
     common.set_seed(args.seed)
-    info = common.dataset_info(args.dataset, "segment")
-    if args.image_size < 16:
-        raise common.ConfigError(
-            f"--image-size {args.image_size}: the network needs at least 16 px"
-        )
-    train_split, eval_split = SPLITS.get(loader_name(args.dataset), ("train", "test"))
-    train_source, num_train, classes = load_split(args, train_split, device)
-    eval_source, num_eval, _ = load_split(args, eval_split, device)
-    num_classes = len(classes)
-    num_fit = min(args.kmeans_images, num_train)
-    num_clusters = choose_num_clusters(args, num_classes, num_fit)
+    data = load_data(args, device)
     model, optimizer, forward = picie_net_and_optimizer(args, device)
-    out = common.prepare_out_dir(
-        args.out_dir or f"runs/picie-{args.dataset}-{args.seed}", args.resume, args
-    )
+    out_dir = args.out_dir or f"runs/picie-{args.dataset}-{args.seed}"
+    out = common.prepare_out_dir(out_dir, args.resume, args)
     print(
-        f"picie: {args.dataset} on {device}, {num_train} training ({train_split}) and {num_eval} "
-        f"evaluation ({eval_split}) images at {args.image_size} px, K = {num_clusters}, "
-        f"ResNet-18 FPN ({args.weights} weights)",
+        f"picie: {args.dataset} on {device}, {data.description} images at {args.image_size} px, "
+        f"K = {data.num_clusters}, ResNet-18 FPN ({args.weights} weights)",
         flush=True,
     )
-    stats = (info.mean, info.std)
     amp = args.amp and device.type == "cuda"
 
     def features(idx, images, transforms, view):  # step 2 on this run's network: a batch's Z_v
         batch_transforms = pick(transforms, idx)
-        return view_features(forward, images, batch_transforms, view, args.image_size, stats, amp)
+        return view_features(
+            forward, images, batch_transforms, view, args.image_size, data.stats, amp
+        )
 
-    fit_generator = torch.Generator().manual_seed(args.seed)
-    fit_idx = torch.randperm(num_train, generator=fit_generator)[:num_fit].to(device)
-    evaluation = dict(
-        num_classes=num_classes,
-        num_clusters=num_clusters,
-        size=args.image_size,
-        stats=stats,
-        seed=args.seed,
-        pixels=args.kmeans_pixels,
-        iters=args.kmeans_iters,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        amp=amp,
-    )
     book = common.RunBook(out, args, device)
     start = book.checkpoint.get("epoch", 0)
     book.start_log(total=args.epochs, start=start)
     if args.resume:
-        model.load_state_dict(book.checkpoint["model"])
-        optimizer.load_state_dict(book.checkpoint["optimizer"])
-        torch.set_rng_state(book.checkpoint["torch_rng"].cpu())
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(book.checkpoint["cuda_rng"].cpu())
-        baseline = book.checkpoint["baseline"]
-        result = book.checkpoint["result"]
+        baseline, result = restore(book.checkpoint, model, optimizer, device)
         print(f"resumed after epoch {start}", flush=True)
     else:
+        baseline = untrained_baseline(model, forward, data, args, amp)
         result = {}
-        # The baseline: the untrained network, its batch-norm statistics recomputed on training
-        # images; training starts from this network.
-        # Deviation: batch norm recomputed at the start (official: ImageNet's statistics).
-        fit_even = without_lone_image(fit_idx, args.batch_size)
-        fit_batches = batches(train_source, fit_even, args.batch_size, args.workers)
-        inputs = (common.normalize(shrink(x, args.image_size), *stats) for _, x, _ in fit_batches)
-        recompute_batch_norm(model, inputs)
-        baseline, _ = evaluate(forward, train_source, fit_idx, eval_source, num_eval, **evaluation)
-        book.log(
-            0, {"baseline/miou": baseline["miou"], "baseline/pixel_acc": baseline["pixel_acc"]}
-        )
+        book.log(0, log_scores("baseline", baseline))
 
     shown = None
     for epoch in range(start, args.epochs):
@@ -704,19 +743,13 @@ def train(args: Args) -> dict:
             # Steps 1-4; every draw of an epoch comes from (seed, epoch): a resumed run repeats it.
             epoch_seed = args.seed * 1_000_003 + epoch
             generator = torch.Generator(device=device).manual_seed(epoch_seed)
-            transforms = draw_epoch_transforms(num_train, args.min_scale, generator, device)
+            transforms = draw_epoch_transforms(data.num_train, args.min_scale, generator, device)
             order_generator = torch.Generator().manual_seed(epoch_seed)
-            order = torch.randperm(num_train, generator=order_generator).to(device)
+            order = torch.randperm(data.num_train, generator=order_generator).to(device)
             model.eval()
-            centroids, labels, weights, record = cluster_and_label(
-                features,
-                train_source,
-                order[:num_fit],
-                transforms,
-                num_classes,
-                num_clusters,
-                args,
-                epoch_seed,
+            fit_idx = order[: args.kmeans_images]
+            clusters, record = cluster_and_label(
+                features, data, fit_idx, transforms, epoch_seed, args
             )
             book.log(epoch, record)
 
@@ -725,18 +758,9 @@ def train(args: Args) -> dict:
             trained = without_lone_image(order, args.batch_size)
             steps = math.ceil(len(trained) / args.batch_size)
             loss_sums = torch.zeros(3, device=device)
-            for step, (idx, images, _) in enumerate(
-                batches(train_source, trained, args.batch_size, args.workers)
-            ):
-                z1 = features(idx, images, transforms, 1)
-                z2 = features(idx, images, transforms, 2)
-                loss, within, cross = picie_loss(
-                    z1, z2, *centroids, labels[0][idx], labels[1][idx], *weights
-                )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sums += torch.stack([loss.detach(), within.detach(), cross.detach()])
+            epoch_batches = batches(data.train_source, trained, args.batch_size, args.workers)
+            for step, (idx, images, _) in enumerate(epoch_batches):
+                loss_sums += train_step(features, optimizer, idx, images, transforms, clusters)
                 book.count(len(idx))
                 if (step + 1) % args.log_every == 0 or step + 1 == steps:
                     mean_losses = loss_sums / (step % args.log_every + 1)
@@ -749,35 +773,15 @@ def train(args: Args) -> dict:
                     loss_sums = torch.zeros(3, device=device)
 
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            result, shown = evaluate(
-                forward, train_source, fit_idx, eval_source, num_eval, **evaluation
-            )
-            book.log(
-                epoch + 1, {"eval/miou": result["miou"], "eval/pixel_acc": result["pixel_acc"]}
-            )
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-        state["torch_rng"] = torch.get_rng_state()
-        state["cuda_rng"] = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+            result, shown = evaluate(forward, data, args, amp)
+            book.log(epoch + 1, log_scores("eval", result))
+        state = epoch_state(model, optimizer, device)
         book.save({**state, "epoch": epoch + 1, "baseline": baseline, "result": result})
 
     if shown is None:  # resumed from the final checkpoint: evaluate again for the picture
-        result, shown = evaluate(
-            forward, train_source, fit_idx, eval_source, num_eval, **evaluation
-        )
+        result, shown = evaluate(forward, data, args, amp)
     common.save_segmentation_rows(out / "segmentation.png", *shown)
-    results = {
-        "miou": result["miou"],
-        "pixel_acc": result["pixel_acc"],
-        "baseline_miou": baseline["miou"],
-        "baseline_pixel_acc": baseline["pixel_acc"],
-        "iou": [None if math.isnan(v) else v for v in result["iou"]],
-        "num_clusters": num_clusters,
-        "epochs": args.epochs,
-        **book.figures(),
-    }
-    floats = " ".join(f"{key}={v:.4g}" for key, v in results.items() if isinstance(v, float))
-    print(f"results: {floats}", flush=True)
-    return common.write_results(out, results)
+    return report(out, result, baseline, data.num_clusters, args, book.figures())
 
 
 def main(argv=None) -> dict:

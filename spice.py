@@ -22,15 +22,14 @@ Stage 2, SPICE-Self (`train_self`): 10 heads on the frozen backbone; per draw of
  4. Every head scores the weak views: P (N x K).
  5. `prototype_pseudo_labels`: prototype c = mean embedding of the 0.5 N / K images with the
     highest P[:, c]; the N / K images most similar to it get label c.
- 6. `train_heads`: each head learns its own labels from the strong views (`head_loss`).
+ 6. `train_heads`: each head fits its labels (`head_loss`) on strong views (`scan_strong_augment`).
  7. `select_head`: step 5 over the whole split for every head; the lowest loss wins (no labels).
 Stage 3, SPICE-Semi (`train_semi`):
  8. `reliable_samples`: the predicted cluster is shared by 99 of the 100 nearest neighbours
     (`knn_indices`) and the confidence exceeds 0.99; balanced to the smallest cluster's count.
  9. FixMatch (`fixmatch_loss`, `cosine_lr`, `parameter_groups`) trains a new WRN-28-2: reliable
     images labelled with their clusters, every training image unlabelled; the final EMA model is
-    the result, scored (`evaluate`) by ACC (Hungarian), NMI (geometric normalisation, as the
-    official code) and ARI (`scores`).
+    the result (`evaluate`).
 
 Usage:
     python spice.py --dataset cifar10                      # the paper's recipe (GPU: days)
@@ -42,9 +41,8 @@ Expected, ACC / NMI / ARI % (the paper's, ResNet-18):
     CIFAR-10, split (train -> test)   SPICE-Self 84.5 / 73.9 / 70.9   SPICE 91.8 / 85.0 / 83.6
     CIFAR-10, all (train + test)      SPICE-Self 83.8 / 73.4 / 70.5   SPICE 92.6 / 86.5 / 85.2
     STL-10 (all) SPICE 93.8 / 87.2 / 87.0; CIFAR-100-20 (all) SPICE 53.8 / 56.7 / 38.7
-This file on a 2-core CPU (CPU smoke figures; commands in the README), ACC %:
-    shapes (defaults; seeds 0/1/2): k-means 27.5/21.0/30.5, SPICE-Self 29.8/21.5/30.3, SPICE 30.6
-    on seed 2 (stage 3 stopped on seeds 0 and 1: a cluster without reliable images)
+This file on a 2-core CPU, `python spice.py --dataset shapes --seed S` (README Results), ACC %:
+    seeds 0/1/2: k-means 29.7/18.9/20.7, SPICE-Self 28.6/20.5/20.7; stage 3 stopped at every seed
 """
 
 from __future__ import annotations
@@ -155,9 +153,8 @@ class Args:
     """steps between log lines"""
 
 
-# Per-data-set departures. CIFAR-100-20 and STL-10: the paper's N = 10,000 and 100 head epochs,
-# STL-10's and the ImageNet subsets' agreement ratio 0.9 (for image folders too). The synthetic
-# `shapes` gets small networks and a schedule that a CPU finishes in minutes.
+# Per-data-set departures: the paper's N and head epochs for CIFAR-100-20 and STL-10, its ratio
+# 0.9 for STL-10 and the ImageNet subsets (image folders too); `shapes`: small, for a CPU.
 DATASET_DEFAULTS = {
     "cifar100-20": {"self_batch": 10000, "self_epochs": 100},
     "stl10": {"image_size": 96, "self_epochs": 100, "consistency_ratio": 0.9},
@@ -251,12 +248,9 @@ def moco_augment(images: torch.Tensor, generator=None) -> torch.Tensor:
 def prototype_pseudo_labels(
     probs: torch.Tensor, embedding: torch.Tensor, center_ratio: float = 0.5
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step 5 for one head: probs (N, K), embedding (N, d) L2-normalised.
-    Prototype c = mean embedding of the 0.5 N / K images with the highest probs[:, c] (ranked per
-    column: one image may serve several prototypes); then the N / K images with the highest dot
-    product with prototype c are labelled c (top per prototype, not an argmax per image: an image
-    picked by two prototypes appears twice, once with each label). Returns (indices, labels),
-    each of length K x (N // K)."""
+    """Step 5 for one head: probs (N, K), embedding (N, d) L2-normalised. The top images are taken
+    per column (one may serve several prototypes) and per prototype, not by argmax per image (one
+    picked twice is listed twice, once per label). Returns (indices, labels), K x (N // K) long."""
     n, k = probs.shape
     per_cluster = n // k
     top = probs.topk(max(1, int(center_ratio * per_cluster)), dim=0).indices  # (M, K)
@@ -278,8 +272,7 @@ def head_loss(
 def select_head(
     logits: torch.Tensor, embedding: torch.Tensor, double_softmax: bool = True
 ) -> tuple[int, torch.Tensor]:
-    """Step 7, label-free head selection: for every head, step 5 over the whole split on its logits
-    (heads, N, K), then its loss on those labels; the lowest loss wins. Returns (best, losses)."""
+    """Step 7 on the heads' logits (heads, N, K) over the whole split; returns (best, losses)."""
     losses = []
     for head_logits in logits:
         idx, labels = prototype_pseudo_labels(head_logits.softmax(-1), embedding)
@@ -288,15 +281,23 @@ def select_head(
     return int(losses.argmin()), losses  # Deviation: no labels (official: the ground truth)
 
 
+def scan_strong_augment(images: torch.Tensor, generator=None) -> torch.Tensor:
+    """SCAN's strong view: flip, 4 RandAugment ops always applied, a Cutout up to half the side."""
+    side = images.shape[-1] // 2
+    return common.strong_augment(
+        images, num_ops=4, prob=1.0, random_cutout=True, cutout_size=side, generator=generator
+    )
+
+
 def train_heads(
     heads: Heads,
     optimizer: torch.optim.Optimizer,
     features: torch.Tensor,
     targets: list,
     passes: int = 8,
-    batch_size: int = 128,
     double_softmax: bool = True,
     generator=None,
+    batch_size: int = 128,
 ) -> torch.Tensor:
     """Step 6: `passes` shuffled passes of mini-batches over each head's (index, label) pairs,
     features (N, d) of the strong views; the heads' losses are summed (each head owns its
@@ -308,12 +309,10 @@ def train_heads(
         order = order.to(features.device)
         for b in range(0, len(order), batch_size):
             pos = order[b : b + batch_size]
-            losses = torch.stack(
-                [
-                    head_loss(head(features[idx[pos]]), labels[pos], double_softmax)
-                    for head, (idx, labels) in zip(heads.heads, targets, strict=True)
-                ]
-            )
+            losses = []
+            for head, (idx, labels) in zip(heads.heads, targets, strict=True):
+                losses.append(head_loss(head(features[idx[pos]]), labels[pos], double_softmax))
+            losses = torch.stack(losses)
             optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()
             optimizer.step()
@@ -344,9 +343,8 @@ def reliable_samples(
     threshold: float = 0.99,
     generator=None,
 ) -> torch.Tensor:
-    """Indices of the reliable images: at least ratio x k of the k neighbours (the image itself
-    among them) share its predicted cluster, and its top probability exceeds `threshold`; then
-    the same number per cluster, the smallest cluster's count, drawn at random."""
+    """Step 8: the indices of the reliable images, `ratio` x k of the k neighbours (the image
+    itself among them) agreeing, confidence above `threshold`; balanced by random subsets."""
     agree = (preds[neighbours] == preds[:, None]).sum(1)
     reliable = (agree >= math.ceil(ratio * neighbours.shape[1] - 1e-6)) & (confidence > threshold)
     counts = torch.bincount(preds[reliable], minlength=num_clusters)
@@ -654,11 +652,9 @@ def network_outputs(
     return outputs
 
 
-def predict(
-    model: nn.Module, images: torch.Tensor, stats, amp: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(model: nn.Module, images: torch.Tensor, run: Run) -> tuple[torch.Tensor, torch.Tensor]:
     """Cluster and confidence of every image under a classifier in eval mode."""
-    confidence, preds = network_outputs(model, images, stats, amp).softmax(1).max(1)
+    confidence, preds = network_outputs(model, images, run.stats, run.amp).softmax(1).max(1)
     return preds, confidence
 
 
@@ -671,16 +667,15 @@ def scores(labels: torch.Tensor, preds: torch.Tensor, prefix: str = "") -> dict:
     }
 
 
-def evaluate(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, run: Run, prefix="", picture=None
-) -> dict:
-    """The `scores` of a classifier's clusters (`predict`) on uint8 images, keys after `prefix`;
-    with `picture`, a file name in the run folder, also each cluster's most confident images."""
-    preds, confidence = predict(model, images, run.stats, run.amp)
+def evaluate(model: nn.Module, data: Data, run: Run, prefix: str = "", picture=None) -> dict:
+    """The `scores` of a classifier's clusters (`predict`) on the evaluated split, keys after
+    `prefix`; with `picture` (a file in the run folder), each cluster's most confident images."""
+    images = data.eval_images
+    preds, confidence = predict(model, images, run)
     if picture:
         path = run.book.out / picture
         common.save_cluster_grid(path, images, preds, confidence, num_clusters=run.num_clusters)
-    return scores(labels, preds, prefix)
+    return scores(data.eval_labels, preds, prefix)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -707,14 +702,53 @@ class Run:
         model = model.to(self.device)
         return model.to(memory_format=torch.channels_last) if self.device.type == "cuda" else model
 
-    def resumed(self, stage: str) -> dict:
-        """The checkpoint when resuming in this stage, else {}."""
-        return self.book.checkpoint if self.book.checkpoint.get("stage") == stage else {}
+    def resume(self, stage: str, parts: dict) -> dict:
+        """The checkpoint when resuming in `stage` (else {}), `parts` restored from it by key."""
+        state = self.book.checkpoint if self.book.checkpoint.get("stage") == stage else {}
+        if state:
+            for name, part in parts.items():
+                part.load_state_dict(state[name])
+        return state
+
+    def save(self, stage: str, parts: dict, **progress) -> None:
+        """The stage's checkpoint: the state dicts of `parts` (modules, optimizers), `progress`."""
+        states = {name: part.state_dict() for name, part in parts.items()}
+        self.book.save({"stage": stage, **states, **progress})
+
+
+def start_run(args: Args) -> tuple[Args, Run, Data, dict]:
+    """The checked arguments (K filled in), the run, its data, the hand-over file (stage 1: {})."""
+    if (args.semi_depth - 4) % 6:
+        raise common.ConfigError(
+            f"--semi-depth {args.semi_depth}: a WideResNet has depth 6 n + 4 (10, 16, 22, 28, ...)"
+        )
+    if (args.init_from is None) == (args.stage in ("self", "semi")):
+        raise common.ConfigError(
+            "--init-from goes with --stage self (moco.pt) or --stage semi (self.pt), and only "
+            f"with them (here: --stage {args.stage}, --init-from {args.init_from})"
+        )
+    device = common.select_device(args.device)
+    common.set_seed(args.seed)
+    info = common.dataset_info(args.dataset, "classify")
+    data = load_data(args, device)
+    args = dataclasses.replace(args, num_clusters=args.num_clusters or data.num_classes)
+    handover = load_handover(args) if args.init_from else {}
+    out_dir = args.out_dir or f"runs/spice-{args.dataset}-{args.seed}"
+    out = common.prepare_out_dir(out_dir, args.resume, args)
+    print(
+        f"spice: {args.dataset} on {device}, stage {args.stage}, protocol {args.protocol}: "
+        f"{len(data.images)} images into {args.num_clusters} clusters, evaluated on "
+        f"{len(data.eval_images)}",
+        flush=True,
+    )
+    # The totals: the checkpoint's when resuming, else the hand-over file's, else none.
+    book = common.RunBook(out, args, device, totals=handover.get("totals"))
+    amp = args.amp and device.type == "cuda"
+    return args, Run(book, device, (info.mean, info.std), amp, args.num_clusters), data, handover
 
 
 def train_moco(args: Args, run: Run, images: torch.Tensor) -> dict:
-    """Stage 1 on uint8 `images`; returns the backbone's weights."""
-    book = run.book
+    """Stage 1 (steps 1-2) on uint8 `images`; returns the backbone's weights."""
     torch.manual_seed(args.seed)  # every stage seeds itself: a stage run alone repeats the same run
     model = run.place(MoCo(args.backbone_width))
     key_encoder = copy.deepcopy(model).requires_grad_(False)
@@ -728,17 +762,14 @@ def train_moco(args: Args, run: Run, images: torch.Tensor) -> dict:
         model.parameters(), lr=args.moco_lr, momentum=0.9, weight_decay=args.moco_weight_decay
     )
     forward = torch.compile(model) if args.compile else model
-    state = run.resumed("moco")
-    start = state.get("epoch", 0)
+    parts = {"model": model, "key_encoder": key_encoder, "optimizer": optimizer}
+    state = run.resume("moco", parts)
     if state:
-        model.load_state_dict(state["model"])
-        key_encoder.load_state_dict(state["key_encoder"])
-        optimizer.load_state_dict(state["optimizer"])
         queue.keys = state["queue"]
         queue.ptr = state["queue_ptr"]
-    book.start_log(total=args.moco_epochs, start=start)
+    start = state.get("epoch", 0)
+    run.book.start_log(total=args.moco_epochs, start=start)
     for epoch in range(start, args.moco_epochs):
-        # cosine decay, per epoch
         lr = args.moco_lr * 0.5 * (1 + math.cos(math.pi * epoch / args.moco_epochs))
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -748,7 +779,7 @@ def train_moco(args: Args, run: Run, images: torch.Tensor) -> dict:
         key_encoder.train()
         losses, accs = [], []
         for b in range(steps):
-            with book.timed(images=2 * args.batch_size):
+            with run.book.timed(images=2 * args.batch_size):
                 x = images[order[b * args.batch_size : (b + 1) * args.batch_size]]
                 x_q = run.inputs(moco_augment(x, rng))  # step 1: two views
                 x_k = run.inputs(moco_augment(x, rng))
@@ -770,19 +801,9 @@ def train_moco(args: Args, run: Run, images: torch.Tensor) -> dict:
                     "moco/instance_acc": torch.stack(accs).mean(),
                     "moco/lr": lr,
                 }
-                book.log(epoch + (b + 1) / steps, metrics)
+                run.book.log(epoch + (b + 1) / steps, metrics)
                 losses, accs = [], []
-        book.save(
-            {
-                "stage": "moco",
-                "epoch": epoch + 1,
-                "model": model.state_dict(),
-                "key_encoder": key_encoder.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "queue": queue.keys,
-                "queue_ptr": queue.ptr,
-            }
-        )
+        run.save("moco", parts, epoch=epoch + 1, queue=queue.keys, queue_ptr=queue.ptr)
     return model.backbone.state_dict()
 
 
@@ -801,9 +822,7 @@ def kmeans_baseline(args: Args, run: Run, backbone: nn.Module, data: Data) -> di
 
 
 def train_self(args: Args, run: Run, backbone: nn.Module, data: Data) -> tuple[nn.Module, dict]:
-    """Stage 2 on the frozen backbone (kept in eval mode); returns the selected head and the
-    SPICE-Self figures on the evaluated split."""
-    book = run.book
+    """Stage 2 (steps 4-7) on the frozen backbone; returns the selected head and its figures."""
     images = data.images
     torch.manual_seed(args.seed + 1)
     backbone.eval().requires_grad_(False)  # Deviation: eval mode (official: train, BN drifts)
@@ -814,50 +833,31 @@ def train_self(args: Args, run: Run, backbone: nn.Module, data: Data) -> tuple[n
     n = len(images)
     size = min(args.self_batch, n)
     if size < args.self_batch:
-        print(
-            f"self: N = {size}, all the images (fewer than --self-batch {args.self_batch})",
-            flush=True,
-        )
-    state = run.resumed("self")
+        note = f"self: N = {size}, all the images (fewer than --self-batch {args.self_batch})"
+        print(note, flush=True)
+    parts = {"heads": heads, "optimizer": optimizer}
+    state = run.resume("self", parts)
     start = state.get("epoch", 0)
     best = state.get("best", 0)
-    if state:
-        heads.load_state_dict(state["heads"])
-        optimizer.load_state_dict(state["optimizer"])
-    book.start_log(total=args.self_epochs, start=start)
+    run.book.start_log(total=args.self_epochs, start=start)
     for epoch in range(start, args.self_epochs):
         rng = torch.Generator(run.device).manual_seed(args.seed * 1_000_003 + 500_000 + epoch)
         order = torch.randperm(n, generator=rng, device=run.device)
         for d in range(n // size):
-            with book.timed(images=2 * size):
+            with run.book.timed(images=2 * size):
                 draw = order[d * size : (d + 1) * size]
-                weak = common.weak_augment(images[draw], generator=rng)
-                weak = network_outputs(backbone, weak, run.stats, run.amp)
-                # SCAN's strong view: flip, 4 RandAugment ops always applied, Cutout of a random
-                # side up to half the image
-                strong = common.strong_augment(
-                    images[draw],
-                    num_ops=4,
-                    prob=1.0,
-                    random_cutout=True,
-                    cutout_size=images.shape[-1] // 2,
-                    generator=rng,
-                )
-                strong = network_outputs(backbone, strong, run.stats, run.amp)
+                weak_views = common.weak_augment(images[draw], generator=rng)
+                weak = network_outputs(backbone, weak_views, run.stats, run.amp)  # (N, d)
+                strong_views = scan_strong_augment(images[draw], generator=rng)
+                strong = network_outputs(backbone, strong_views, run.stats, run.amp)
                 with torch.no_grad():
                     probs = heads(weak).softmax(-1)  # step 4: (heads, N, K)
                 targets = [prototype_pseudo_labels(p, embedding[draw]) for p in probs]  # step 5
                 losses = train_heads(  # step 6
-                    heads,
-                    optimizer,
-                    strong,
-                    targets,
-                    args.self_passes,
-                    double_softmax=args.double_softmax,
-                    generator=rng,
+                    heads, optimizer, strong, targets, args.self_passes, args.double_softmax, rng
                 )
             metrics = {"self/loss": losses.mean(), "self/loss_min": losses.min()}
-            book.log(epoch + (d + 1) / (n // size), metrics)
+            run.book.log(epoch + (d + 1) / (n // size), metrics)
         with torch.no_grad():
             logits = heads(features)
         best, selection = select_head(logits, embedding, args.double_softmax)  # step 7
@@ -869,39 +869,24 @@ def train_self(args: Args, run: Run, backbone: nn.Module, data: Data) -> tuple[n
             "oracle/selected_head_acc": oracle[best],
             "oracle/best_head_acc": max(oracle),
         }
-        book.log(epoch + 1, metrics)
-        book.save(
-            {
-                "stage": "self",
-                "epoch": epoch + 1,
-                "heads": heads.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "best": best,
-            }
-        )
+        run.book.log(epoch + 1, metrics)
+        run.save("self", parts, epoch=epoch + 1, best=best)
     head = heads.heads[best]
-    model = nn.Sequential(backbone, head)
-    figures = evaluate(model, data.eval_images, data.eval_labels, run, "self_", "self_clusters.png")
+    figures = evaluate(nn.Sequential(backbone, head), data, run, "self_", "self_clusters.png")
     return head, {**figures, "selected_head": best}
 
 
 def train_semi(args: Args, run: Run, backbone: nn.Module, head: nn.Module, data: Data) -> dict:
-    """Stage 3: reliable labels from the stage-2 classifier and the stage-1 embedding, then
-    FixMatch training a new WideResNet; returns the final EMA model's figures and the count."""
-    book = run.book
+    """Stage 3 (steps 8-9); returns the final EMA model's figures and the reliable count."""
     images = data.images
     torch.manual_seed(args.seed + 2)
     embedding = F.normalize(network_outputs(backbone, images, run.stats, run.amp), dim=1)
-    preds, confidence = predict(nn.Sequential(backbone, head), images, run.stats, run.amp)
+    preds, confidence = predict(nn.Sequential(backbone, head), images, run)
     neighbours = knn_indices(embedding, k=min(args.semi_knn, len(images)))
+    ratio = args.consistency_ratio
+    subset_rng = torch.Generator().manual_seed(args.seed)  # draws the balanced subsets
     reliable = reliable_samples(  # step 8
-        preds,
-        confidence,
-        neighbours,
-        args.num_clusters,
-        args.consistency_ratio,
-        args.confidence,
-        generator=torch.Generator().manual_seed(args.seed),
+        preds, confidence, neighbours, run.num_clusters, ratio, args.confidence, subset_rng
     )
     # a diagnostic against the true labels: it chooses nothing
     oracle = common.cluster_accuracy(data.labels[reliable], preds[reliable])
@@ -920,18 +905,16 @@ def train_semi(args: Args, run: Run, backbone: nn.Module, head: nn.Module, data:
     optimizer = torch.optim.SGD(groups, lr=args.semi_lr, momentum=0.9, nesterov=True)
     forward = torch.compile(model) if args.compile else model
     rng = torch.Generator(run.device).manual_seed(args.seed)
-    state = run.resumed("semi")
-    start = state.get("step", 0)
+    parts = {"model": model, "ema": ema, "optimizer": optimizer}
+    state = run.resume("semi", parts)
     if state:
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
         rng.set_state(state["rng"].cpu())
-    book.start_log(total=args.semi_steps, start=start)
+    start = state.get("step", 0)
+    run.book.start_log(total=args.semi_steps, start=start)
     b = args.semi_batch_size
     for step in range(start, args.semi_steps):  # step 9
         model.train()
-        with book.timed(images=(1 + 2 * args.semi_mu) * b):
+        with run.book.timed(images=(1 + 2 * args.semi_mu) * b):
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(step, args.semi_steps, args.semi_lr)
             xi = uniform_indices(len(x_images), b, step, args.seed, run.device)
@@ -958,84 +941,50 @@ def train_semi(args: Args, run: Run, backbone: nn.Module, head: nn.Module, data:
                 "semi/mask": mask.mean(),
                 "semi/lr": optimizer.param_groups[0]["lr"],
             }
-            book.log(step + 1, metrics)
+            run.book.log(step + 1, metrics)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.semi_steps:
-            figures = evaluate(ema, data.eval_images, data.eval_labels, run)
-            book.log(step + 1, {f"eval/{k}": v for k, v in figures.items()})
-            book.save(
-                {
-                    "stage": "semi",
-                    "step": step + 1,
-                    "model": model.state_dict(),
-                    "ema": ema.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "rng": rng.get_state(),
-                }
-            )
+            figures = evaluate(ema, data, run)
+            run.book.log(step + 1, {f"eval/{k}": v for k, v in figures.items()})
+            run.save("semi", parts, step=step + 1, rng=rng.get_state())
     # the final EMA model, never a chosen one
-    figures = evaluate(ema, data.eval_images, data.eval_labels, run, picture="clusters.png")
+    figures = evaluate(ema, data, run, picture="clusters.png")
     return {**figures, "num_reliable": len(reliable), "oracle_reliable_acc": oracle}
 
 
 def train(args: Args) -> dict:
-    if (args.semi_depth - 4) % 6:
-        raise common.ConfigError(
-            f"--semi-depth {args.semi_depth}: a WideResNet has depth 6 n + 4 (10, 16, 22, 28, ...)"
-        )
-    if (args.init_from is None) == (args.stage in ("self", "semi")):
-        raise common.ConfigError(
-            "--init-from goes with --stage self (moco.pt) or --stage semi (self.pt), and only "
-            f"with them (here: --stage {args.stage}, --init-from {args.init_from})"
-        )
-    device = common.select_device(args.device)
-    common.set_seed(args.seed)
-    info = common.dataset_info(args.dataset, "classify")
-    data = load_data(args, device)
-    args = dataclasses.replace(args, num_clusters=args.num_clusters or data.num_classes)
-    handover = load_handover(args) if args.init_from else {}
-    out = common.prepare_out_dir(
-        args.out_dir or f"runs/spice-{args.dataset}-{args.seed}", args.resume, args
-    )
-    print(
-        f"spice: {args.dataset} on {device}, stage {args.stage}, protocol {args.protocol}: "
-        f"{len(data.images)} images into {args.num_clusters} clusters, evaluated on "
-        f"{len(data.eval_images)}",
-        flush=True,
-    )
-    # The totals: the checkpoint's when resuming, else the hand-over file's, else none.
-    book = common.RunBook(out, args, device, totals=handover.get("totals"))
-    amp = args.amp and device.type == "cuda"
-    run = Run(book, device, (info.mean, info.std), amp, args.num_clusters)
+    args, run, data, handover = start_run(args)
+    book = run.book
     results = dict(handover.get("results", {}))
-    backbone = ResNet18(args.backbone_width).to(device)
+    backbone = ResNet18(args.backbone_width).to(run.device)
     if handover:
         backbone.load_state_dict(handover["backbone"])
     for stage in ["moco", "self", "semi"] if args.stage == "all" else [args.stage]:
-        if args.resume and (out / f"{stage}.pt").exists():  # finished before the interruption
-            handover = common.load_checkpoint(out / f"{stage}.pt", map_location=device)
+        finished = book.out / f"{stage}.pt"
+        if args.resume and finished.exists():  # finished before the interruption
+            handover = common.load_checkpoint(finished, map_location=run.device)
             results = handover["results"]
             # the totals: this file's or the later checkpoint's, whichever counts more time
             book.totals = max(book.totals, handover["totals"], key=lambda t: t["seconds"])
             backbone.load_state_dict(handover["backbone"])
             continue
-        if stage == "moco":
+        if stage == "moco":  # steps 1-3, then the k-means baseline on the embedding
             backbone.load_state_dict(train_moco(args, run, data.pretrain))
             results.update(kmeans_baseline(args, run, backbone, data))
             print("baseline: " + " ".join(f"{k}={v:.4g}" for k, v in results.items()), flush=True)
             handover = {"backbone": backbone.state_dict()}
-        elif stage == "self":
+        elif stage == "self":  # steps 4-7
             head, figures = train_self(args, run, backbone, data)
             results.update(figures)
             handover = {"backbone": backbone.state_dict(), "head": head.state_dict()}
-        else:
-            head = Heads(1, backbone.dim, args.num_clusters).heads[0].to(device)
+        else:  # steps 8-9
+            head = Heads(1, backbone.dim, args.num_clusters).heads[0].to(run.device)
             head.load_state_dict(handover["head"])
             results.update(train_semi(args, run, backbone, head, data))
         if stage != "semi":  # the hand-over file, with the totals and the arguments
             book.save({**handover, "stage": stage, "results": results}, f"{stage}.pt")
     results.update(book.figures())
     print("results: " + " ".join(f"{k}={v:.4g}" for k, v in results.items()), flush=True)
-    return common.write_results(out, results)
+    return common.write_results(book.out, results)
 
 
 def main(argv: list[str] | None = None) -> dict:

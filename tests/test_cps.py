@@ -168,7 +168,10 @@ def test_no_weight_decay_on_batch_norm_and_biases():
     net = cps.DeepLabV3Plus(4, cps.resnet("resnet18", "none"))
     decay, no_decay = cps.parameter_groups(net, 1e-4)
     assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
-    ids = lambda params: {id(p) for p in params}  # noqa: E731
+
+    def ids(params):
+        return {id(p) for p in params}
+
     bn = ids(p for m in net.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters())
     convs = ids(m.weight for m in net.modules() if isinstance(m, nn.Conv2d))
     assert ids(no_decay["params"]) == bn | {id(net.classifier.bias)}
@@ -190,7 +193,11 @@ def test_sliding_window_equals_a_single_forward_when_the_image_fits_and_stitches
         with torch.no_grad():
             assert torch.allclose(cps.sliding_window(pixelwise, x, 32), pixelwise(x), atol=1e-5)
     counts = []  # windows: 70 rows at crop 32, stride 22 -> starts 0, 22, 38
-    probe = lambda t: counts.append(t.shape) or t.new_zeros(len(t), 1, *t.shape[-2:])  # noqa: E731
+
+    def probe(t):  # a network that records each window's shape
+        counts.append(t.shape)
+        return t.new_zeros(len(t), 1, *t.shape[-2:])
+
     cps.sliding_window(probe, torch.zeros(1, 3, 70, 32), 32)
     assert len(counts) == 3 and all(s[-2:] == (32, 32) for s in counts)
 

@@ -15,8 +15,10 @@ import fixmatch
 
 def test_loss_is_the_supervised_term_when_nothing_is_confident():
     g = torch.Generator().manual_seed(0)
-    logits_x, y = torch.randn(4, 5, generator=g), torch.tensor([0, 1, 2, 3])
-    weak, strong = torch.randn(12, 5, generator=g), torch.randn(12, 5, generator=g)
+    logits_x = torch.randn(4, 5, generator=g)
+    y = torch.tensor([0, 1, 2, 3])
+    weak = torch.randn(12, 5, generator=g)
+    strong = torch.randn(12, 5, generator=g)
     loss, loss_s, loss_u, mask, _ = fixmatch.fixmatch_loss(
         logits_x, y, weak, strong, threshold=1.01
     )
@@ -54,13 +56,15 @@ def test_cosine_schedule_end_points():
 
 
 def test_ema_with_decay_zero_is_the_model_including_batch_norm_buffers():
-    model, ema = fixmatch.WideResNet(10, 10, 1), fixmatch.WideResNet(10, 10, 1)
+    model = fixmatch.WideResNet(10, 10, 1)
+    ema = fixmatch.WideResNet(10, 10, 1)
     model.train()
     model(torch.randn(8, 3, 32, 32))  # moves the running statistics
     fixmatch.ema_update(ema, model, decay=0.0)
     for (name, a), b in zip(model.state_dict().items(), ema.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
-    before, other = [p.clone() for p in ema.parameters()], fixmatch.WideResNet(10, 10, 1)
+    before = [p.clone() for p in ema.parameters()]
+    other = fixmatch.WideResNet(10, 10, 1)
     fixmatch.ema_update(ema, other, decay=0.9)
     for b, e, o in zip(before, ema.parameters(), other.parameters(), strict=True):
         assert torch.allclose(e, 0.9 * b + 0.1 * o)
@@ -110,6 +114,20 @@ def test_load_data_draws_the_labelled_split_and_keeps_every_training_image_unlab
     assert len(test_set) > 0 and labeled_set.num_classes == 10
     with pytest.raises(common.ConfigError, match="exceeds"):
         fixmatch.load_data(dataclasses.replace(args, num_labeled=10**6), torch.device("cpu"))
+
+
+def test_draw_batches_gives_b_labelled_and_mu_b_unlabelled_images_with_their_labels():
+    args = fixmatch.Args(dataset="shapes", num_labeled=30, image_size=16, batch_size=4, mu=3)
+    labeled_set, unlabeled_set, _ = fixmatch.load_data(args, torch.device("cpu"))
+    x, targets_x, u, u_labels = fixmatch.draw_batches(args, labeled_set, unlabeled_set, step=2)
+    assert x.shape == (4, 3, 16, 16) and u.shape == (12, 3, 16, 16) and x.dtype == torch.uint8
+    labeled = fixmatch.batch_indices(30, 4, 2, args.seed, "cpu")
+    unlabeled = fixmatch.batch_indices(len(unlabeled_set), 12, 2, args.seed + 1, "cpu")
+    assert torch.equal(x, labeled_set.images[labeled])
+    assert torch.equal(targets_x, labeled_set.labels[labeled])
+    assert torch.equal(u, unlabeled_set.images[unlabeled])
+    assert torch.equal(u_labels, unlabeled_set.labels[unlabeled])
+    assert not torch.equal(labeled, unlabeled[:4]), "the two streams are shuffled differently"
 
 
 def test_batch_indices_cover_every_item_once_per_pass():

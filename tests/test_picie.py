@@ -236,38 +236,24 @@ def band_images(n, side, seed=0):
 def test_evaluation_recovers_a_segmentation_the_features_separate():
     train_images, train_labels = band_images(16, 32, seed=0)
     eval_images, eval_labels = band_images(8, 32, seed=1)
-    scores, (shown_x, shown_y, shown_pred) = picie.evaluate(
-        Colours(),
-        (train_images, train_labels),
-        torch.arange(16),
-        (eval_images, eval_labels),
-        8,
+    data = picie.PicieData(
+        train_source=(train_images, train_labels),
+        eval_source=(eval_images, eval_labels),
+        num_train=16,
+        num_eval=8,
         num_classes=3,
         num_clusters=3,
-        size=16,
         stats=STATS,
-        seed=0,
-        pixels=10_000,
-        batch_size=5,
-        show=4,
+        fit_idx=torch.arange(16),
+        description="bands",
     )
+    args = picie.Args(image_size=16, seed=0, kmeans_pixels=10_000, batch_size=5)
+    scores, (shown_x, shown_y, shown_pred) = picie.evaluate(Colours(), data, args, show=4)
     assert scores["miou"] == pytest.approx(1.0) and scores["pixel_acc"] == pytest.approx(1.0)
     assert shown_x.shape == (4, 3, 16, 16) and torch.equal(shown_pred, shown_y)
     assert torch.equal(shown_y, eval_labels[[0, 2, 5, 7], ::2, ::2]), "images spread over the split"
     # with a feature that cannot see colour, the same evaluation is at chance level
-    blind, _ = picie.evaluate(
-        Grey(),
-        (train_images, train_labels),
-        torch.arange(16),
-        (eval_images, eval_labels),
-        8,
-        num_classes=3,
-        num_clusters=3,
-        size=16,
-        stats=STATS,
-        seed=0,
-        pixels=10_000,
-    )
+    blind, _ = picie.evaluate(Grey(), data, picie.Args(image_size=16, kmeans_pixels=10_000))
     assert blind["miou"] < 0.5
 
 

@@ -1,5 +1,5 @@
-"""Run plumbing: the command line from a dataclass, out-dir rules, devices, the logger,
-atomic checkpoints, results.json, pictures and the self-benchmark."""
+"""Run plumbing: the command line from a dataclass, out-dir rules, devices, the RunBook (log,
+totals, resume), atomic checkpoints, results.json, pictures and the self-benchmark."""
 
 import dataclasses
 import json
@@ -137,16 +137,39 @@ def test_select_device():
             common.select_device("cuda:0")
 
 
-def test_logger_prints_key_values_and_appends_jsonl(tmp_path, capsys):
-    logger = common.Logger(tmp_path, total=10)
-    logger.log(5, {"train/loss": torch.tensor(0.25), "train/mask": 0.5}, images=100)
-    logger.log(10, {"eval/acc": 0.75})
+@dataclasses.dataclass
+class RunArgs:
+    resume: bool = False
+    steps: int = 10
+
+
+def test_runbook_log_prints_key_values_and_appends_jsonl(tmp_path, capsys):
+    book = common.RunBook(tmp_path, RunArgs())
+    book.start_log(total=10)
+    with book.timed(images=100):
+        pass
+    book.log(5, {"train/loss": torch.tensor(0.25), "train/mask": 0.5})
+    book.log(10, {"eval/acc": 0.75})
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("step=5 train/loss=0.25 train/mask=0.5 perf/img_per_s=")
     assert "perf/eta_s=" in lines[0] and "eval/acc=0.75" in lines[1]
+    assert "perf/img_per_s" not in lines[1], "no images counted since the last line"
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [5, 10] and records[0]["train/loss"] == 0.25
     assert records[0]["perf/img_per_s"] > 0 and records[1]["perf/eta_s"] == 0
+
+
+def test_runbook_resumes_its_totals_from_the_checkpoint(tmp_path):
+    book = common.RunBook(tmp_path, RunArgs())
+    with book.timed(images=64):
+        pass
+    book.save({"step": 3})
+    saved = common.load_checkpoint(tmp_path / "checkpoint.pt")
+    assert saved["step"] == 3 and saved["args"] == {"resume": False, "steps": 10}
+    resumed = common.RunBook(tmp_path, RunArgs(resume=True))
+    assert resumed.checkpoint["step"] == 3 and resumed.totals["images"] == 64
+    figures = resumed.figures()
+    assert figures["seconds"] >= saved["totals"]["seconds"] and figures["images_per_second"] > 0
 
 
 def test_checkpoint_survives_a_crash_during_save(tmp_path, monkeypatch):
