@@ -815,7 +815,7 @@ def kmeans_baseline(args: Args, run: Run, backbone: nn.Module, data: Data) -> di
     eval_embedding = train_embedding
     if data.eval_images is not data.images:
         eval_features = network_outputs(backbone, data.eval_images, run.stats, run.amp)
-        eval_embedding = F.normalize(eval_features, p=1, dim=1)
+        eval_embedding = F.normalize(eval_features, dim=1)
     centroids, _ = common.kmeans(train_embedding, args.num_clusters, seed=args.seed)
     preds = common.assign_to_centroids(eval_embedding, centroids)
     return scores(data.eval_labels, preds, "kmeans_")
