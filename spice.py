@@ -42,7 +42,7 @@ Expected, ACC / NMI / ARI % (the paper's, ResNet-18):
     CIFAR-10, all (train + test)      SPICE-Self 83.8 / 73.4 / 70.5   SPICE 92.6 / 86.5 / 85.2
     STL-10 (all) SPICE 93.8 / 87.2 / 87.0; CIFAR-100-20 (all) SPICE 53.8 / 56.7 / 38.7
 This file on a 2-core CPU, `python spice.py --dataset shapes --seed S` (README Results), ACC %:
-    seeds 0/1/2: k-means 29.7/18.9/20.7, SPICE-Self 28.6/20.5/20.7; stage 3 stopped at every seed
+    seeds 0/1/2: k-means 32.0/15.7/34.9, SPICE-Self 28.6/20.5/20.7; stage 3 stopped at every seed
 """
 
 from __future__ import annotations
