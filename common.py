@@ -1425,7 +1425,8 @@ class RunBook:
 
         book = common.RunBook(out, args, device)  # loads the checkpoint when args.resume
         model.load_state_dict(book.checkpoint["model"])  # only when resuming; {} for a new run
-        book.start_log(total=args.steps, start=book.checkpoint.get("step", 0))
+        start = book.checkpoint.get("step", 0)
+        book.start_log(total=args.steps, start=start)  # the ETA counts from here
         for step in range(start, args.steps):
             with book.timed(images=len(batch)):  # counts as training time and images
                 ...  # the method's step
