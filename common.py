@@ -1438,6 +1438,7 @@ class RunBook:
     def __init__(self, out_dir, args, device=None, totals: dict | None = None):
         self.out = Path(out_dir)
         self.args = dataclasses.asdict(args)
+        self.device = torch.device(device or "cpu")
         self.checkpoint = {}
         if args.resume:
             self.checkpoint = load_checkpoint(self.out / "checkpoint.pt", map_location=device)
@@ -1495,8 +1496,20 @@ class RunBook:
         return dict(self.totals)
 
     def save(self, state: dict, name: str = "checkpoint.pt") -> None:
-        """`state` with the totals and the arguments, written atomically to <out>/<name>."""
-        save_checkpoint(self.out / name, {**state, "totals": self.tick(), "args": self.args})
+        """`state` with the totals, the arguments and torch's global random states (the CPU's,
+        and the run's GPU's on CUDA; see `restore_global_rng`), atomically to <out>/<name>."""
+        rng = {"torch_rng": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        book = {"totals": self.tick(), "args": self.args}
+        save_checkpoint(self.out / name, {**state, **rng, **book})
+
+    def restore_global_rng(self) -> None:
+        """torch's global random states as the resumed checkpoint saved them, for a loop that draws
+        from them (dropout): it then draws what the uninterrupted run would."""
+        torch.set_rng_state(self.checkpoint["torch_rng"].cpu())
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(self.checkpoint["cuda_rng"].cpu(), self.device)
 
     def figures(self) -> dict:
         """What results.json always holds besides the method's figures."""

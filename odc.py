@@ -591,33 +591,22 @@ def baseline_and_memory(
     return baseline, memory
 
 
-def random_states(augment_rng: torch.Generator, device: torch.device) -> dict:
-    """The random states a resumed run needs to draw what the uninterrupted one would: the
-    augmentation's generator, torch's global one (dropout in the neck) and CUDA's."""
-    return {
-        "augment_rng": augment_rng.get_state(),
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None,
-    }
-
-
-def restore_random_states(state: dict, augment_rng: torch.Generator, device: torch.device) -> None:
-    """The inverse of `random_states`, from a checkpoint."""
-    augment_rng.set_state(state["augment_rng"].cpu())
-    torch.set_rng_state(state["torch_rng"].cpu())
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda_rng"].cpu())
-
-
 def resume_from(
-    state: dict, model: ODC, optimizer: torch.optim.SGD, augment_rng: torch.Generator, args: Args
+    book: common.RunBook,
+    model: ODC,
+    optimizer: torch.optim.SGD,
+    augment_rng: torch.Generator,
+    args: Args,
 ) -> tuple[dict, OdcMemory, dict]:
-    """Restores the network, optimiser and random states of a checkpoint; returns its baseline,
+    """Restores the network, optimiser and random states of the checkpoint (the augmentation's
+    generator and torch's global one, which the neck's dropout draws from); returns its baseline,
     memory and last evaluation."""
+    state = book.checkpoint
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     memory = OdcMemory.from_state_dict(state["memory"], args.memory_momentum)
-    restore_random_states(state, augment_rng, augment_rng.device)
+    augment_rng.set_state(state["augment_rng"].cpu())
+    book.restore_global_rng()
     print(f"resumed after epoch {state['epoch']}", flush=True)
     return state["baseline"], memory, state["result"]
 
@@ -658,7 +647,7 @@ def train(args: Args) -> dict:
     start = book.checkpoint.get("epoch", 0)
     book.start_log(total=args.epochs, start=start)
     if args.resume:
-        baseline, memory, result = resume_from(book.checkpoint, model, optimizer, augment_rng, args)
+        baseline, memory, result = resume_from(book, model, optimizer, augment_rng, args)
     else:
         baseline, memory = baseline_and_memory(model, data, args, amp)  # step 1
         result = {}
@@ -705,7 +694,7 @@ def train(args: Args) -> dict:
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "memory": memory.state_dict(),
-                **random_states(augment_rng, device),
+                "augment_rng": augment_rng.get_state(),
                 "epoch": epoch + 1,
                 "baseline": baseline,
                 "result": result,

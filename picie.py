@@ -599,23 +599,13 @@ def picie_net_and_optimizer(args: Args, device) -> tuple:
     return model, optimizer, forward
 
 
-def restore(checkpoint: dict, model: nn.Module, optimizer, device) -> tuple[dict, dict]:
-    """Network, optimizer and random states from a resumed run's checkpoint (`epoch_state`);
+def restore(book: common.RunBook, model: nn.Module, optimizer) -> tuple[dict, dict]:
+    """Network, optimizer and torch's global random states from a resumed run's checkpoint;
     returns its baseline and last evaluation scores."""
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    torch.set_rng_state(checkpoint["torch_rng"].cpu())
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(checkpoint["cuda_rng"].cpu())
-    return checkpoint["baseline"], checkpoint["result"]
-
-
-def epoch_state(model: nn.Module, optimizer, device) -> dict:
-    """What `restore` reads back besides the scores: network, optimizer, random states."""
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-    state["torch_rng"] = torch.get_rng_state()
-    state["cuda_rng"] = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return state
+    model.load_state_dict(book.checkpoint["model"])
+    optimizer.load_state_dict(book.checkpoint["optimizer"])
+    book.restore_global_rng()
+    return book.checkpoint["baseline"], book.checkpoint["result"]
 
 
 @torch.no_grad()
@@ -729,7 +719,7 @@ def train(args: Args) -> dict:
     start = book.checkpoint.get("epoch", 0)
     book.start_log(total=args.epochs, start=start)
     if args.resume:
-        baseline, result = restore(book.checkpoint, model, optimizer, device)
+        baseline, result = restore(book, model, optimizer)
         print(f"resumed after epoch {start}", flush=True)
     else:
         baseline = untrained_baseline(model, forward, data, args, amp)
@@ -775,7 +765,7 @@ def train(args: Args) -> dict:
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             result, shown = evaluate(forward, data, args, amp)
             book.log(epoch + 1, log_scores("eval", result))
-        state = epoch_state(model, optimizer, device)
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
         book.save({**state, "epoch": epoch + 1, "baseline": baseline, "result": result})
 
     if shown is None:  # resumed from the final checkpoint: evaluate again for the picture

@@ -233,16 +233,6 @@ def test_an_epoch_order_is_a_permutation_fixed_by_the_seed_and_the_epoch():
     assert not torch.equal(order, odc.epoch_order(50, epoch=3, seed=2, device="cpu"))
 
 
-def test_restored_random_states_draw_the_same_numbers_again():
-    generator = torch.Generator().manual_seed(5)
-    states = odc.random_states(generator, torch.device("cpu"))
-    first = (torch.rand(3, generator=generator), torch.rand(3))
-    odc.restore_random_states(states, generator, torch.device("cpu"))
-    again = (torch.rand(3, generator=generator), torch.rand(3))
-    assert torch.equal(first[0], again[0]), "the augmentation generator"
-    assert torch.equal(first[1], again[1]), "torch's global generator (dropout)"
-
-
 SMOKE = (
     "--dataset shapes --image-size 16 --backbone-width 4 --epochs 2 --eval-every 1 "
     "--batch-size 256 --num-clusters 20 --min-cluster 30 --log-every 10 --device cpu"

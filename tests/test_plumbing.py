@@ -172,6 +172,21 @@ def test_runbook_resumes_its_totals_from_the_checkpoint(tmp_path):
     assert figures["seconds"] >= saved["totals"]["seconds"] and figures["images_per_second"] > 0
 
 
+def test_runbook_restores_the_random_states_a_resumed_run_draws_from(tmp_path):
+    # ODC's dropout and PiCIE's draw from torch's global generator, the augmentations from their
+    # own: through the checkpoint, both draw again what the uninterrupted run drew.
+    generator = torch.Generator().manual_seed(5)
+    book = common.RunBook(tmp_path, RunArgs())
+    book.save({"augment_rng": generator.get_state()})
+    first = (torch.rand(3, generator=generator), torch.rand(3))
+    resumed = common.RunBook(tmp_path, RunArgs(resume=True))
+    generator.set_state(resumed.checkpoint["augment_rng"])
+    resumed.restore_global_rng()
+    again = (torch.rand(3, generator=generator), torch.rand(3))
+    assert torch.equal(first[0], again[0]), "the augmentation generator"
+    assert torch.equal(first[1], again[1]), "torch's global generator (dropout)"
+
+
 def test_checkpoint_survives_a_crash_during_save(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
     common.save_checkpoint(path, {"step": 1, "weights": torch.ones(3)})
