@@ -434,20 +434,8 @@ def test_missing_imagenet_weights_offline_name_the_file_and_the_way_out(
     with pytest.raises(
         SystemExit, match=r"resnet50-0676ba61\.pth.*hub.checkpoints.*--weights none"
     ) as error:
-        cps.main(
-            [
-                "--dataset",
-                "shapes-seg",
-                "--backbone",
-                "resnet50",
-                "--weights",
-                "imagenet",
-                "--out-dir",
-                str(tmp_path / "run"),
-                "--device",
-                "cpu",
-            ]
-        )
+        argv = "--dataset shapes-seg --backbone resnet50 --weights imagenet --device cpu".split()
+        cps.main(argv + ["--out-dir", str(tmp_path / "run")])
     assert str(tmp_path / "torch") in str(error.value)
     assert not (tmp_path / "run").exists()
 

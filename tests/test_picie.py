@@ -413,18 +413,8 @@ def test_missing_imagenet_weights_offline_name_the_file_and_the_way_out(
     with pytest.raises(
         SystemExit, match=r"resnet18-f37072fd\.pth.*hub.checkpoints.*--weights none"
     ) as error:
-        picie.main(
-            [
-                "--dataset",
-                "shapes-seg",
-                "--weights",
-                "imagenet",
-                "--out-dir",
-                str(tmp_path / "run"),
-                "--device",
-                "cpu",
-            ]
-        )
+        argv = "--dataset shapes-seg --weights imagenet --device cpu".split()
+        picie.main(argv + ["--out-dir", str(tmp_path / "run")])
     assert str(tmp_path / "torch") in str(error.value)
     assert not (tmp_path / "run").exists()
 
