@@ -1311,12 +1311,53 @@ SHARED_ARGS = {
     "download": "download the data set with torchvision if it is missing",
     "seed": "random seed (labelled split, initialisation, augmentation)",
     "device": "auto, cpu, cuda or cuda:N",
+    "threads": "CPU threads for torch (default: torch's choice, one per core; 1 is often faster "
+    "on a busy or small machine)",
     "batch_size": None,
     "eval_every": None,
     "resume": "continue the run in --out-dir from its checkpoint",
     "amp": "bfloat16 autocast on CUDA (ignored on the CPU)",
     "compile": "torch.compile the network(s)",
 }
+
+
+# Fields on which a resumed run may differ from its start: they change how it is watched or where
+# it runs, never what it computes. Any other change is refused on --resume (`prepare_out_dir`).
+MAY_CHANGE_ON_RESUME = (
+    "resume",
+    "out_dir",
+    "device",
+    "threads",
+    "workers",
+    "eval_every",
+    "log_every",
+    "compile",
+    "download",
+)
+
+
+def arg(default, *, at_least=None, above=None, at_most=None, below=None):
+    """An `Args` field whose valid range `parse_args` checks: `batch_size: int = arg(64,
+    at_least=1)`, `threshold: float = arg(0.95, at_least=0, at_most=1)`. None is always valid."""
+    bounds = {"at_least": at_least, "above": above, "at_most": at_most, "below": below}
+    bounds = {k: v for k, v in bounds.items() if v is not None}
+    return dataclasses.field(default=default, metadata={"range": bounds})
+
+
+def range_error(value, bounds: dict) -> str | None:
+    """What is wrong with `value` under `arg`'s `bounds` ("must be at least 1"), or None."""
+    checks = {
+        "at_least": ("at least", lambda v, b: v >= b),
+        "above": ("above", lambda v, b: v > b),
+        "at_most": ("at most", lambda v, b: v <= b),
+        "below": ("below", lambda v, b: v < b),
+    }
+    if value is None or not bounds:
+        return None
+    valid = all(checks[k][1](value, b) for k, b in bounds.items())  # NaN fails every comparison
+    if valid:
+        return None
+    return "must be " + " and ".join(f"{checks[k][0]} {b}" for k, b in bounds.items())
 
 
 def _field_help(cls) -> dict[str, str]:
@@ -1341,25 +1382,57 @@ def _number(text: str) -> float:  # a float flag that also takes fractions such 
         raise argparse.ArgumentTypeError(f"{expected}, got {text!r}") from None
 
 
+def _epilog(task: str | None, dataset_defaults: dict) -> str:
+    """--help's closing lines: the data set names, and the defaults that each data set changes."""
+    names = [n for n, info in DATASETS.items() if task in (None, info.task)]
+    lines = [textwrap.fill("data sets (--dataset): " + ", ".join(names), 96), ""]
+    if dataset_defaults:
+        lines.append("some data sets change the defaults above (a flag given still wins):")
+    for dataset, changes in dataset_defaults.items():
+        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in changes.items())
+        lines.append(
+            textwrap.fill(flags, 96, initial_indent=f"  {dataset}: ", subsequent_indent="    ")
+        )
+    return "\n".join(lines)
+
+
 def parse_args(
-    cls, argv=None, dataset_defaults: dict | None = None, description: str | None = None
+    cls,
+    argv=None,
+    dataset_defaults: dict | None = None,
+    description: str | None = None,
+    script: str | None = None,
+    task: str | None = None,
 ):
     """An instance of dataclass `cls` from the command line: every field a flag (`num_labeled` ->
     `--num-labeled`), its help the string under the field; booleans are `--x/--no-x`, floats take
     fractions (`1/8`), Literal fields list their choices. `dataset_defaults[name]` overrides the
-    class defaults for data set `name`; flags given on the command line override both."""
+    class defaults for data set `name`; flags given on the command line override both.
+
+    Before anything else runs: the data set must be a known one (for `task`, when given), every
+    value must lie in its field's `arg` range, `--threads` is applied, and a missing `--out-dir`
+    becomes `runs/<script>-<dataset>-<seed>`."""
     hints, helps = typing.get_type_hints(cls), _field_help(cls)
-    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+    parser = argparse.ArgumentParser(
+        prog=f"{script}.py" if script else None,
+        description=description,
+        epilog=_epilog(task, dataset_defaults or {}),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     defaults = {
         f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        for f in dataclasses.fields(cls)
+        for f in fields.values()
     }
     for name, default in defaults.items():
         kind, flag = hints[name], "--" + name.replace("_", "-")
         options = [a for a in typing.get_args(kind) if a is not type(None)]
         if typing.get_origin(kind) is not typing.Literal and len(options) == 1:  # X | None
             kind = options[0]
-        text = f"{helps.get(name, '')} (default: {default})"
+        text = helps.get(name, "")
+        if "default:" not in text:  # a help that explains its default says it once
+            text += f" (default: {default})"
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
         elif typing.get_origin(kind) is typing.Literal:
@@ -1369,7 +1442,21 @@ def parse_args(
             parser.add_argument(flag, type=convert, help=text, metavar=kind.__name__.upper())
     given = vars(parser.parse_args(argv))
     dataset = given.get("dataset", defaults.get("dataset"))
-    return cls(**{**defaults, **(dataset_defaults or {}).get(dataset, {}), **given})
+    values = {**defaults, **(dataset_defaults or {}).get(dataset, {}), **given}
+    if "dataset" in values:
+        try:
+            dataset_info(values["dataset"], task)
+        except ConfigError as e:
+            parser.error(f"argument --dataset: {e}")
+    for name, value in values.items():
+        problem = range_error(value, fields[name].metadata.get("range", {}))
+        if problem:
+            parser.error(f"argument --{name.replace('_', '-')}: {value} is out of range: {problem}")
+    if values.get("threads"):
+        torch.set_num_threads(values["threads"])
+    if script and "out_dir" in values and values["out_dir"] is None:
+        values["out_dir"] = f"runs/{script}-{values['dataset']}-{values['seed']}"
+    return cls(**values)
 
 
 def set_seed(seed: int) -> None:
@@ -1393,8 +1480,10 @@ def select_device(name: str = "auto") -> torch.device:
 
 
 def prepare_out_dir(out_dir, resume: bool = False, args=None) -> Path:
-    """Create the run folder and write args.json. A new or empty folder is fine; one holding a
-    checkpoint or results is refused unless `resume` (which needs the checkpoint)."""
+    """Create the run folder and write args.json, once per run. A new or empty folder is fine; one
+    holding a checkpoint or results is refused unless `resume` (which needs the checkpoint). A
+    resumed run must have the arguments it started with, but for MAY_CHANGE_ON_RESUME: any other
+    change would alter its result (another --steps bends the schedule), so it is refused."""
     out = Path(out_dir)
     previous = [n for n in ("checkpoint.pt", "results.json") if (out / n).exists()]
     checkpoint = out / "checkpoint.pt"
@@ -1405,16 +1494,69 @@ def prepare_out_dir(out_dir, resume: bool = False, args=None) -> Path:
             f"{out} already holds a run ({', '.join(previous)}): pass --resume to continue it, "
             f"or choose another --out-dir"
         )
+    if resume:
+        if args is not None:
+            _check_resume_args(out / "args.json", _plain(dataclasses.asdict(args)))
+        return out
     out.mkdir(parents=True, exist_ok=True)
+    # A folder without a checkpoint holds at most a run stopped before its first one: start over.
+    (out / "log.jsonl").unlink(missing_ok=True)
     if args is not None:
         text = json.dumps(_plain(dataclasses.asdict(args)), indent=2)
         _atomic_write(out / "args.json", text.encode())
     return out
 
 
+def _check_resume_args(path: Path, now: dict) -> None:
+    """Refuse a --resume whose flags differ from the run's args.json where the result depends."""
+    try:
+        started = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # no readable args.json (a run from before it was kept): nothing to compare
+    changed = [
+        f"--{name.replace('_', '-')} {started[name]} (now {now[name]})"
+        for name in now
+        if name in started and name not in MAY_CHANGE_ON_RESUME and started[name] != now[name]
+    ]
+    if changed:
+        raise ConfigError(
+            f"--resume: this run started with {', '.join(changed)}; a resumed run must keep the "
+            f"flags that decide its result (see {path}). Resume with them, or start a new run "
+            f"in another --out-dir"
+        )
+
+
 def _plain(value):  # tensors, numpy values, paths -> plain Python values, by a JSON round trip
     text = json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v))
     return json.loads(text)
+
+
+CHECKPOINT_SECONDS = 600  # at most this much training is lost to a crash between evaluations
+
+
+@contextlib.contextmanager
+def user_errors(script: str, out_dir=None):
+    """Around a script's run: bad input (ConfigError) ends in one line `script: error: ...`, and
+    Ctrl-C in one line saying where the last checkpoint is and how to go on from it."""
+    try:
+        yield
+    except ConfigError as e:
+        raise SystemExit(f"{script}: error: {e}") from None
+    except KeyboardInterrupt:
+        checkpoint = Path(out_dir or ".") / "checkpoint.pt"
+        if out_dir is not None and checkpoint.exists():
+            saved = time.strftime("%H:%M:%S", time.localtime(checkpoint.stat().st_mtime))
+            message = (
+                f"{script}: interrupted. The last checkpoint is {checkpoint} (saved at {saved}): "
+                f"run the same command with --resume to continue from it"
+            )
+        else:
+            message = (
+                f"{script}: interrupted before the first checkpoint, nothing to resume: run the "
+                f"same command again to start over"
+            )
+        print(message, file=sys.stderr, flush=True)
+        raise SystemExit(130) from None  # 128 + SIGINT, the shell's status for Ctrl-C
 
 
 class RunBook:
@@ -1449,7 +1591,14 @@ class RunBook:
         self.totals.setdefault("train_seconds", 0.0)
         self.totals.setdefault("images", 0)
         self._images_since_log = 0
-        self._wall_clock = time.perf_counter()
+        self._wall_clock = self._last_save = time.perf_counter()
+        # The log reads as one run: a resumed run drops the lines that its checkpoint did not keep
+        # (those an interrupted attempt wrote after its last save).
+        self._log_lines = self.checkpoint.get("log_lines", 0)
+        log = self.out / "log.jsonl"
+        if args.resume and "log_lines" in self.checkpoint and log.exists():
+            kept = log.read_text().splitlines(keepends=True)[: self._log_lines]
+            _atomic_write(log, "".join(kept).encode())
 
     def start_log(self, total: int | None = None, start: int = 0) -> None:
         """A log whose ETA counts from `start` to `total` (steps or epochs of this loop)."""
@@ -1486,7 +1635,13 @@ class RunBook:
         print(" ".join(fields), flush=True)
         with open(self.out / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        self._log_lines += 1
         return record
+
+    def save_due(self, evaluated: bool = False) -> bool:
+        """Whether to checkpoint now: after every evaluation, and at least every
+        CHECKPOINT_SECONDS of wall time, so that a crash loses little."""
+        return evaluated or time.perf_counter() - self._last_save >= CHECKPOINT_SECONDS
 
     def tick(self) -> dict:
         """The totals, with the wall time brought up to now."""
@@ -1501,8 +1656,9 @@ class RunBook:
         rng = {"torch_rng": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        book = {"totals": self.tick(), "args": self.args}
+        book = {"totals": self.tick(), "args": self.args, "log_lines": self._log_lines}
         save_checkpoint(self.out / name, {**state, **rng, **book})
+        self._last_save = time.perf_counter()
 
     def restore_global_rng(self) -> None:
         """torch's global random states as the resumed checkpoint saved them, for a loop that draws
@@ -1543,8 +1699,19 @@ def save_checkpoint(path, state: dict) -> None:
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
-    """torch.load of tensors and plain values only: no code in the file runs."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """torch.load of tensors and plain values only: no code in the file runs. A file that is not
+    a whole checkpoint (truncated by a full disk, a half-finished copy) is a ConfigError naming
+    it."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except Exception as e:  # torch raises RuntimeError, EOFError or an unpickling error
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(
+            f"{path} cannot be read as a checkpoint ({reason}): the file is damaged or "
+            f"incomplete. Restore a good copy, or start a new run in another --out-dir"
+        ) from None
 
 
 def write_results(out_dir, results: dict) -> dict:

@@ -7,9 +7,8 @@ import common
 
 @pytest.fixture
 def interrupted_run(monkeypatch):
-    """`interrupted_run(main, argv)`: the run dies right after writing its first checkpoint, as a
-    crash or a kill would, so a test can check that `--resume` ends where an uninterrupted run
-    does."""
+    """`interrupted_run(main, argv)`: the run is stopped (as by Ctrl-C) right after writing its
+    first checkpoint, so a test can check that `--resume` ends where an uninterrupted run does."""
 
     def run(main, argv):
         real_save = common.save_checkpoint
@@ -20,7 +19,8 @@ def interrupted_run(monkeypatch):
 
         with monkeypatch.context() as patch:
             patch.setattr(common, "save_checkpoint", save_then_crash)
-            with pytest.raises(KeyboardInterrupt):
+            with pytest.raises(SystemExit) as stop:  # common.user_errors: a message, status 130
                 main(argv)
+            assert stop.value.code == 130
 
     return run

@@ -114,6 +114,7 @@ def test_shared_flags_are_designs_in_order():
         "download",
         "seed",
         "device",
+        "threads",
         "batch_size",
         "eval_every",
         "resume",
@@ -261,3 +262,154 @@ def test_python_common_py_prints_its_benchmark():
     figures = dict(line.split("=", 1) for line in result.stdout.split())
     for key in ("weak_aug_img_per_s", "strong_aug_img_per_s", "kmeans_s", "hungarian_s"):
         assert float(figures[key]) > 0
+
+
+@dataclasses.dataclass
+class Ranged:
+    dataset: str = "shapes"
+    out_dir: str | None = None
+    seed: int = 0
+    resume: bool = False
+    threads: int | None = common.arg(None, at_least=1)
+    """CPU threads"""
+    steps: int = common.arg(100, at_least=1)
+    """training steps"""
+    threshold: float = common.arg(0.95, at_least=0, at_most=1)
+    """confidence threshold"""
+    lr: float = common.arg(0.03, above=0)
+    """learning rate"""
+    momentum: float = common.arg(0.9, at_least=0, below=1)
+    """momentum"""
+    data_dir: str | None = None
+    """folder holding the data set (default: ./data for torchvision's sets)"""
+
+
+def test_ranges_are_checked_at_their_edges(capsys):
+    ok = ["--steps", "1", "--threshold", "0", "--lr", "1e-9", "--momentum", "0"]
+    assert common.parse_args(Ranged, ok).steps == 1
+    assert common.parse_args(Ranged, ["--threshold", "1"]).threshold == 1
+    for flag, value, words in (
+        ("--steps", "0", "at least 1"),
+        ("--steps", "-5", "at least 1"),
+        ("--threshold", "1.5", "at least 0 and at most 1"),
+        ("--threshold", "-0.1", "at least 0 and at most 1"),
+        ("--threshold", "nan", "at least 0 and at most 1"),
+        ("--lr", "0.0", "above 0"),
+        ("--momentum", "1.0", "at least 0 and below 1"),
+        ("--threads", "0", "at least 1"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            common.parse_args(Ranged, [flag, value], script="demo")
+        assert stop.value.code == 2
+        error = capsys.readouterr().err
+        assert f"demo.py: error: argument {flag}: {value} is out of range: must be {words}" in error
+    # A data set's own defaults are checked as well: a wrong table entry is caught at once.
+    with pytest.raises(SystemExit):
+        common.parse_args(Ranged, [], {"shapes": {"steps": 0}})
+
+
+def test_parse_args_names_the_run_folder_and_checks_the_data_set(capsys):
+    assert common.parse_args(Ranged, ["--seed", "3"], script="demo").out_dir == "runs/demo-shapes-3"
+    assert common.parse_args(Ranged, ["--out-dir", "x"], script="demo").out_dir == "x"
+    assert common.parse_args(Ranged, []).out_dir is None  # no script name: no default folder
+    with pytest.raises(SystemExit):
+        common.parse_args(Ranged, ["--dataset", "camvid"], task="classify")
+    assert "not a known classification data set" in capsys.readouterr().err
+
+
+def test_threads_flag_sets_torchs_thread_pool():
+    before = torch.get_num_threads()
+    try:
+        common.parse_args(Ranged, ["--threads", "1"])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_help_lists_data_sets_their_defaults_and_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        common.parse_args(Ranged, ["--help"], {"shapes": {"steps": 1200}}, task="segment")
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal width
+    assert "data sets (--dataset): camvid," in text and "shapes-seg" in text
+    assert "cifar10" not in text, "only the data sets of the script's task"
+    assert "shapes: --steps 1200" in text
+    assert "(default: ./data for torchvision's sets)" in text
+    data_dir_help = text.split("--data-dir STR folder")[1]
+    assert data_dir_help.startswith(
+        " holding the data set (default: ./data for torchvision's sets)"
+    )
+    assert "(default: None)" not in data_dir_help.split("--")[0], "a default said once"
+
+
+def test_resume_refuses_changed_flags_and_keeps_args_json(tmp_path):
+    out = common.prepare_out_dir(tmp_path / "run", args=Ranged(steps=100))
+    common.save_checkpoint(out / "checkpoint.pt", {"step": 3})
+    started = (out / "args.json").read_text()
+    with pytest.raises(common.ConfigError, match=r"--steps 100 \(now 50\)") as refusal:
+        common.prepare_out_dir(out, resume=True, args=Ranged(steps=50, lr=0.1))
+    assert "--lr 0.03 (now 0.1)" in str(refusal.value)
+    # How a run is watched or where it runs may change; args.json keeps the run's start.
+    common.prepare_out_dir(out, resume=True, args=Ranged(steps=100, threads=1, resume=True))
+    assert (out / "args.json").read_text() == started
+    assert "threads" in common.MAY_CHANGE_ON_RESUME and "steps" not in common.MAY_CHANGE_ON_RESUME
+
+
+def test_a_fresh_start_drops_the_log_of_a_run_stopped_before_its_first_checkpoint(tmp_path):
+    out = common.prepare_out_dir(tmp_path / "run", args=Ranged())
+    (out / "log.jsonl").write_text('{"step": 1}\n')
+    common.prepare_out_dir(out, args=Ranged())
+    assert not (out / "log.jsonl").exists()
+
+
+def test_a_resumed_log_reads_as_one_run(tmp_path, capsys):
+    out = common.prepare_out_dir(tmp_path / "run", args=Ranged())
+    book = common.RunBook(out, Ranged())
+    book.start_log()
+    for step in (1, 2):
+        book.log(step, {"loss": 1.0})
+    book.save({"step": 2})
+    for step in (3, 4):  # an attempt interrupted after its last checkpoint
+        book.log(step, {"loss": 1.0})
+    resumed = common.RunBook(out, Ranged(resume=True))
+    resumed.start_log()
+    resumed.log(3, {"loss": 0.5})
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["loss"] == 0.5
+
+
+def test_a_damaged_checkpoint_is_a_message_naming_the_file(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    common.save_checkpoint(path, {"weights": torch.randn(1000)})
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(common.ConfigError, match="cannot be read as a checkpoint") as error:
+        common.load_checkpoint(path)
+    assert str(path) in str(error.value)
+    with pytest.raises(common.ConfigError, match="no such file"):
+        common.load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_checkpoints_are_due_after_each_evaluation_and_on_the_clock(tmp_path, monkeypatch):
+    book = common.RunBook(common.prepare_out_dir(tmp_path / "run"), Ranged())
+    assert book.save_due(evaluated=True)
+    assert not book.save_due()
+    monkeypatch.setattr(common, "CHECKPOINT_SECONDS", 0.0)
+    assert book.save_due()
+
+
+def test_user_errors_end_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        with common.user_errors("demo.py", tmp_path):
+            raise common.ConfigError("--steps must be positive")
+    assert stop.value.code == "demo.py: error: --steps must be positive"
+    with pytest.raises(SystemExit) as stop:
+        with common.user_errors("demo.py", tmp_path):
+            raise KeyboardInterrupt
+    assert stop.value.code == 130
+    assert "before the first checkpoint" in capsys.readouterr().err
+    common.save_checkpoint(tmp_path / "checkpoint.pt", {"step": 1})
+    with pytest.raises(SystemExit):
+        with common.user_errors("demo.py", tmp_path):
+            raise KeyboardInterrupt
+    error = capsys.readouterr().err
+    assert str(tmp_path / "checkpoint.pt") in error and "--resume" in error

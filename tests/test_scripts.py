@@ -40,3 +40,39 @@ def test_shared_flags(name):
         defaults.compile,
     ) == (None, None, False, 0, "auto", False, True, False)
     assert callable(module.main) and callable(module.train)
+
+
+def _outside(bound: str, edge, kind) -> list:
+    """Values just outside one `common.arg` bound (for an int, the next integer past it)."""
+    step = 1 if kind is int else 0.5
+    return {"at_least": [edge - step], "above": [edge], "at_most": [edge + step], "below": [edge]}[
+        bound
+    ]
+
+
+# Numeric flags that take any value: every other int or float flag states its range (common.arg).
+UNBOUNDED = {"seed"}
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_flag_outside_its_range_is_refused_before_anything_is_written(name, tmp_path, capsys):
+    module = importlib.import_module(name)
+    hints = {f.name: f.type for f in dataclasses.fields(module.Args)}
+    ranged = {
+        f.name: f.metadata["range"]
+        for f in dataclasses.fields(module.Args)
+        if "range" in f.metadata
+    }
+    numeric = {n for n, t in hints.items() if t.split(" | ")[0] in ("int", "float")}
+    assert numeric - UNBOUNDED == set(ranged), "every numeric flag states its valid range"
+    out = tmp_path / "run"
+    for field, bounds in ranged.items():
+        kind = int if hints[field].startswith("int") else float
+        flag = "--" + field.replace("_", "-")
+        for bound, edge in bounds.items():
+            for value in _outside(bound, edge, kind):
+                with pytest.raises(SystemExit) as stop:
+                    module.main(["--out-dir", str(out), flag, str(value)])
+                assert stop.value.code == 2, (flag, value)
+                assert f"argument {flag}: " in capsys.readouterr().err, (flag, value)
+                assert not out.exists(), f"{flag} {value}: nothing may be written"
