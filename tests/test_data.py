@@ -127,6 +127,42 @@ def test_image_folder_errors_are_clear(folder, tmp_path):
         common.load_dataset("imagefolder", data_dir=tmp_path / "empty", cache_dir=tmp_path / "c")
 
 
+def test_folder_labels_follow_the_training_names_in_every_split(tmp_path):
+    root, pixels = tmp_path / "animals", np.zeros((8, 8, 3), dtype=np.uint8)
+    for name in ("bird", "cat", "dog"):
+        write(root / "train" / name / "0.png", pixels)
+    for name in ("cat", "dog"):  # no test/bird: "cat" must keep training's index 1, not 0
+        write(root / "test" / name / "0.png", pixels)
+    cache = tmp_path / "cache"
+    test = common.load_dataset("imagefolder", "test", data_dir=root, cache_dir=cache)
+    assert test.classes == ["bird", "cat", "dog"] and test.labels.tolist() == [1, 2]
+    # a class added to training shifts the indices; the cached test images keep no stale labels
+    write(root / "train" / "ant" / "0.png", pixels)
+    test = common.load_dataset("imagefolder", "test", data_dir=root, cache_dir=cache)
+    assert test.labels.tolist() == [2, 3] and test.num_classes == 4
+    write(root / "test" / "fish" / "0.png", pixels)
+    with pytest.raises(common.ConfigError) as e:
+        common.load_dataset("imagefolder", "test", data_dir=root, cache_dir=cache)
+    message = str(e.value)
+    assert ": fish (in " in message and "'test' split" in message and str(root / "test") in message
+    assert "cat" not in message and "dog" not in message  # only the class training lacks
+
+
+def test_every_unreadable_image_is_named_at_once(folder, tmp_path, monkeypatch):
+    for name in ("broken.jpg", "empty.png"):
+        (folder / "train" / "dog" / name).write_bytes(b"\xff\xd8\xff\xe0 not really an image")
+    with pytest.raises(common.ConfigError) as e:
+        common.load_dataset("imagefolder", data_dir=folder, cache_dir=tmp_path / "c")
+    message = str(e.value)
+    assert message.startswith("2 bad files:") and "broken.jpg" in message and "empty.png" in message
+    assert not list((tmp_path / "c").glob("*.pt"))  # nothing cached
+    (folder / "train" / "cat" / "third.png").write_bytes(b"")
+    monkeypatch.setattr(common, "MAX_LISTED", 2)  # beyond it, the others are counted
+    with pytest.raises(common.ConfigError, match="3 bad files") as e:
+        common.load_dataset("imagefolder", data_dir=folder, cache_dir=tmp_path / "c")
+    assert "third.png" in str(e.value) and "... and 1 more" in str(e.value)
+
+
 def test_offline_cifar10_says_where_it_looked_and_what_to_do(tmp_path):
     with pytest.raises(common.ConfigError) as e:
         common.load_dataset("cifar10", data_dir=tmp_path / "data")
@@ -190,6 +226,55 @@ def test_segfolder_with_and_without_class_names(tmp_path):
     assert data[0][1][0, :8].tolist() == [0, 0, 2, 2, 255, 255, 1, 1]
     with pytest.raises(common.ConfigError, match="--data-dir"):
         common.load_segmentation("segfolder")
+
+
+def segfolder(root: Path, split: str, masks: dict[str, list[int]]) -> None:
+    for stem, row in masks.items():
+        write(root / split / "images" / f"{stem}.png", np.zeros((2, len(row), 3), dtype=np.uint8))
+        write(root / split / "masks" / f"{stem}.png", np.array([row] * 2, dtype=np.uint8))
+
+
+def test_segfolder_splits_share_the_training_classes_and_are_checked_at_load(tmp_path):
+    root = tmp_path / "seg"
+    segfolder(root, "train", {"a": [0, 2, 255], "b": [1, 0, 0]})
+    segfolder(root, "test", {"c": [0, 1, 255]})  # no 2 here: still training's three classes
+    test = common.load_segmentation("segfolder", "test", data_dir=root)
+    assert test.classes == ["0", "1", "2"] and test.tensors()[1][0, 0].tolist() == [0, 1, 255]
+    segfolder(root, "test", {"d": [3, 0, 7], "e": [2, 9, 255]})  # 3, 7, 9: classes unseen
+    with pytest.raises(common.ConfigError) as e:
+        common.load_segmentation("segfolder", "test", data_dir=root)  # at load, not at evaluation
+    message = str(e.value)
+    assert message.startswith("2 masks of the 'test' split hold labels outside the classes")
+    assert f"{root / 'test' / 'masks' / 'd.png'} holds labels 3, 7" in message
+    assert f"{root / 'test' / 'masks' / 'e.png'} holds label 9\n" in message
+    assert "0 to 2" in message and "255 (ignore)" in message and "c.png" not in message
+    (root / "classes.txt").write_text("0 sky\n1 road\n2 car\n3 bus\n4 van\n5 cat\n6 dog\n7 ox\n")
+    with pytest.raises(common.ConfigError) as e:  # eight named classes: only 9 is outside
+        common.load_segmentation("segfolder", "test", data_dir=root)
+    assert str(e.value).startswith(f"{root / 'test' / 'masks' / 'e.png'} holds label 9. ")
+    assert "0 to 7" in str(e.value) and "classes.txt" in str(e.value)
+    (root / "classes.txt").write_text("0 sky\n2 road\n")  # index 1 missing: names would shift
+    with pytest.raises(common.ConfigError, match="each once"):
+        common.load_segmentation("segfolder", data_dir=root)
+
+
+def test_segfolder_names_every_unreadable_mask_and_image(tmp_path):
+    root = tmp_path / "seg"
+    segfolder(root, "train", {"a": [0, 1], "b": [1, 0], "c": [0, 0]})
+    for name in ("a.png", "b.png"):
+        (root / "train" / "masks" / name).write_bytes(b"not a png")
+    with pytest.raises(common.ConfigError) as e:
+        common.load_segmentation("segfolder", data_dir=root)
+    message = str(e.value)
+    assert message.startswith("2 bad files:") and "a.png" in message and "b.png" in message
+    segfolder(root, "train", {"a": [0, 1], "b": [1, 0]})
+    for name in ("b.png", "c.png"):  # images are read when the set is decoded
+        (root / "train" / "images" / name).write_bytes(b"not a png")
+    data = common.load_segmentation("segfolder", data_dir=root)
+    with pytest.raises(common.ConfigError) as e:
+        data.tensors()
+    message = str(e.value)
+    assert message.startswith("2 bad files:") and "images/b.png" in message and "c.png" in message
 
 
 def test_voc_cityscapes_and_cocostuff_layouts(tmp_path):
