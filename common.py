@@ -1515,8 +1515,12 @@ def parse_args(
         if typing.get_origin(kind) is not typing.Literal and len(options) == 1:  # X | None
             kind = options[0]
         text = helps.get(name, "")
+        bounds = fields[name].metadata.get("range", {})
+        valid = " and ".join(f"{k.replace('_', ' ')} {v}" for k, v in bounds.items())
         if "default:" not in text:  # a help that explains its default says it once
-            text += f" (default: {default})"
+            text += f" (default: {default}{'; ' + valid if valid else ''})"
+        elif valid:
+            text += f" ({valid})"
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
         elif typing.get_origin(kind) is typing.Literal:

@@ -333,6 +333,7 @@ def test_help_lists_data_sets_their_defaults_and_each_default_once(capsys):
     assert "data sets (--dataset): camvid," in text and "shapes-seg" in text
     assert "cifar10" not in text, "only the data sets of the script's task"
     assert "shapes: --steps 1200" in text
+    assert "confidence threshold (default: 0.95; at least 0 and at most 1)" in text
     assert "(default: ./data for torchvision's sets)" in text
     data_dir_help = text.split("--data-dir STR folder")[1]
     assert data_dir_help.startswith(

@@ -76,3 +76,19 @@ def test_every_flag_outside_its_range_is_refused_before_anything_is_written(name
                 assert stop.value.code == 2, (flag, value)
                 assert f"argument {flag}: " in capsys.readouterr().err, (flag, value)
                 assert not out.exists(), f"{flag} {value}: nothing may be written"
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_help_names_the_data_sets_and_each_default_once(name, capsys):
+    module = importlib.import_module(name)
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    task = "segment" if name in ("picie", "cps") else "classify"
+    names = [n for n, info in common.DATASETS.items() if info.task == task]
+    assert "data sets (--dataset): " + ", ".join(names) in text
+    for dataset, changes in module.DATASET_DEFAULTS.items():
+        flag, value = next(iter(changes.items()))
+        assert f"{dataset}: --{flag.replace('_', '-')} {value}" in text
+    data_dir_help = text.split("--data-dir STR ")[1]  # the option, past the usage line
+    assert "(default: None)" not in data_dir_help.split("--out-dir")[0], "a default said once"
