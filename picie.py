@@ -79,41 +79,47 @@ class Args:
     """random seed (labelled split, initialisation, augmentation)"""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N"""
-    batch_size: int = 128
+    threads: int | None = common.arg(None, at_least=1)
+    """CPU threads for torch (default: torch's choice, one per core; 1 is often faster on a busy
+    or small machine)"""
+    batch_size: int = common.arg(128, at_least=1)
     """images per training step (the clustering, labelling and evaluation passes use it too)"""
-    eval_every: int = 1
-    """epochs between evaluations (a checkpoint follows every epoch)"""
+    eval_every: int = common.arg(1, at_least=1)
+    """epochs between evaluations, each followed by a checkpoint (as is any epoch that ends 10
+    minutes after the last one)"""
     resume: bool = False
     """continue the run in --out-dir from its checkpoint"""
     amp: bool = True
     """bfloat16 autocast on CUDA (ignored on the CPU)"""
     compile: bool = False
     """torch.compile the network(s)"""
-    epochs: int = 10
+    epochs: int = common.arg(10, at_least=1)
     """training epochs, each of which clusters the features anew"""
-    num_clusters: int | None = None
+    # The labels are held as uint8.
+    num_clusters: int | None = common.arg(None, at_least=2, at_most=256)
     """clusters K (default: the number of classes, 27 for COCO-Stuff-27 and Cityscapes)"""
-    image_size: int = 320
+    # At least a 4 x 4 feature map (stride 4), so that view 2's crop spans more than one feature.
+    image_size: int = common.arg(320, at_least=16)
     """training and evaluation resolution, the network's input (decoded at 2x for view 1's crops)"""
     weights: Literal["imagenet", "none"] = "imagenet"
     """ResNet-18 initialisation: torchvision's ImageNet weights (the paper) or random"""
     balance: Literal["proportional", "inverse", "none"] = "proportional"
     """cross-entropy class weights from cluster sizes: proportional (official code), inverse (the
     paper's aim), none"""
-    lr: float = 1e-4
+    lr: float = common.arg(1e-4, above=0)
     """Adam learning rate (1e-3 for Cityscapes), no weight decay"""
-    min_scale: float = 0.5
+    min_scale: float = common.arg(0.5, above=0, at_most=1)
     """smallest crop side as a fraction of the image side (the side is uniform in [min_scale, 1])"""
-    kmeans_images: int = 5120
+    kmeans_images: int = common.arg(5120, at_least=1)
     """training images whose pixel features k-means sees (the official 20 batches of 256)"""
-    kmeans_pixels: int = 32_768_000
+    kmeans_pixels: int = common.arg(32_768_000, at_least=1)
     """pixel features k-means sees, spread evenly over those images (default: every pixel of 5120
     80 x 80 maps)"""
-    kmeans_iters: int = 20
+    kmeans_iters: int = common.arg(20, at_least=1)
     """Lloyd iterations of each k-means"""
-    workers: int = 4
+    workers: int = common.arg(4, at_least=0)
     """DataLoader workers that decode the streamed data sets (COCO-Stuff, Cityscapes)"""
-    log_every: int = 50
+    log_every: int = common.arg(50, at_least=1)
     """training steps between log lines"""
 
 
@@ -146,16 +152,18 @@ def choose_num_clusters(args: Args, num_classes: int, num_fit: int) -> int:
     """K: --num-clusters, or the number of classes; checked against what the labels and k-means
     can hold (`num_fit` training images feed k-means)."""
     num_clusters = args.num_clusters or num_classes
-    # The labels are held as uint8.
-    if not 2 <= num_clusters <= 256:
+    if not 2 <= num_clusters <= 256:  # only the default can be out of range here (`Args`)
         raise common.ConfigError(
             f"--num-clusters {num_clusters}: choose 2 to 256 (the data set has {num_classes} "
             f"classes)"
         )
-    if num_clusters > min(args.kmeans_pixels, num_fit * math.ceil(args.image_size / 4) ** 2):
+    # `cluster_pixels`' sample: per image --kmeans-pixels / num_fit, at most all of its features.
+    per_image = max(1, args.kmeans_pixels // num_fit)
+    sample = num_fit * min(per_image, math.ceil(args.image_size / 4) ** 2)
+    if num_clusters > sample:
         raise common.ConfigError(
-            f"--num-clusters {num_clusters} exceeds the pixel features k-means sees; raise "
-            f"--kmeans-pixels or --kmeans-images, or lower --num-clusters"
+            f"--num-clusters {num_clusters} exceeds the {sample} pixel features k-means sees; "
+            f"raise --kmeans-pixels or --kmeans-images, or lower --num-clusters"
         )
     return num_clusters
 
@@ -453,16 +461,19 @@ class PicieData:
 def load_data(args: Args, device) -> PicieData:
     """The run's `PicieData` (SPLITS), the input checked before anything is written."""
     info = common.dataset_info(args.dataset, "segment")
-    if args.image_size < 16:
-        raise common.ConfigError(
-            f"--image-size {args.image_size}: the network needs at least 16 px"
-        )
     train_split, eval_split = SPLITS.get(loader_name(args.dataset), ("train", "test"))
     train_source, num_train, classes = load_split(args, train_split, device)
     eval_source, num_eval, _ = load_split(args, eval_split, device)
     fit_generator = torch.Generator().manual_seed(args.seed)
     fit_idx = torch.randperm(num_train, generator=fit_generator)[: args.kmeans_images].to(device)
     num_clusters = choose_num_clusters(args, len(classes), len(fit_idx))
+    # Batch norm in train mode needs more than one value per channel: res5 is 1 x 1 up to 32 px.
+    if min(args.batch_size, num_train) == 1 and args.image_size <= 32:
+        raise common.ConfigError(
+            f"--batch-size {args.batch_size} with {num_train} training images makes batches of "
+            f"one image, which batch norm cannot take at --image-size {args.image_size}: use a "
+            f"batch of at least 2, or --image-size above 32"
+        )
     description = f"{num_train} training ({train_split}) and {num_eval} evaluation ({eval_split})"
     return PicieData(
         train_source=train_source,
@@ -695,13 +706,12 @@ def report(out, result: dict, baseline: dict, num_clusters: int, args: Args, fig
 
 def train(args: Args) -> dict:
     """The data and the network; the baseline (step 7 on the untrained network); then per epoch
-    steps 1-6 and the evaluation. Resumable after any epoch."""
+    steps 1-6 and the evaluation. Resumable from the end of any checkpointed epoch."""
     device = common.select_device(args.device)
     common.set_seed(args.seed)
     data = load_data(args, device)
     model, optimizer, forward = picie_net_and_optimizer(args, device)
-    out_dir = args.out_dir or f"runs/picie-{args.dataset}-{args.seed}"
-    out = common.prepare_out_dir(out_dir, args.resume, args)
+    out = common.prepare_out_dir(args.out_dir, args.resume, args)
     print(
         f"picie: {args.dataset} on {device}, {data.description} images at {args.image_size} px, "
         f"K = {data.num_clusters}, ResNet-18 FPN ({args.weights} weights)",
@@ -762,11 +772,14 @@ def train(args: Args) -> dict:
                     book.log(epoch + (step + 1) / steps, metrics)
                     loss_sums = torch.zeros(3, device=device)
 
-        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+        evaluated = (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs
+        if evaluated:
             result, shown = evaluate(forward, data, args, amp)
             book.log(epoch + 1, log_scores("eval", result))
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-        book.save({**state, "epoch": epoch + 1, "baseline": baseline, "result": result})
+        # A run resumes from an epoch's start: the checkpoint is due at epoch ends only.
+        if book.save_due(evaluated):
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+            book.save({**state, "epoch": epoch + 1, "baseline": baseline, "result": result})
 
     if shown is None:  # resumed from the final checkpoint: evaluate again for the picture
         result, shown = evaluate(forward, data, args, amp)
@@ -776,11 +789,10 @@ def train(args: Args) -> dict:
 
 def main(argv=None) -> dict:
     torch.set_flush_denormal(True)  # denormal floats slow CPU training many times over
-    args = common.parse_args(Args, argv, DATASET_DEFAULTS, description=__doc__.split("\n")[0])
-    try:
+    description = __doc__.split("\n")[0]
+    args = common.parse_args(Args, argv, DATASET_DEFAULTS, description, "picie", "segment")
+    with common.user_errors("picie.py", args.out_dir):
         return train(args)
-    except common.ConfigError as e:
-        raise SystemExit(f"picie.py: error: {e}") from None
 
 
 if __name__ == "__main__":

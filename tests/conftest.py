@@ -1,6 +1,7 @@
 """Shared test helpers."""
 
 import pytest
+import torch
 
 import common
 
@@ -24,3 +25,12 @@ def interrupted_run(monkeypatch):
             assert stop.value.code == 130
 
     return run
+
+
+@pytest.fixture(autouse=True)
+def _keep_torchs_thread_count():
+    """A test that runs a script with --threads changes torch's process-wide thread pool: give the
+    next test the pool it would have had."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

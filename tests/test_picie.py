@@ -2,8 +2,11 @@
 loss, class weights, the FPN, Hungarian-matched evaluation on constructed inputs, a smoke run with
 resume, bad input, and a learning test against the untrained network."""
 
+import copy
+import dataclasses
 import json
 import math
+import shutil
 import urllib.error
 
 import numpy as np
@@ -121,13 +124,113 @@ def test_photometric_parameters_are_fixed_per_image_within_an_epoch():
         assert not torch.allclose(z1, z1_other, atol=1e-2), "another epoch, other views"
 
 
+class GlobalMix(nn.Module):
+    """A stand-in network of stride 4 whose feature at a pixel also holds the whole image's mean
+    colour: cropping its input is not cropping its output, unlike a per-pixel network's."""
+
+    def forward(self, x):
+        return F.avg_pool2d(x, 4) + 2 * x.mean((2, 3), keepdim=True)
+
+
+def test_view_1_transforms_the_image_and_view_2_its_feature_map_each_with_its_colours():
+    # Sec. 3.3: Z1 = f(crop(P1(x))), Z2 = crop(f(P2(x))), every feature L2-normalised.
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=g)
+    jitter = dict(jitter_p=1.0, jitter_each=True, random_order=False, grayscale_p=0.0, blur_p=0.0)
+    transforms = {
+        "p1": common.draw_photometric(3, **jitter, generator=g),
+        "p2": common.draw_photometric(3, **jitter, generator=g),
+        "boxes": torch.tensor(
+            [[0.1, 0.3, 0.55, 0.55], [0.0, 0.0, 1.0, 1.0], [0.37, 0.2, 0.6, 0.6]]
+        ),
+        "flip": torch.tensor([True, False, True]),
+    }
+    stats = ((0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+    net, x = GlobalMix(), images.float() / 255
+    boxes, flip = transforms["boxes"], transforms["flip"]
+
+    def f(x):  # pixel_features' contract
+        return F.normalize(net(common.normalize(x, *stats)), dim=1)
+
+    z1 = f(picie.geometric(common.apply_photometric(x, transforms["p1"]), boxes, flip, 16))
+    z2 = f(picie.shrink(common.apply_photometric(x, transforms["p2"]), 16))
+    z2 = F.normalize(picie.geometric(z2, boxes, flip), dim=1)
+    assert torch.allclose(picie.view_features(net, images, transforms, 1, 16, stats), z1, atol=1e-6)
+    assert torch.allclose(picie.view_features(net, images, transforms, 2, 16, stats), z2, atol=1e-6)
+    assert not torch.allclose(z1, z2, atol=1e-2), "the example tells the views apart"
+
+
+def test_epoch_transforms_follow_picies_ranges_and_probabilities():
+    n = 20_000
+    t = picie.draw_epoch_transforms(n, 0.5, torch.Generator().manual_seed(0))
+    x0, y0, side = t["boxes"][:, 0], t["boxes"][:, 1], t["boxes"][:, 2]
+    assert abs(t["flip"].float().mean() - 0.5) < 0.02
+    # side ~ U[min_scale, 1]; the corner uniform over the positions that keep the box inside
+    assert side.min() < 0.51 and side.max() > 0.99 and abs(side.mean() - 0.75) < 0.01
+    u, v = x0 / (1 - side), y0 / (1 - side)
+    for w in (u, v):
+        assert w.min() < 0.01 and w.max() > 0.99 and abs(w.mean() - 0.5) < 0.02
+    assert abs(np.corrcoef(u, v)[0, 1]) < 0.05, "x and y drawn apart"
+    for p in (t["p1"], t["p2"]):
+        for name, low, high, off in (
+            ("brightness", 0.7, 1.3, 1.0),
+            ("contrast", 0.7, 1.3, 1.0),
+            ("saturation", 0.7, 1.3, 1.0),
+            ("hue", -0.1, 0.1, 0.0),
+        ):
+            on = p[name] != off
+            assert abs(on.float().mean() - 0.8) < 0.02, name
+            values = p[name][on]
+            assert values.min() >= low and values.max() <= high, name
+            assert values.min() < low + 0.01 and values.max() > high - 0.01, "both directions"
+        both_on = ((p["brightness"] != 1) & (p["contrast"] != 1)).float().mean()
+        assert abs(both_on - 0.64) < 0.02, "each jitter op on its own coin"
+        assert abs(p["grayscale"].float().mean() - 0.2) < 0.02
+        blurred = p["sigma"] > 0
+        assert abs(blurred.float().mean() - 0.5) < 0.02
+        assert p["sigma"][blurred].min() >= 0.1 and p["sigma"][blurred].max() <= 2.0
+    assert abs(np.corrcoef(t["p1"]["brightness"], t["p2"]["brightness"])[0, 1]) < 0.05
+
+
+def test_labels_are_the_nearest_centroid_by_euclidean_distance():
+    g = torch.Generator().manual_seed(0)
+    z = F.normalize(torch.randn(2, 8, 3, 5, generator=g), dim=1)
+    norms = 0.3 + torch.rand(6, 1, generator=g)  # centroids of unequal lengths
+    centroids = F.normalize(torch.randn(6, 8, generator=g), dim=1) * norms
+    distances = (z.permute(0, 2, 3, 1)[..., None, :] - centroids).square().sum(-1)
+    labels = picie.assign_labels(z, centroids)
+    assert torch.equal(labels, distances.argmin(-1))
+    logits = picie.cluster_logits(z, centroids)
+    assert not torch.equal(labels, logits.argmax(1)), "not the largest dot product"
+    half = (logits - centroids.square().sum(1)[None, :, None, None]).argmax(1)
+    assert not torch.equal(labels, half), "the example needs the 2 in 2 z . mu - |mu|^2"
+
+
+def test_sample_pixels_draws_distinct_pixels_of_each_image_at_random():
+    z = torch.arange(2 * 16, dtype=torch.float).reshape(2, 1, 4, 4)
+    z = torch.cat([z, -z], 1)  # two channels that must travel together
+    picked = picie.sample_pixels(z, 5, torch.Generator().manual_seed(0))
+    assert picked.shape == (10, 2) and torch.equal(picked[:, 1], -picked[:, 0])
+    first, second = picked[:5, 0].long(), picked[5:, 0].long() - 16
+    for values in (first, second):
+        assert len(set(values.tolist())) == 5 and 0 <= values.min() and values.max() < 16
+    assert set(first.tolist()) != set(second.tolist()), "each image draws its own pixels"
+    drawn = set()
+    for seed in range(40):
+        drawn |= set(
+            picie.sample_pixels(z[:1], 5, torch.Generator().manual_seed(seed))[:, 0].tolist()
+        )
+    assert len(drawn) == 16, "every pixel can be drawn"
+    assert torch.equal(picie.sample_pixels(z, 16), z.flatten(2).transpose(1, 2).reshape(-1, 2))
+
+
 def test_four_term_loss_on_a_constructed_example():
     # One image of two pixels with 2-d features e0 and e1 (already unit length), K = 2.
     z1 = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).T.reshape(1, 2, 1, 2)  # pixel 0: e0, pixel 1: e1
     z2 = torch.tensor([[0.6, 0.8], [0.8, 0.6]]).T.reshape(1, 2, 1, 2)
     mu1, mu2 = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.0, 1.0], [1.0, 1.0]])
-    y1, y2 = torch.tensor([[[0, 0]]]), torch.tensor([[[1, 0]]])
-    w1, w2 = torch.tensor([0.75, 0.25]), torch.tensor([0.5, 0.5])
+    y1, y2 = torch.tensor([[[0, 1]]]), torch.tensor([[[1, 0]]])  # each view has both labels
+    w1, w2 = torch.tensor([0.75, 0.25]), torch.tensor([0.2, 0.8])
 
     def ce(z, mu, y, w):  # by hand: sum_i w_yi (-log softmax(z_i . mu)_yi) / sum_i w_yi
         num = den = 0.0
@@ -148,6 +251,8 @@ def test_four_term_loss_on_a_constructed_example():
     assert loss_cross.item() == pytest.approx(cross, rel=1e-6)
     assert loss.item() == pytest.approx((within + cross) / 2, rel=1e-6)
     assert within != pytest.approx(cross), "the example tells the within and cross terms apart"
+    unweighted = picie.picie_loss(z1, z2, mu1, mu2, y1, y2, torch.ones(2), torch.ones(2))[0]
+    assert unweighted.item() != pytest.approx(loss.item()), "the example needs the weights"
     # the classifiers are frozen: gradients reach the features, not the centroids
     z1g, z2g = z1.clone().requires_grad_(True), z2.clone().requires_grad_(True)
     picie.picie_loss(z1g, z2g, mu1, mu2, y1, y2, w1, w2)[0].backward()
@@ -189,6 +294,20 @@ def test_fpn_output_is_128_channels_at_stride_4_and_sums_all_four_levels():
     with torch.no_grad():
         assert net(torch.randn(1, 3, 320, 320)).shape == (1, 128, 80, 80)
         assert net(torch.randn(2, 3, 64, 96)).shape == (2, 128, 16, 24)
+        # the top-down path alone (finer laterals silenced): bilinear upsampling, level by level
+        x = torch.randn(1, 3, 64, 64)
+        levels = [net.stem(x)]
+        for stage in net.stages:
+            levels.append(stage(levels[-1]))
+        top_down = net.lateral[3](levels[4])
+        for level in levels[3:0:-1]:
+            top_down = F.interpolate(
+                top_down, level.shape[-2:], mode="bilinear", align_corners=False
+            )
+        for lateral in net.lateral[:3]:
+            lateral.weight.zero_()
+            lateral.bias.zero_()
+        assert torch.allclose(net(x), top_down, atol=1e-6)
         # lateral projections reduced to biases 1, 2, 4, 8
         for i, lateral in enumerate(net.lateral):
             lateral.weight.zero_()
@@ -233,7 +352,7 @@ def band_images(n, side, seed=0):
     return images, (colour_map + 1) % 3
 
 
-def test_evaluation_recovers_a_segmentation_the_features_separate():
+def test_evaluation_recovers_a_segmentation_the_features_separate(monkeypatch):
     train_images, train_labels = band_images(16, 32, seed=0)
     eval_images, eval_labels = band_images(8, 32, seed=1)
     data = picie.PicieData(
@@ -248,13 +367,122 @@ def test_evaluation_recovers_a_segmentation_the_features_separate():
         description="bands",
     )
     args = picie.Args(image_size=16, seed=0, kmeans_pixels=10_000, batch_size=5)
+    fitted = []  # what k-means was given: the un-augmented training images data.fit_idx
+    real_cluster_pixels = picie.cluster_pixels
+
+    def cluster_pixels(features_of, source, idx, *rest):
+        fitted.append((source, idx))
+        return real_cluster_pixels(features_of, source, idx, *rest)
+
+    monkeypatch.setattr(picie, "cluster_pixels", cluster_pixels)
     scores, (shown_x, shown_y, shown_pred) = picie.evaluate(Colours(), data, args, show=4)
+    ((source, idx),) = fitted
+    assert source is data.train_source and torch.equal(idx, data.fit_idx)
     assert scores["miou"] == pytest.approx(1.0) and scores["pixel_acc"] == pytest.approx(1.0)
     assert shown_x.shape == (4, 3, 16, 16) and torch.equal(shown_pred, shown_y)
     assert torch.equal(shown_y, eval_labels[[0, 2, 5, 7], ::2, ::2]), "images spread over the split"
     # with a feature that cannot see colour, the same evaluation is at chance level
     blind, _ = picie.evaluate(Grey(), data, picie.Args(image_size=16, kmeans_pixels=10_000))
     assert blind["miou"] < 0.5
+
+
+def band_data(n=16, n_eval=8, num_clusters=3):
+    """PicieData of `band_images`, 32 px decoded for a 16 px run."""
+    train_images, train_labels = band_images(n, 32, seed=0)
+    eval_images, eval_labels = band_images(n_eval, 32, seed=1)
+    return picie.PicieData(
+        train_source=(train_images, train_labels),
+        eval_source=(eval_images, eval_labels),
+        num_train=n,
+        num_eval=n_eval,
+        num_classes=3,
+        num_clusters=num_clusters,
+        stats=STATS,
+        fit_idx=torch.arange(n),
+        description="bands",
+    )
+
+
+def test_each_view_is_labelled_by_its_own_centroids_and_weighted_by_its_own_sizes():
+    data = band_data()
+    args = picie.Args(image_size=16, batch_size=5, kmeans_pixels=10_000, kmeans_iters=5)
+
+    def features(idx, images, transforms, view):  # view 2 sees the colours rolled
+        x = images.float() / 255
+        return F.avg_pool2d(x if view == 1 else x.roll(1, 1), 8)
+
+    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(16, 1)
+    transforms = identity_transforms(16, boxes, torch.zeros(16, dtype=torch.bool))
+    (centroids, labels, weights), record = picie.cluster_and_label(
+        features, data, data.fit_idx, transforms, 0, args
+    )
+    assert not torch.allclose(centroids[0], centroids[1]), "the example tells the views apart"
+    images = data.train_source[0]
+    for view in (1, 2):
+        z = features(torch.arange(16), images, transforms, view)
+        assert torch.equal(labels[view - 1].long(), picie.assign_labels(z, centroids[view - 1]))
+        counts = torch.bincount(labels[view - 1].flatten().long(), minlength=3)
+        assert torch.allclose(weights[view - 1], picie.cluster_weights(counts))
+        assert record[f"diag/label_miou{view}"] == pytest.approx(1.0), "labels lie on the truth"
+    assert not torch.equal(labels[0], labels[1])
+
+
+def test_train_step_is_one_adam_step_on_the_loss_of_both_views_of_its_images():
+    torch.manual_seed(0)
+    net = nn.Conv2d(3, 4, 1)
+    twin = copy.deepcopy(net)
+    start = net.weight.detach().clone()
+
+    def features_of(model):
+        def features(idx, images, transforms, view):
+            x = F.avg_pool2d(images.float() / 255, 4)
+            return F.normalize(model(x if view == 1 else x.flip(-1)), dim=1)
+
+        return features
+
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8, generator=g)
+    idx = torch.tensor([4, 1, 3])
+    centroids = [torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)]
+    labels = [torch.randint(0, 3, (6, 2, 2), generator=g).to(torch.uint8) for _ in range(2)]
+    weights = [torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.2, 0.2, 0.6])]
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.1)
+    got = picie.train_step(
+        features_of(net), optimizer, idx, images[idx], None, (centroids, labels, weights)
+    )
+    f = features_of(twin)
+    z1, z2 = f(idx, images[idx], None, 1), f(idx, images[idx], None, 2)
+    losses = picie.picie_loss(z1, z2, *centroids, labels[0][idx], labels[1][idx], *weights)
+    twin_optimizer = torch.optim.Adam(twin.parameters(), lr=0.1)
+    losses[0].backward()
+    twin_optimizer.step()
+    assert torch.allclose(got, torch.stack(losses).detach())
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), twin.parameters(), strict=True))
+    assert not torch.equal(net.weight, start)
+
+
+class NormedColours(nn.Module):
+    """Colours after a batch norm: the stand-in whose statistics the baseline recomputes."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return F.avg_pool2d(self.bn(x), 4)
+
+
+def test_the_baseline_recomputes_batch_norm_on_the_k_means_images_as_the_network_sees_them():
+    data = band_data()
+    data.fit_idx = torch.tensor([7, 2, 5, 0, 9])  # batches of 2: image 9 would be alone, left out
+    data.stats = ((0.5, 0.4, 0.3), (0.2, 0.3, 0.25))
+    args = picie.Args(image_size=16, batch_size=2, kmeans_pixels=1000, kmeans_iters=2)
+    model = NormedColours()
+    picie.untrained_baseline(model, model, data, args, amp=False)
+    images = data.train_source[0][[7, 2, 5, 0]]
+    seen = common.normalize(picie.shrink(images, 16), *data.stats)
+    assert torch.allclose(model.bn.running_mean, seen.mean((0, 2, 3)), atol=1e-6)
+    assert not model.training, "evaluated in eval mode"
 
 
 @pytest.fixture
@@ -266,15 +494,76 @@ def small_shapes_seg(monkeypatch):
     )
 
 
+# One thread: torch's default pool ran this test 4 times slower on a busy 2-core machine.
 SMOKE = (
     "--dataset shapes-seg --weights none --image-size 16 --epochs 2 --eval-every 1 --batch-size 16 "
-    "--kmeans-images 24 --kmeans-iters 5 --log-every 2 --device cpu"
+    "--kmeans-images 24 --kmeans-iters 5 --log-every 2 --device cpu --threads 1"
 ).split()
 
 
-def test_smoke_run_writes_its_files_and_resume_reaches_the_same_result(
-    tmp_path, interrupted_run, small_shapes_seg
+def records_of(run) -> list:
+    """log.jsonl's records without the timing fields (which differ between any two runs)."""
+    lines = (run / "log.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(x).items() if not k.startswith("perf/")} for x in lines]
+
+
+def watch_loop(monkeypatch) -> dict:
+    """Spies on a run's loop: per epoch what `cluster_and_label` got and gave and the images of
+    every `train_step` (with whether it got that epoch's transforms and clusters), and the mode
+    (train or eval) of the network in each pass."""
+    seen = {"epochs": [], "modes": set()}
+    phase = ["other"]
+    real_cluster, real_step, real_evaluate = (
+        picie.cluster_and_label,
+        picie.train_step,
+        picie.evaluate,
+    )
+    real_forward = picie.PiCIENet.forward
+
+    def in_phase(name, fn, *args):
+        phase[0] = name
+        try:
+            return fn(*args)
+        finally:
+            phase[0] = "other"
+
+    def cluster_and_label(features, data, fit_idx, transforms, seed, args):
+        clusters, record = in_phase(
+            "cluster", real_cluster, features, data, fit_idx, transforms, seed, args
+        )
+        epoch = {"transforms": transforms, "fit_idx": fit_idx.clone(), "clusters": clusters}
+        seen["epochs"].append({**epoch, "steps": [], "same": []})
+        return clusters, record
+
+    def train_step(features, optimizer, idx, images, transforms, clusters):
+        epoch = seen["epochs"][-1]
+        epoch["steps"].append(idx.clone())
+        epoch["same"].append(transforms is epoch["transforms"] and clusters is epoch["clusters"])
+        return in_phase("train", real_step, features, optimizer, idx, images, transforms, clusters)
+
+    def forward(self, x):
+        seen["modes"].add((phase[0], self.training))
+        return real_forward(self, x)
+
+    monkeypatch.setattr(picie, "cluster_and_label", cluster_and_label)
+    monkeypatch.setattr(picie, "train_step", train_step)
+    monkeypatch.setattr(picie, "evaluate", lambda *a, **k: in_phase("evaluate", real_evaluate, *a))
+    monkeypatch.setattr(picie.PiCIENet, "forward", forward)
+    return seen
+
+
+def test_smoke_run_checkpoints_at_evaluations_and_resume_reaches_the_same_result(
+    tmp_path, monkeypatch, capsys, small_shapes_seg
 ):
+    saved = []  # the epoch of every checkpoint written
+    real_save = common.save_checkpoint
+
+    def spy(path, state):
+        real_save(path, state)
+        saved.append(state["epoch"])
+
+    monkeypatch.setattr(common, "save_checkpoint", spy)
+    loop = watch_loop(monkeypatch)
     straight = picie.main(SMOKE + ["--out-dir", str(tmp_path / "a")])
     for name in ("args.json", "log.jsonl", "checkpoint.pt", "results.json", "segmentation.png"):
         assert (tmp_path / "a" / name).exists(), name
@@ -291,23 +580,78 @@ def test_smoke_run_writes_its_files_and_resume_reaches_the_same_result(
     figures = ("miou", "pixel_acc", "baseline_miou", "baseline_pixel_acc")
     assert all(0 <= straight[k] <= 1 for k in figures)
     assert straight["num_clusters"] == 5, "K defaults to the number of classes"
-    records = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    records = records_of(tmp_path / "a")
     losses = [r["train/loss"] for r in records if "train/loss" in r]
     assert len(losses) == 2 * 2 and all(math.isfinite(v) for v in losses)
-    assert sum("eval/miou" in r for r in records) == 2
+    assert [r["step"] for r in records if "eval/miou" in r] == [1, 2]
+    assert saved == [1, 2], "a checkpoint after every evaluation"
     assert sum("baseline/miou" in r for r in records) == 1
     assert sum("cluster/kmeans_loss1" in r for r in records) == 2
+    # the loop: k-means anew every epoch, on new views of --kmeans-images images, then every
+    # training image once, in a new order, against that epoch's views and clusters
+    first, second = loop["epochs"]
+    assert not torch.equal(first["transforms"]["boxes"], second["transforms"]["boxes"])
+    assert not torch.equal(first["fit_idx"], second["fit_idx"])
+    assert not torch.equal(torch.cat(first["steps"]), torch.cat(second["steps"]))
+    for epoch in (first, second):
+        assert len(set(epoch["fit_idx"].tolist())) == 24 and all(epoch["same"])
+        assert sorted(torch.cat(epoch["steps"]).tolist()) == list(range(48))
 
-    interrupted_run(picie.main, SMOKE + ["--out-dir", str(tmp_path / "b")])  # dies after epoch 1
-    assert common.load_checkpoint(tmp_path / "b" / "checkpoint.pt")["epoch"] == 1
+    # Run b evaluates only at its end, checkpoints on the clock (made due every epoch), and is
+    # stopped as by Ctrl-C in epoch 2, after two more log lines than its checkpoint holds.
+    b = tmp_path / "b"
+    argv_b = SMOKE + ["--out-dir", str(b), "--eval-every", "2"]
+    saved.clear()
+    monkeypatch.setattr(common, "CHECKPOINT_SECONDS", 0)
+    real_step, calls = picie.train_step, []
+
+    def step_then_stop(*args):
+        calls.append(1)
+        if len(calls) == 6:  # epoch 2's third step (48 images, batches of 16)
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(picie, "train_step", step_then_stop)
+        with pytest.raises(SystemExit) as stop:
+            picie.main(argv_b)
+    assert stop.value.code == 130 and str(b / "checkpoint.pt") in capsys.readouterr().err
+    assert saved == [1], "the clock's checkpoint, without an evaluation"
+    # k-means and evaluation see the network in eval mode, training in train mode (run b
+    # clusters epoch 2 right after training, with no evaluation between)
+    assert {("cluster", False), ("evaluate", False), ("train", True)} <= loop["modes"]
+    assert not {("cluster", True), ("evaluate", True), ("train", False)} & loop["modes"]
+    assert len(records_of(b)) == 4 + 2, "baseline, epoch 1's three lines; epoch 2's first two"
     with pytest.raises(SystemExit, match="--resume"):  # a run in progress is not overwritten
-        picie.main(SMOKE + ["--out-dir", str(tmp_path / "b")])
-    resumed = picie.main(SMOKE + ["--out-dir", str(tmp_path / "b"), "--resume"])
+        picie.main(argv_b)
+
+    # A damaged checkpoint is named, and nothing in the run folder changes.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(b, damaged)
+    checkpoint = damaged / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    before = {f.name: f.read_bytes() for f in damaged.iterdir()}
+    with pytest.raises(SystemExit, match=f"{checkpoint}.*damaged or incomplete"):
+        picie.main(SMOKE + ["--out-dir", str(damaged), "--eval-every", "2", "--resume"])
+    assert {f.name: f.read_bytes() for f in damaged.iterdir()} == before
+
+    # A flag that decides the result is refused on --resume, args.json left as it was.
+    args_json = (b / "args.json").read_text()
+    with pytest.raises(SystemExit, match=r"--epochs 2 \(now 3\)"):
+        picie.main(argv_b + ["--resume", "--epochs", "3"])
+    assert (b / "args.json").read_text() == args_json
+    # --eval-every may change: the evaluations do not touch the training.
+    resumed = picie.main(SMOKE + ["--out-dir", str(b), "--eval-every", "1", "--resume"])
+    assert (b / "args.json").read_text() == args_json, "args.json is the run's start"
     for k in figures:
         assert resumed[k] == straight[k], k
     model_a = common.load_checkpoint(tmp_path / "a" / "checkpoint.pt")["model"]
-    model_b = common.load_checkpoint(tmp_path / "b" / "checkpoint.pt")["model"]
+    model_b = common.load_checkpoint(b / "checkpoint.pt")["model"]
     assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
+    # b's log reads as one run, a's without its evaluation after epoch 1: the lines of the
+    # stopped epoch once, in order.
+    expected = [r for r in records_of(tmp_path / "a") if not ("eval/miou" in r and r["step"] == 1)]
+    assert records_of(b) == expected
 
 
 def test_cityscapes_trains_on_test_and_train_extra_and_evaluates_27_classes_on_val_and_train(
@@ -381,12 +725,23 @@ def test_squares_crop_the_centre_and_batches_stream_them_in_order():
     [
         (["--dataset", "cifar10"], "not a known segmentation"),
         (["--dataset", "camvid", "--data-dir", "/nonexistent/camvid"], "/nonexistent/camvid"),
-        (["--num-clusters", "300"], "choose 2 to 256"),
-        (["--num-clusters", "40", "--kmeans-pixels", "30"], "exceeds the pixel features"),
-        (["--image-size", "8"], "at least 16"),
+        (["--batch-size", "0"], "--batch-size: 0 is out of range: must be at least 1"),
+        (["--batch-size", "-4"], "--batch-size: -4 is out of range"),
+        (["--batch-size", "1"], "--batch-size 1 with 48 training images makes batches of one"),
+        (["--eval-every", "0"], "--eval-every: 0 is out of range"),
+        (["--log-every", "0"], "--log-every: 0 is out of range"),
+        (["--epochs", "0"], "--epochs: 0 is out of range"),
+        (["--kmeans-images", "0"], "--kmeans-images: 0 is out of range"),
+        (["--num-clusters", "0"], "--num-clusters: 0 is out of range: must be at least 2"),
+        (["--num-clusters", "300"], "must be at least 2 and at most 256"),
+        (["--image-size", "8"], "--image-size: 8 is out of range: must be at least 16"),
+        # k-means sees 48 images x max(1, 30 // 48) pixels (the next test: every case)
+        (["--num-clusters", "49", "--kmeans-pixels", "30"], "exceeds the 48 pixel features"),
     ],
 )
-def test_bad_input_is_a_clear_message_before_training(tmp_path, argv, message, small_shapes_seg):
+def test_bad_input_is_a_clear_message_before_training(
+    tmp_path, capsys, argv, message, small_shapes_seg
+):
     base = [
         "--dataset",
         "shapes-seg",
@@ -397,9 +752,31 @@ def test_bad_input_is_a_clear_message_before_training(tmp_path, argv, message, s
         "--device",
         "cpu",
     ]
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(SystemExit) as stop:
         picie.main(base + argv)
+    said = f"{stop.value.code}\n{capsys.readouterr().err}"  # argparse's errors go to stderr
+    assert message in said and "Traceback" not in said
     assert not (tmp_path / "run").exists(), "nothing is written before the input is checked"
+
+
+@pytest.mark.parametrize("pixels,images", [(30, 24), (30, 48), (1000, 2), (100, 7)])
+def test_the_num_clusters_check_allows_exactly_the_k_means_sample(monkeypatch, pixels, images):
+    seen = []  # the number of features each k-means is given
+
+    def kmeans(x, k, **kwargs):
+        seen.append(len(x))
+        return x[:k], torch.zeros(len(x), dtype=torch.long)
+
+    monkeypatch.setattr(common, "kmeans", kmeans)
+    args = picie.Args(image_size=16, kmeans_pixels=pixels)
+    source = (torch.zeros(images, 3, 32, 32, dtype=torch.uint8), torch.zeros(images, 32, 32))
+    features_of = lambda idx, x: torch.rand(len(idx), 8, 4, 4)  # noqa: E731 (16 px: 4 x 4 maps)
+    picie.cluster_pixels(features_of, source, torch.arange(images), 2, 0, args)
+    largest = seen[0]
+    k_args = dataclasses.replace(args, num_clusters=largest)
+    assert picie.choose_num_clusters(k_args, 5, images) == largest
+    with pytest.raises(common.ConfigError, match=f"exceeds the {largest} pixel features"):
+        picie.choose_num_clusters(dataclasses.replace(k_args, num_clusters=largest + 1), 5, images)
 
 
 def test_missing_imagenet_weights_offline_name_the_file_and_the_way_out(
