@@ -77,10 +77,13 @@ class Args:
     """random seed (labelled split, initialisation, augmentation)"""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N"""
-    batch_size: int = 128
+    threads: int | None = common.arg(None, at_least=1)
+    """CPU threads for torch (default: torch's choice, one per core; 1 is often faster on a busy
+    or small machine)"""
+    batch_size: int = common.arg(128, at_least=1)
     """MoCo images per step"""
-    eval_every: int = 1024
-    """SPICE-Semi steps between evaluations and checkpoints (MoCo, SPICE-Self: every epoch)"""
+    eval_every: int = common.arg(1024, at_least=1)
+    """SPICE-Semi steps between evaluations and checkpoints (SPICE-Self: every epoch)"""
     resume: bool = False
     """continue the run in --out-dir from its checkpoint"""
     amp: bool = True
@@ -93,63 +96,63 @@ class Args:
     """the previous stage's hand-over file (moco.pt or self.pt) or the run folder holding it"""
     protocol: Literal["split", "all"] = "split"
     """split: train on train, evaluate on test (SCAN's); all: train and evaluate on train + test"""
-    num_clusters: int | None = None
+    num_clusters: int | None = common.arg(None, at_least=2)
     """clusters, K (default: the number of classes)"""
-    backbone_width: int = 64
+    backbone_width: int = common.arg(64, at_least=1)
     """base width of the CIFAR ResNet-18 (64: the standard one, 512-d features)"""
-    image_size: int = 32
+    image_size: int = common.arg(32, at_least=8)
     """image side: image folders are resized to it, shapes drawn at it"""
-    moco_epochs: int = 1000
+    moco_epochs: int = common.arg(1000, at_least=1)
     """MoCo epochs (the official CIFAR-10 command)"""
-    moco_lr: float = 0.015
+    moco_lr: float = common.arg(0.015, above=0)
     """MoCo learning rate, cosine-decayed over the epochs"""
-    moco_momentum: float = 0.999
+    moco_momentum: float = common.arg(0.999, at_least=0, below=1)
     """momentum of the MoCo key encoder (short runs need less: the keys must follow the network)"""
-    moco_queue: int = 12800
+    moco_queue: int = common.arg(12800, at_least=1)
     """MoCo queue of negative keys (capped at half the images on small data sets)"""
-    bn_groups: int = 4
+    bn_groups: int = common.arg(4, at_least=1)
     """groups the MoCo batch is split into for batch norm (shuffle-BN; 4 x 32 at batch 128)"""
-    moco_weight_decay: float = 1e-4
+    moco_weight_decay: float = common.arg(1e-4, at_least=0)
     """MoCo SGD weight decay (MoCo v2's)"""
-    moco_temperature: float = 0.2
+    moco_temperature: float = common.arg(0.2, above=0)
     """temperature T of MoCo's InfoNCE loss (MoCo v2's)"""
-    self_epochs: int = 30  # Deviation: 30, the method note's (the official file's: 100)
+    self_epochs: int = common.arg(30, at_least=1)  # Deviation: the method note's (official: 100)
     """SPICE-Self epochs (the official CIFAR-10 configuration file sets 100)"""
-    self_batch: int = 5000  # Deviation: the official configuration's N (the paper's: 1000)
+    self_batch: int = common.arg(5000, at_least=1)  # Deviation: the official N (paper: 1000)
     """SPICE-Self images per draw, N (the paper's text: 1000; the official configuration: 5000)"""
-    num_heads: int = 10
+    num_heads: int = common.arg(10, at_least=1)
     """SPICE-Self heads"""
     double_softmax: bool = True
     """cross-entropy on the heads' softmax outputs, as official (--no-double-softmax: on logits)"""
-    self_lr: float = 0.005
+    self_lr: float = common.arg(0.005, above=0)
     """SPICE-Self Adam learning rate, no weight decay (the official configuration)"""
-    self_passes: int = 8
+    self_passes: int = common.arg(8, at_least=1)
     """SPICE-Self passes over each draw's pseudo-labels, in mini-batches of 128"""
-    consistency_ratio: float = 0.99
+    consistency_ratio: float = common.arg(0.99, at_least=0, at_most=1)
     """share of the --semi-knn nearest neighbours that must agree for a label to be reliable"""
-    confidence: float = 0.99
+    confidence: float = common.arg(0.99, at_least=0, below=1)
     """top probability a label needs to be reliable"""
-    semi_knn: int = 100
+    semi_knn: int = common.arg(100, at_least=1)
     """nearest neighbours k of a reliable label (the paper's 100; capped at the image count)"""
-    semi_steps: int = 2**20
+    semi_steps: int = common.arg(2**20, at_least=1)
     """SPICE-Semi (FixMatch) steps"""
-    semi_batch_size: int = 64
+    semi_batch_size: int = common.arg(64, at_least=1)
     """SPICE-Semi labelled images per step (the unlabelled batch is --semi-mu times it)"""
-    semi_mu: int = 7
+    semi_mu: int = common.arg(7, at_least=1)
     """SPICE-Semi unlabelled images per labelled one"""
-    semi_depth: int = 28
+    semi_depth: int = common.arg(28, at_least=10)
     """SPICE-Semi WideResNet depth (6 n + 4)"""
-    semi_widen_factor: int = 2
+    semi_widen_factor: int = common.arg(2, at_least=1)
     """SPICE-Semi WideResNet width multiplier"""
-    semi_bn_momentum: float = 0.001
+    semi_bn_momentum: float = common.arg(0.001, above=0, at_most=1)
     """SPICE-Semi batch-norm momentum (PyTorch's convention); short runs need more"""
-    ema_decay: float = 0.999
+    ema_decay: float = common.arg(0.999, at_least=0, below=1)
     """decay of the exponential moving average of the SPICE-Semi weights that is evaluated"""
-    semi_lr: float = 0.03
+    semi_lr: float = common.arg(0.03, above=0)
     """SPICE-Semi learning rate eta of SGD, decayed as eta cos(7 pi k / 16 K) (FixMatch's)"""
-    semi_weight_decay: float = 5e-4
+    semi_weight_decay: float = common.arg(5e-4, at_least=0)
     """SPICE-Semi weight decay, not on batch norm or biases (FixMatch's CIFAR-10 value)"""
-    log_every: int = 50
+    log_every: int = common.arg(50, at_least=1)
     """steps between log lines"""
 
 
@@ -733,8 +736,7 @@ def start_run(args: Args) -> tuple[Args, Run, Data, dict]:
     data = load_data(args, device)
     args = dataclasses.replace(args, num_clusters=args.num_clusters or data.num_classes)
     handover = load_handover(args) if args.init_from else {}
-    out_dir = args.out_dir or f"runs/spice-{args.dataset}-{args.seed}"
-    out = common.prepare_out_dir(out_dir, args.resume, args)
+    out = common.prepare_out_dir(args.out_dir, args.resume, args)
     print(
         f"spice: {args.dataset} on {device}, stage {args.stage}, protocol {args.protocol}: "
         f"{len(data.images)} images into {args.num_clusters} clusters, evaluated on "
@@ -803,7 +805,8 @@ def train_moco(args: Args, run: Run, images: torch.Tensor) -> dict:
                 }
                 run.book.log(epoch + (b + 1) / steps, metrics)
                 losses, accs = [], []
-        run.save("moco", parts, epoch=epoch + 1, queue=queue.keys, queue_ptr=queue.ptr)
+        if run.book.save_due(epoch + 1 == args.moco_epochs):  # at epoch ends (resumable), the last
+            run.save("moco", parts, epoch=epoch + 1, queue=queue.keys, queue_ptr=queue.ptr)
     return model.backbone.state_dict()
 
 
@@ -870,7 +873,7 @@ def train_self(args: Args, run: Run, backbone: nn.Module, data: Data) -> tuple[n
             "oracle/best_head_acc": max(oracle),
         }
         run.book.log(epoch + 1, metrics)
-        run.save("self", parts, epoch=epoch + 1, best=best)
+        run.save("self", parts, epoch=epoch + 1, best=best)  # after every selection, an evaluation
     head = heads.heads[best]
     figures = evaluate(nn.Sequential(backbone, head), data, run, "self_", "self_clusters.png")
     return head, {**figures, "selected_head": best}
@@ -942,9 +945,11 @@ def train_semi(args: Args, run: Run, backbone: nn.Module, head: nn.Module, data:
                 "semi/lr": optimizer.param_groups[0]["lr"],
             }
             run.book.log(step + 1, metrics)
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.semi_steps:
+        evaluated = (step + 1) % args.eval_every == 0 or step + 1 == args.semi_steps
+        if evaluated:
             figures = evaluate(ema, data, run)
             run.book.log(step + 1, {f"eval/{k}": v for k, v in figures.items()})
+        if run.book.save_due(evaluated):
             run.save("semi", parts, step=step + 1, rng=rng.get_state())
     # the final EMA model, never a chosen one
     figures = evaluate(ema, data, run, picture="clusters.png")
@@ -979,21 +984,28 @@ def train(args: Args) -> dict:
         else:  # steps 8-9
             head = Heads(1, backbone.dim, args.num_clusters).heads[0].to(run.device)
             head.load_state_dict(handover["head"])
-            results.update(train_semi(args, run, backbone, head, data))
+            try:
+                results.update(train_semi(args, run, backbone, head, data))
+            except common.ConfigError as e:  # no reliable images: keep what stages 1-2 measured
+                results.update(stopped_at="semi", stopped_because=str(e))
         if stage != "semi":  # the hand-over file, with the totals and the arguments
             book.save({**handover, "stage": stage, "results": results}, f"{stage}.pt")
     results.update(book.figures())
-    print("results: " + " ".join(f"{k}={v:.4g}" for k, v in results.items()), flush=True)
-    return common.write_results(book.out, results)
+    text = (f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in results.items())
+    print("results: " + " ".join(text), flush=True)
+    results = common.write_results(book.out, results)
+    if "stopped_at" in results:  # a run that could not finish: its figures so far, status 1
+        written = book.out / "results.json"
+        raise common.ConfigError(f"{results['stopped_because']} (the figures so far: {written})")
+    return results
 
 
 def main(argv: list[str] | None = None) -> dict:
     torch.set_flush_denormal(True)  # denormal floats slow CPU training many times over
-    args = common.parse_args(Args, argv, DATASET_DEFAULTS, description=__doc__.split("\n")[0])
-    try:
+    description = __doc__.split("\n")[0]
+    args = common.parse_args(Args, argv, DATASET_DEFAULTS, description, "spice", "classify")
+    with common.user_errors("spice.py", args.out_dir):
         return train(args)
-    except common.ConfigError as e:
-        raise SystemExit(f"spice.py: error: {e}") from None
 
 
 if __name__ == "__main__":

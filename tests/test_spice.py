@@ -4,6 +4,7 @@ learning test against k-means on the same embedding."""
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -134,6 +135,16 @@ def test_reliable_samples_keep_exactly_the_agreeing_confident_ones():
     assert kept[0].item() == 2 and kept[1].item() in (4, 5) and len(kept) == 2
 
 
+def test_reliable_samples_need_the_ratio_rounded_up():
+    # each image agrees with 2 of its 4 neighbours (itself included)
+    preds = torch.tensor([0, 0, 1, 1])
+    neighbours = torch.tensor([[0, 1, 2, 3], [1, 0, 2, 3], [2, 3, 0, 1], [3, 2, 1, 0]])
+    kept = spice.reliable_samples(preds, torch.ones(4), neighbours, 2, ratio=0.5, threshold=0.5)
+    assert sorted(kept.tolist()) == [0, 1, 2, 3], "2 of 4 is a ratio of 0.5"
+    with pytest.raises(common.ConfigError, match="no reliable image"):  # 0.6 x 4: 3 must agree
+        spice.reliable_samples(preds, torch.ones(4), neighbours, 2, ratio=0.6, threshold=0.5)
+
+
 def test_reliable_samples_stop_clearly_on_an_empty_cluster():
     preds = torch.tensor([0, 0, 1, 1, 2, 2])
     # the neighbours of each image; cluster 1 disagrees
@@ -160,6 +171,11 @@ def test_moco_loss_on_a_constructed_example():
     loss, acc = spice.moco_loss(q, q.clone(), queue, temperature=0.2)
     assert loss.item() == pytest.approx(-math.log(math.exp(5) / (math.exp(5) + 6)), rel=1e-5)
     assert acc.item() == 1.0
+    # the positive is the query's own key, the negatives are the queue scored by the query
+    k = F.normalize(torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 1.0, 1.0, 0.0]]), dim=1)
+    loss, _ = spice.moco_loss(q, k, queue, temperature=0.5)
+    expected = -math.log(math.exp(2**-0.5 / 0.5) / (math.exp(2**-0.5 / 0.5) + 6))
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
     # a queued key beats the positive
     loss, acc = spice.moco_loss(q, -q, torch.cat([q, queue]), temperature=0.2)
     assert acc.item() == 0.0
@@ -227,7 +243,21 @@ TINY = [
 ]
 
 
-def test_smoke_every_stage_alone_and_resumed(tmp_path, interrupted_run):
+def without_perf(out_dir) -> list:
+    """The run's log.jsonl without the timing entries, which differ from run to run."""
+    lines = (json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines())
+    return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in lines]
+
+
+def test_smoke_every_stage_alone_and_resumed(tmp_path, monkeypatch):
+    saved = []  # (file, stage, epoch or step) of every checkpoint and hand-over file written
+    real_save = common.save_checkpoint
+
+    def recording_save(path, state):
+        saved.append((path.name, state["stage"], state.get("epoch", state.get("step"))))
+        real_save(path, state)
+
+    monkeypatch.setattr(common, "save_checkpoint", recording_save)
     results = spice.main(TINY + ["--out-dir", str(tmp_path / "all")])
     for name in (
         "moco.pt",
@@ -258,6 +288,16 @@ def test_smoke_every_stage_alone_and_resumed(tmp_path, interrupted_run):
     )
     assert all(0 <= results[k] <= 1 for k in keys if k.endswith(("acc", "nmi")))
     assert all(-1 <= results[k] <= 1 for k in keys if k.endswith("ari"))
+    # A checkpoint after every evaluation (each SPICE-Self epoch's head selection, every
+    # --eval-every 3 SPICE-Semi steps); MoCo, within the 10 minutes, at its last epoch only.
+    assert saved == [
+        ("checkpoint.pt", "moco", 2),
+        ("moco.pt", "moco", None),
+        ("checkpoint.pt", "self", 1),
+        ("self.pt", "self", None),
+        ("checkpoint.pt", "semi", 3),
+        ("checkpoint.pt", "semi", 6),
+    ]
     # Stage 2 alone from stage 1's file, then stage 3 alone from stage 2's: the same figures.
     alone = spice.main(
         TINY
@@ -285,13 +325,51 @@ def test_smoke_every_stage_alone_and_resumed(tmp_path, interrupted_run):
         ]
     )
     assert figures(alone) == figures(results)
-    # A run killed after its first checkpoint (MoCo's first epoch) and resumed ends where the whole
-    # run did.
-    interrupted_run(spice.main, TINY + ["--out-dir", str(tmp_path / "resumed")])
-    assert not (tmp_path / "resumed" / "moco.pt").exists()
-    assert figures(
-        spice.main(TINY + ["--out-dir", str(tmp_path / "resumed"), "--resume"])
-    ) == figures(results)
+    # A run stopped (as by Ctrl-C) in stage 2, after a log line that no checkpoint kept: MoCo's
+    # checkpoint and moco.pt are on disk, SPICE-Self's third draw was logged.
+    resumed = tmp_path / "resumed"
+    real_log, draws = common.RunBook.log, []
+
+    def log_then_stop(book, step, metrics):
+        record = real_log(book, step, metrics)
+        if "self/loss" in metrics:
+            draws.append(step)
+            if len(draws) == 3:
+                raise KeyboardInterrupt
+        return record
+
+    with monkeypatch.context() as patch:
+        patch.setattr(common.RunBook, "log", log_then_stop)
+        with pytest.raises(SystemExit) as stop:
+            spice.main(TINY + ["--out-dir", str(resumed)])
+    assert stop.value.code == 130
+    assert (resumed / "moco.pt").exists() and not (resumed / "self.pt").exists()
+    assert len(without_perf(resumed)) == 2 + 3, "two MoCo epochs, three SPICE-Self draws"
+    # Resumed with another flag that decides the result: refused, the run's arguments unchanged.
+    before = (resumed / "args.json").read_bytes()
+    with pytest.raises(SystemExit, match=r"--self-epochs 1 \(now 2\)"):
+        spice.main(TINY + ["--out-dir", str(resumed), "--resume", "--self-epochs", "2"])
+    assert (resumed / "args.json").read_bytes() == before
+    # Resumed as it was: the figures of the whole run, and a log that reads as that run's.
+    assert figures(spice.main(TINY + ["--out-dir", str(resumed), "--resume"])) == figures(results)
+    assert without_perf(resumed) == without_perf(tmp_path / "all")
+    assert (resumed / "args.json").read_bytes() == before
+
+
+def test_moco_resumes_mid_stage_on_the_clock(tmp_path, monkeypatch, interrupted_run):
+    # With the 10-minute clock run out at every epoch end, MoCo checkpoints each epoch: stopped
+    # after the first and resumed (its queue, encoders and optimizer restored), stage 1 ends where
+    # an uninterrupted stage 1 does.
+    monkeypatch.setattr(common, "CHECKPOINT_SECONDS", 0)
+    moco = TINY + ["--stage", "moco"]
+    whole = spice.main(moco + ["--out-dir", str(tmp_path / "whole")])
+    interrupted_run(spice.main, moco + ["--out-dir", str(tmp_path / "resumed")])
+    saved = common.load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")
+    assert saved["stage"] == "moco" and saved["epoch"] == 1
+    assert figures(spice.main(moco + ["--out-dir", str(tmp_path / "resumed"), "--resume"])) == (
+        figures(whole)
+    )
+    assert without_perf(tmp_path / "resumed") == without_perf(tmp_path / "whole")
 
 
 @pytest.mark.parametrize(
@@ -299,7 +377,7 @@ def test_smoke_every_stage_alone_and_resumed(tmp_path, interrupted_run):
     [
         (["--stage", "semi"], "--init-from goes with"),
         (["--stage", "all", "--init-from", "x.pt"], "--init-from goes with"),
-        (["--num-clusters", "1"], "--num-clusters 1"),
+        (["--num-clusters", "6000", "--self-batch", "10000"], "--num-clusters 6000: need 2 to "),
         (["--semi-depth", "27"], "--semi-depth 27"),
         (["--stage", "semi", "--init-from", "missing-folder"], "no self.pt there"),
     ],
@@ -308,6 +386,78 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, extra, messag
     with pytest.raises(SystemExit, match=message):
         spice.main(TINY + ["--out-dir", str(tmp_path / "run")] + extra)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--num-heads", "0"),
+        ("--batch-size", "0"),
+        ("--self-batch", "-4"),
+        ("--semi-batch-size", "0"),
+        ("--moco-epochs", "0"),
+        ("--self-epochs", "-1"),
+        ("--semi-steps", "0"),
+        ("--moco-lr", "0.0"),
+        ("--self-lr", "-0.005"),
+        ("--semi-lr", "0.0"),
+        ("--eval-every", "0"),
+        ("--log-every", "0"),
+        ("--image-size", "0"),
+        ("--num-clusters", "1"),
+        ("--confidence", "1.0"),
+    ],
+)
+def test_a_value_outside_its_range_is_refused_by_the_parser(tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as stop:
+        spice.main(TINY + ["--out-dir", str(tmp_path / "run"), flag, value])
+    assert stop.value.code == 2
+    assert f"argument {flag}: {value} is out of range: must be" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_damaged_hand_over_file_is_named(tmp_path):
+    damaged = tmp_path / "moco.pt"
+    damaged.write_bytes(b"PK\x03\x04 half a zip archive")
+    argv = ["--stage", "self", "--init-from", str(damaged), "--out-dir", str(tmp_path / "run")]
+    with pytest.raises(SystemExit, match=re.escape(f"{damaged} cannot be read as a checkpoint")):
+        spice.main(TINY + argv)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_whose_stage_3_cannot_run_keeps_what_stages_1_and_2_measured(tmp_path, capsys):
+    # --confidence 0.9999: a head trained for one epoch is that sure of too few images, so stage 3
+    # finds a cluster without reliable images. The run ends with the message (status 1: not a
+    # result), but the k-means and SPICE-Self figures are printed and written, with the stage that
+    # stopped and why.
+    run = tmp_path / "run"
+    argv = TINY + ["--out-dir", str(run), "--confidence", "0.9999"]
+    with pytest.raises(SystemExit) as stop:
+        spice.main(argv)
+    message = str(stop.value.code)
+    assert re.match(r"spice.py: error: no reliable image in cluster\(s\) \[[\d, ]+\]", message)
+    written = json.loads((run / "results.json").read_text())
+    assert written["stopped_at"] == "semi"
+    because = written["stopped_because"]
+    assert message == f"spice.py: error: {because} (the figures so far: {run / 'results.json'})"
+    assert {"kmeans_acc", "self_acc", "self_nmi", "self_ari", "selected_head"} <= set(written)
+    assert "acc" not in written and "num_reliable" not in written
+    handed_over = common.load_checkpoint(run / "self.pt")["results"]
+    assert {k: written[k] for k in handed_over} == handed_over
+    out = capsys.readouterr().out
+    assert f"results: kmeans_acc={written['kmeans_acc']:.4g}" in out
+    assert f"self_acc={written['self_acc']:.4g}" in out and "stopped_at=semi" in out
+    # Resumed with flags that only change how it is watched: accepted, and it stops the same way.
+    with pytest.raises(SystemExit, match=re.escape(written["stopped_because"])):
+        spice.main(argv + ["--resume", "--eval-every", "2", "--log-every", "1"])
+    assert figures(json.loads((run / "results.json").read_text())) == figures(written)
+    # Its checkpoint cut to half its size: --resume names the file, and nothing is written.
+    checkpoint = run / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    with pytest.raises(SystemExit, match=re.escape(f"{checkpoint} cannot be read as a checkpoint")):
+        spice.main(argv + ["--resume"])
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
 
 
 @pytest.mark.parametrize("flag, value", [("--protocol", "both"), ("--stage", "semi-only")])
@@ -364,3 +514,219 @@ def test_kmeans_baseline_embeds_the_evaluated_split_as_the_clustered_one():
     assert spice.kmeans_baseline(args, run, backbone, copy) == spice.kmeans_baseline(
         args, run, backbone, itself
     )
+
+
+def test_kmeans_baseline_is_fit_on_the_training_split(monkeypatch):
+    images, labels = common.make_shapes(60, seed=0, size=8)
+    info = common.dataset_info("shapes")
+    backbone = spice.ResNet18(2)
+    args = spice.Args(dataset="shapes", num_clusters=3, seed=0)
+    run = spice.Run(None, torch.device("cpu"), (info.mean, info.std), False, 3)
+    fitted, real_kmeans = [], common.kmeans
+    monkeypatch.setattr(
+        common, "kmeans", lambda x, *a, **k: fitted.append(x) or real_kmeans(x, *a, **k)
+    )
+    spice.kmeans_baseline(
+        args, run, backbone, spice.Data(images, labels, images[:20], labels[:20], images, 10)
+    )
+    train = F.normalize(spice.network_outputs(backbone, images, run.stats), dim=1)
+    assert len(fitted) == 1 and torch.allclose(fitted[0], train)
+
+
+def test_moco_queue_starts_with_unit_keys():
+    assert torch.allclose(spice.MocoQueue(5, 3).keys.norm(dim=1), torch.ones(5))
+
+
+def test_head_selection_passes_the_loss_choice_on():
+    g = torch.Generator().manual_seed(4)
+    embedding = F.normalize(torch.randn(30, 4, generator=g), dim=1)
+    logits = 3 * torch.randn(2, 30, 3, generator=g)
+    _, losses = spice.select_head(logits, embedding, double_softmax=False)
+    for h in range(2):
+        idx, labels = spice.prototype_pseudo_labels(logits[h].softmax(-1), embedding)
+        assert losses[h].item() == pytest.approx(F.cross_entropy(logits[h][idx], labels).item())
+
+
+def test_train_heads_fits_each_head_to_its_own_pseudo_labels():
+    torch.manual_seed(0)
+    heads = spice.Heads(2, 4, 3)
+    features = torch.randn(6, 4)
+    targets = [
+        (torch.arange(6), torch.tensor([0, 0, 1, 1, 2, 2])),
+        (torch.tensor([5, 4, 3, 2, 1, 0]), torch.tensor([2, 2, 2, 0, 0, 1])),
+    ]
+
+    def own_losses():  # each head's loss on its own (index, label) pairs
+        with torch.no_grad():
+            return torch.stack([spice.head_loss(h(features[i]), y) for h, (i, y) in own])
+
+    own = list(zip(heads.heads, targets, strict=True))
+    before = own_losses()
+    optimizer = torch.optim.Adam(heads.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(0)
+    # one pass, one mini-batch: the mean loss is each head's on its own pairs before the step
+    losses = spice.train_heads(heads, optimizer, features, targets, passes=1, generator=g)
+    assert torch.allclose(losses, before)
+    spice.train_heads(heads, optimizer, features, targets, passes=30, generator=g)
+    assert (own_losses() < before - 0.05).all(), "each head learns its own labels"
+
+
+def tiny_run(tmp_path, **changes):
+    """Args, a Run on the CPU writing into tmp_path, and 24 shapes images of 8 px."""
+    args = spice.Args(dataset="shapes", image_size=8, num_clusters=3, log_every=1, **changes)
+    info = common.dataset_info("shapes")
+    book = common.RunBook(tmp_path, args)
+    run = spice.Run(book, torch.device("cpu"), (info.mean, info.std), False, 3)
+    images, labels = common.make_shapes(24, seed=0, size=8)
+    return args, run, spice.Data(images, labels, images, labels, images, 10)
+
+
+def test_moco_steps_keys_from_the_other_view_after_the_momentum_update(tmp_path, monkeypatch):
+    # 24 images, 2 steps of 12, a queue of 12 keys: each step's keys replace the whole queue
+    args, run, data = tiny_run(
+        tmp_path, moco_epochs=1, batch_size=12, bn_groups=2, moco_queue=12, backbone_width=2
+    )
+    events, views = [], []
+
+    def augment(x, generator=None):  # the first view as it is, the second mirrored
+        views.append(x if len(views) % 2 == 0 else x.flip(-1))
+        return views[-1]
+
+    def spy(name, real):
+        def call(*a, **k):
+            # tensors as they are at the call, modules as their mode (training or not)
+            seen = [t.clone() if torch.is_tensor(t) else getattr(t, "training", t) for t in a]
+            events.append((name, seen))
+            return real(*a, **k)
+
+        monkeypatch.setattr(spice, name, call)
+
+    monkeypatch.setattr(spice, "moco_augment", augment)
+    for name in ("grouped_forward", "momentum_update", "shuffled_key_forward", "moco_loss"):
+        spy(name, getattr(spice, name))
+    real_enqueue = spice.MocoQueue.enqueue
+
+    def enqueue(queue, keys):
+        events.append(("enqueue", [keys.clone()]))
+        real_enqueue(queue, keys)
+
+    monkeypatch.setattr(spice.MocoQueue, "enqueue", enqueue)
+    torch.manual_seed(args.seed)  # the queue's first keys: train_moco's draw after the network's
+    spice.MoCo(args.backbone_width)
+    initial = spice.MocoQueue(12, 128).keys
+    spice.train_moco(args, run, data.images)
+    step = ["grouped_forward", "momentum_update", "shuffled_key_forward", "grouped_forward"]
+    step += ["moco_loss", "enqueue"]
+    assert [e[0] for e in events] == step + step
+    for s in range(2):
+        queries, _, keys, _, (q, k, negatives, _), enqueued = (e[1] for e in events[6 * s :][:6])
+        # the queries: the first view, in training mode, batch norm over --bn-groups groups
+        assert torch.equal(queries[1], run.inputs(views[2 * s])) and queries[0] and queries[2] == 2
+        assert torch.equal(keys[1], run.inputs(views[2 * s + 1])), "keys: the second view"
+        assert keys[0], "the key encoder normalises by its groups' statistics (training mode)"
+        # the negatives are the queue before this step: the random keys, then step 1's keys
+        assert torch.equal(negatives, initial if s == 0 else events[4][1][1])
+        assert torch.equal(enqueued[0], k), "the keys are queued, not the queries"
+    lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert lines[0]["moco/lr"] == args.moco_lr, "the first epoch at the full learning rate"
+
+
+def test_a_spice_self_draw_labels_weak_views_and_trains_on_strong_ones(tmp_path, monkeypatch):
+    # one epoch, one draw of all 24 images, 2 heads: step 4 scores the weak views (here mirrored),
+    # step 5 builds prototypes in the embedding of the unaugmented images, step 6 trains on the
+    # strong views (here inverted)
+    args, run, data = tiny_run(
+        tmp_path, self_epochs=1, self_batch=24, num_heads=2, self_passes=1, backbone_width=2
+    )
+    monkeypatch.setattr(common, "weak_augment", lambda x, generator=None: x.flip(-1))
+    monkeypatch.setattr(spice, "scan_strong_augment", lambda x, generator=None: 255 - x)
+    seen = {"heads": [], "prototypes": [], "train": []}
+    real_heads, real_labels = spice.Heads.forward, spice.prototype_pseudo_labels
+    real_train = spice.train_heads
+
+    def heads_forward(heads, features):
+        seen["heads"].append((features.clone(), real_heads(heads, features).detach()))
+        return seen["heads"][-1][1]
+
+    def labels(probs, embedding):
+        seen["prototypes"].append((probs, embedding))
+        return real_labels(probs, embedding)
+
+    def train(heads, optimizer, features, targets, *a):
+        seen["train"].append((features, targets))
+        return real_train(heads, optimizer, features, targets, *a)
+
+    monkeypatch.setattr(spice.Heads, "forward", heads_forward)
+    monkeypatch.setattr(spice, "prototype_pseudo_labels", labels)
+    monkeypatch.setattr(spice, "train_heads", train)
+    backbone = spice.ResNet18(2)
+    spice.train_self(args, run, backbone, data)
+    draw = torch.randperm(24, generator=torch.Generator().manual_seed(500_000))
+
+    def outputs(images):  # the backbone's features, in eval mode, without augmentation
+        return spice.network_outputs(backbone, images, run.stats)
+
+    weak, strong = outputs(data.images[draw].flip(-1)), outputs(255 - data.images[draw])
+    embedding = F.normalize(outputs(data.images), dim=1)
+    scored, logits = seen["heads"][0]
+    assert torch.allclose(scored, weak), "step 4 scores the weak views"
+    for h, (probs, prototype_space) in enumerate(seen["prototypes"][:2]):
+        assert torch.allclose(probs, logits[h].softmax(-1))
+        assert torch.allclose(prototype_space, embedding[draw]), "prototypes: unaugmented"
+    features, targets = seen["train"][0]
+    assert torch.allclose(features, strong), "step 6 trains on the strong views"
+    for h in range(2):
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(targets[h], real_labels(*seen["prototypes"][h]), strict=True)
+        )
+    # step 7 selects on the unaugmented features of the whole split
+    assert torch.allclose(seen["heads"][-1][0], outputs(data.images))
+
+
+def test_a_spice_semi_step_learns_the_clusters_weak_to_strong(tmp_path, monkeypatch):
+    # SPICE-Semi labels the reliable images with their clusters (never the true labels), its
+    # pseudo-labels come from the weak views, its unlabelled loss from the strong ones, and the
+    # evaluated model is the EMA copy
+    args, run, data = tiny_run(
+        tmp_path,
+        semi_steps=2,
+        semi_batch_size=4,
+        semi_mu=2,
+        semi_depth=10,
+        semi_widen_factor=1,
+        eval_every=2,
+        backbone_width=2,
+    )
+    clusters = (data.labels + 1) % 3  # the clusters: not the labels
+    evaluated = []  # (frozen?, the first weights) of every model predicted with
+
+    def predict(model, images, run):
+        weights = next(model.parameters()).detach().clone()
+        evaluated.append((all(not p.requires_grad for p in model.parameters()), weights))
+        return clusters, torch.ones(len(images))
+
+    monkeypatch.setattr(spice, "predict", predict)
+    reliable = torch.tensor([0, 1, 2, 3, 4, 5])
+    monkeypatch.setattr(spice, "reliable_samples", lambda *a: reliable)
+    weak_inputs = []  # per step: the labelled images, then the unlabelled ones
+    monkeypatch.setattr(
+        common, "weak_augment", lambda x, generator=None: weak_inputs.append(x) or x
+    )
+    # every strong view the same grey image: the strong logits of a step are all equal
+    monkeypatch.setattr(common, "strong_augment", lambda x, **k: torch.full_like(x, 128))
+    calls, real_loss = [], spice.fixmatch_loss
+    monkeypatch.setattr(spice, "fixmatch_loss", lambda *a: calls.append(a) or real_loss(*a))
+    spice.train_semi(args, run, spice.ResNet18(2), nn.Linear(16, 3), data)
+    # predicted with: the stage-2 classifier (the clusters), then the frozen EMA at each evaluation
+    assert len(calls) == 2 and [e[0] for e in evaluated] == [False, True, True]
+    torch.manual_seed(args.seed + 2)  # the network's initial weights, the EMA's first
+    start = next(spice.WideResNet(3, 10, 1, args.semi_bn_momentum).parameters())
+    assert start.shape == evaluated[1][1].shape and not torch.equal(start, evaluated[1][1])
+    for step, (_, targets_x, logits_weak, logits_strong) in enumerate(calls):
+        xi = spice.uniform_indices(6, 4, step, args.seed, "cpu")
+        assert torch.equal(targets_x, clusters[reliable][xi])
+        ui = spice.uniform_indices(24, 8, step, args.seed + 1, "cpu")
+        assert torch.equal(weak_inputs[2 * step + 1], data.images[ui]), "unlabelled: every image"
+        assert torch.allclose(logits_strong, logits_strong[:1].expand_as(logits_strong))
+        assert not torch.allclose(logits_weak, logits_weak[:1].expand_as(logits_weak), atol=1e-4)
