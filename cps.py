@@ -79,9 +79,13 @@ class Args:
     """random seed (labelled split, initialisation, augmentation)"""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N"""
-    batch_size: int = 8
+    threads: int | None = common.arg(None, at_least=1)
+    """CPU threads for torch (default: torch's choice, one per core; 1 is often faster on a busy
+    or small machine)"""
+    # 2: batch norm in the image-pooling branch sees one value per channel and image
+    batch_size: int = common.arg(8, at_least=2)
     """labelled images per step, B (as many unlabelled; two unlabelled batches with CutMix)"""
-    eval_every: int = 5000
+    eval_every: int = common.arg(5000, at_least=1)
     """iterations between evaluations of network 1 (a checkpoint follows each)"""
     resume: bool = False
     """continue the run in --out-dir from its checkpoint"""
@@ -89,15 +93,16 @@ class Args:
     """bfloat16 autocast on CUDA (ignored on the CPU)"""
     compile: bool = False
     """torch.compile the network(s)"""
-    labeled_ratio: float = 0.125
+    labeled_ratio: float = common.arg(0.125, above=0, at_most=1)
     """labelled fraction of the training images, drawn with the seed (paper: 1/16, 1/8, 1/4, 1/2)"""
     labeled_list: str | None = None
     """list of the labelled images, one a line (official split files); overrides --labeled-ratio"""
-    iterations: int = 39_338
+    iterations: int = common.arg(39_338, at_least=1)
     """training iterations (official 1/8 run: 34 epochs of 1,157; about the same at every split)"""
-    image_size: int | None = None
+    # 32: output stride 16 leaves 2 x 2 features, the least with a neighbourhood
+    image_size: int | None = common.arg(None, at_least=32)
     """shorter side of every image after loading (default: as stored)"""
-    crop_size: int = 512
+    crop_size: int = common.arg(512, at_least=32)
     """side of the random training crops and of the sliding evaluation window"""
     backbone: Literal["resnet50", "resnet101", "resnet18"] = "resnet50"
     """torchvision ResNet under each DeepLabv3+ (resnet18 for small machines)"""
@@ -105,20 +110,20 @@ class Args:
     """both backbones' initialisation (the same): torchvision's ImageNet weights or random"""
     cutmix: bool = True
     """CutMix on the unlabelled images (two unlabelled batches per step)"""
-    cps_weight: float | None = None
+    cps_weight: float | None = common.arg(None, at_least=0)
     """lambda, weight of the CPS loss (default: 1.0 with CutMix, 1.5 without; Cityscapes 5 / 6);
     0: supervised only"""
-    lr: float = 0.01
+    lr: float = common.arg(0.01, above=0)
     """SGD learning rate at batch 8 + 8, decayed as lr (1 - k / K)^0.9"""
-    weight_decay: float = 1e-4
+    weight_decay: float = common.arg(1e-4, at_least=0)
     """weight decay on convolution weights (none on batch norm and biases)"""
     ohem: bool = False
     """online hard example mining in the supervised loss (on by default for Cityscapes)"""
     pseudo_label_mode: Literal["train", "eval"] = "train"
     """batch-norm mode of the no-gradient CutMix passes making pseudo-labels (train: official)"""
-    workers: int = 4
+    workers: int = common.arg(4, at_least=0)
     """DataLoader workers that decode the streamed data sets (VOC, Cityscapes)"""
-    log_every: int = 50
+    log_every: int = common.arg(50, at_least=1)
     """iterations between log lines"""
 
 
@@ -178,11 +183,12 @@ def labeled_partition(
         labeled = torch.tensor(sorted({position[w] for w in wanted}))
         description = f"the {len(labeled)} images of {path}"
     else:
-        if not 0 < ratio <= 1:
+        count = round(ratio * n)
+        if count < 1:
             raise common.ConfigError(
-                f"--labeled-ratio {ratio}: give a fraction in (0, 1], such as 1/8 or 0.125"
+                f"--labeled-ratio {ratio:.4g} of the {n} training images labels none: give at "
+                f"least 1/{n}, or name the labelled images with --labeled-list"
             )
-        count = max(1, round(ratio * n))
         # Deviation: a seeded random draw (official: fixed split lists, given by --labeled-list)
         permutation = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
         labeled = permutation[:count].sort().values
@@ -582,11 +588,8 @@ def networks_and_optimizer(
         net2.to(memory_format=torch.channels_last)
     # Deviation: one SGD over both networks' parameters, where the official code has two;
     # per-parameter momentum makes their updates identical.
-    optimizer = torch.optim.SGD(
-        parameter_groups(net1, args.weight_decay) + parameter_groups(net2, args.weight_decay),
-        lr=args.lr,
-        momentum=0.9,
-    )
+    groups = parameter_groups(net1, args.weight_decay) + parameter_groups(net2, args.weight_decay)
+    optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
     forwards = (torch.compile(net1), torch.compile(net2)) if args.compile else (net1, net2)
     return net1, net2, optimizer, forwards
 
@@ -678,10 +681,9 @@ def train_step(
     return torch.stack([loss_sup.detach(), loss_cps.detach(), agreement, pseudo_acc])
 
 
-def train_metrics(sums: torch.Tensor, step: int, cps_weight: float, args: Args) -> dict:
-    """A log line's training figures: the means of `train_step`'s four since the last line (the
+def train_metrics(means: torch.Tensor, step: int, cps_weight: float, args: Args) -> dict:
+    """A log line's training figures: the `means` of `train_step`'s four since the last line (the
     diagnostics only where they exist) and the learning rate."""
-    means = sums / (step % args.log_every + 1)
     metrics = {"train/loss_sup": means[0], "train/loss_cps": means[1]}
     if cps_weight > 0:
         metrics["diag/agreement"] = means[2]
@@ -710,11 +712,6 @@ def train(args: Args) -> dict:
     common.set_seed(args.seed)
     info = common.dataset_info(args.dataset, "segment")
     stats = (info.mean, info.std)
-    if args.batch_size < 2 or args.crop_size < 32 or args.iterations < 1:
-        raise common.ConfigError(
-            "--batch-size must be at least 2 (batch norm in the image-pooling branch), "
-            "--crop-size at least 32 (output stride 16), --iterations at least 1"
-        )
     cps_weight = args.cps_weight
     if cps_weight is None:  # the paper's lambda for the data set
         without_cutmix, with_cutmix = CPS_WEIGHTS.get(args.dataset, (1.5, 1.0))
@@ -725,8 +722,7 @@ def train(args: Args) -> dict:
     num_classes = len(classes)
     # Built before anything is written: a missing ImageNet weights file stops the run here.
     net1, net2, optimizer, forwards = networks_and_optimizer(args, num_classes, device)
-    out_dir = args.out_dir or f"runs/cps-{args.dataset}-{args.seed}"
-    out = common.prepare_out_dir(out_dir, args.resume, args)
+    out = common.prepare_out_dir(args.out_dir, args.resume, args)
     print(
         f"cps: {args.dataset} on {device}; {description}; DeepLabv3+ {args.backbone} "
         f"({args.weights}), lambda {cps_weight:g}, CutMix {args.cutmix}",
@@ -755,7 +751,9 @@ def train(args: Args) -> dict:
     ]
     images_per_step = args.batch_size * len(streams)  # labelled and unlabelled
     book.start_log(total=args.iterations, start=start)
-    sums = torch.zeros(4, device=device)  # L_s, L_cps, agreement, pseudo_acc since the last line
+    # L_s, L_cps, agreement, pseudo_acc summed since the log line at iteration `logged`
+    sums = torch.tensor(book.checkpoint.get("sums", [0.0] * 4), device=device)
+    logged = book.checkpoint.get("logged", start)
     shown = None
     for step in range(start, args.iterations):
         with book.timed(images=images_per_step):
@@ -766,17 +764,19 @@ def train(args: Args) -> dict:
             sums += train_step(forwards, batches, optimizer, augment_rng, cps_weight, args)
 
         if (step + 1) % args.log_every == 0 or step + 1 == args.iterations:
-            book.log(step + 1, train_metrics(sums, step, cps_weight, args))
-            sums = torch.zeros(4, device=device)
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.iterations:
+            book.log(step + 1, train_metrics(sums / (step + 1 - logged), step, cps_weight, args))
+            sums.zero_()
+            logged = step + 1
+        evaluated = (step + 1) % args.eval_every == 0 or step + 1 == args.iterations
+        if evaluated:
             # 6. Network 1 alone, sliding window
             scores, shown = evaluate(forwards[0], eval_source, num_classes, stats, args)
             evals.append({key: scores[key] for key in ("miou", "pixel_acc", "iou")})
             book.log(step + 1, {"eval/miou": scores["miou"], "eval/pixel_acc": scores["pixel_acc"]})
-            state = {"net1": net1.state_dict(), "net2": net2.state_dict()}
-            state["optimizer"] = optimizer.state_dict()
-            state["augment_rng"] = augment_rng.get_state()
-            book.save({**state, "step": step + 1, "evals": evals})
+        if book.save_due(evaluated):  # after every evaluation, and on the clock between them
+            state = {"net1": net1.state_dict(), "net2": net2.state_dict(), "evals": evals}
+            state.update(optimizer=optimizer.state_dict(), augment_rng=augment_rng.get_state())
+            book.save({**state, "step": step + 1, "sums": sums.tolist(), "logged": logged})
 
     if shown is None:  # resumed from the final checkpoint: evaluate again for the picture
         _, shown = evaluate(forwards[0], eval_source, num_classes, stats, args)
@@ -789,11 +789,10 @@ def train(args: Args) -> dict:
 
 def main(argv=None) -> dict:
     torch.set_flush_denormal(True)  # denormal floats slow CPU training many times over
-    args = common.parse_args(Args, argv, DATASET_DEFAULTS, description=__doc__.split("\n")[0])
-    try:
+    about = __doc__.split("\n")[0]
+    args = common.parse_args(Args, argv, DATASET_DEFAULTS, about, script="cps", task="segment")
+    with common.user_errors("cps.py", args.out_dir):
         return train(args)
-    except common.ConfigError as e:
-        raise SystemExit(f"cps.py: error: {e}") from None
 
 
 if __name__ == "__main__":

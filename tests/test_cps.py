@@ -1,8 +1,10 @@
 """cps.py: the CPS loss (symmetry, no gradient through pseudo-labels), CutMix masks and mixed
-pseudo-labels, OHEM, the two networks' initialisation, output stride 16, the schedule and weight
-decay groups, sliding-window evaluation, the split, a smoke run with resume (in memory and
+pseudo-labels, the CutMix CPS loss and one training step against hand computations, OHEM, the two
+networks' initialisation, output stride 16, the schedule and weight decay groups, sliding-window
+evaluation, the split, a smoke run that records the loop's wiring and resumes (in memory and
 streamed from a tiny VOC tree), bad input, and a learning test on shapes-seg."""
 
+import copy
 import json
 import math
 import urllib.error
@@ -68,6 +70,113 @@ def test_mixed_pseudo_label_is_the_argmax_of_the_mixed_predictions():
     unlabeled_b = torch.ones(4, 3, 20, 24)
     mixed = cps.cutmix(unlabeled_a, unlabeled_b, mask)
     assert torch.equal(mixed, mask.expand(-1, 3, -1, -1)), "U_b where M = 1"
+
+
+class Probe(nn.Module):
+    """A small network with a global term, so that its prediction on a mixed image is not the mix
+    of its predictions on the two sources (as a real network's), that records its batch-norm mode
+    (train or eval) at every call."""
+
+    def __init__(self, seed: int, classes: int = 4):
+        super().__init__()
+        self.local = nn.Conv2d(3, classes, 1)
+        self.context = nn.Conv2d(3, classes, 1)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+        self.modes = []
+
+    def forward(self, x):
+        self.modes.append(self.training)
+        return self.local(x) + 3 * self.context(x.mean((2, 3), keepdim=True))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_cutmix_cps_loss_trains_each_network_on_the_other_ones_mixed_pseudo_labels(mode):
+    net1, net2 = Probe(1), Probe(2)
+    g = torch.Generator().manual_seed(0)
+    unlabeled_a, unlabeled_b = torch.randn(2, 4, 3, 16, 16, generator=g)
+    truth_a, truth_b = torch.randint(0, 4, (2, 4, 16, 16), generator=g)
+    unlabeled = [(unlabeled_a, truth_a), (unlabeled_b, truth_b)]
+    args = cps.Args(pseudo_label_mode=mode)
+    loss, agreement, pseudo_acc = cps.cutmix_cps_loss(
+        (net1, net2), unlabeled, torch.Generator().manual_seed(5), args
+    )
+    # pseudo-labels in the mode asked for, then the mixed images in train mode
+    assert net1.modes == net2.modes == [mode == "train"] * 2 + [True]
+    # By hand: one mask M (the generator's first draw) mixes the images and each network's
+    # argmax on the two sources; each network learns the other one's mixed pseudo-label.
+    # (the official BoxMaskGenerator settings: 3 boxes, area 0.25-0.5)
+    g = torch.Generator().manual_seed(5)
+    boxes = cps.draw_boxes(4, 16, 16, n_boxes=3, prop_range=(0.25, 0.5), generator=g)
+    m = cps.box_masks(boxes, 16, 16)
+    assert 0 < m.mean() < 1
+    with torch.no_grad():
+        y1 = torch.where(m[:, 0] > 0, net1(unlabeled_b).argmax(1), net1(unlabeled_a).argmax(1))
+        y2 = torch.where(m[:, 0] > 0, net2(unlabeled_b).argmax(1), net2(unlabeled_a).argmax(1))
+    mixed = unlabeled_a * (1 - m) + unlabeled_b * m
+    p1, p2 = net1(mixed), net2(mixed)
+    expected = F.cross_entropy(p1, y2) + F.cross_entropy(p2, y1)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    # (a network trained on its own pseudo-label, or on argmax of the mixed image, scores otherwise)
+    own = F.cross_entropy(p1, y1) + F.cross_entropy(p2, y2)
+    on_mixed = F.cross_entropy(p1, p2.argmax(1)) + F.cross_entropy(p2, p1.argmax(1))
+    assert abs(own - expected) > 0.1 and abs(on_mixed - expected) > 0.01
+    params = list(net1.parameters()) + list(net2.parameters())
+    for got, want in zip(
+        torch.autograd.grad(loss, params), torch.autograd.grad(expected, params), strict=True
+    ):
+        assert torch.allclose(got, want, atol=1e-6)
+    assert agreement.item() == pytest.approx((p1.argmax(1) == p2.argmax(1)).float().mean().item())
+    truth = torch.where(m[:, 0] > 0, truth_b, truth_a)
+    assert pseudo_acc.item() == pytest.approx((y1 == truth).float().mean().item())
+
+
+@pytest.mark.parametrize("cutmix,ohem", [(False, False), (True, False), (False, True)])
+def test_train_step_is_one_sgd_step_on_l_s_plus_lambda_l_cps(cutmix, ohem):
+    g = torch.Generator().manual_seed(0)
+    images, *unlabeled_images = torch.randn(3, 2, 3, 8, 8, generator=g) * (50 if ohem else 1)
+    nets = (Probe(1), Probe(2))
+    before = copy.deepcopy(nets)
+    labels = torch.randint(0, 4, (2, 8, 8), generator=g)
+    if ohem:  # confident: OHEM keeps only the min_kept hardest pixels of network 1's
+        labels = nets[0](images).argmax(1)
+    labels[:, 0] = 255  # ignored
+    garbage = torch.full((2, 8, 8), 7)  # the unlabelled images' labels: never used for the loss
+    batches = [(images, labels)] + [(u, garbage) for u in unlabeled_images[: 1 + cutmix]]
+    params = [p for net in nets for p in net.parameters()]
+    for p in params:
+        p.grad = torch.ones_like(p)  # stale gradients must not leak into the step
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    args = cps.Args(cutmix=cutmix, crop_size=8, ohem=ohem)
+    figures = cps.train_step(nets, batches, optimizer, torch.Generator().manual_seed(3), 2.5, args)
+    # by hand, on the networks before the step; OHEM's min_kept: 50,000 of 800 x 800 pixels, as
+    # many of 8 x 8 (5) per image
+    l1, l2 = (net(images) for net in before)
+    kept = 10 if ohem else 0
+    loss_sup = cps.supervised_loss(l1, labels, kept) + cps.supervised_loss(l2, labels, kept)
+    if ohem:
+        assert abs(cps.supervised_loss(l1, labels, 5) - cps.supervised_loss(l1, labels, 10)) > 0.01
+    else:
+        assert loss_sup == F.cross_entropy(l1, labels, ignore_index=255) + F.cross_entropy(
+            l2, labels, ignore_index=255
+        )
+    if cutmix:
+        loss_cps = cps.cutmix_cps_loss(before, batches[1:], torch.Generator().manual_seed(3), args)[
+            0
+        ]
+    else:  # over the labelled and the unlabelled pixels
+        u1, u2 = (net(unlabeled_images[0]) for net in before)
+        a1, a2 = torch.cat([l1, u1]), torch.cat([l2, u2])
+        loss_cps = F.cross_entropy(a1, a2.argmax(1)) + F.cross_entropy(a2, a1.argmax(1))
+        assert figures[2].item() == pytest.approx((u1.argmax(1) == u2.argmax(1)).float().mean())
+    assert figures[0].item() == pytest.approx(loss_sup.item(), rel=1e-6)
+    assert figures[1].item() == pytest.approx(loss_cps.item(), rel=1e-6)
+    before_params = [p for net in before for p in net.parameters()]
+    grads = torch.autograd.grad(loss_sup + 2.5 * loss_cps, before_params)
+    for p, p0, grad in zip(params, before_params, grads, strict=True):
+        assert torch.allclose(p, p0 - 0.1 * grad, atol=1e-6)
 
 
 def test_box_masks_have_the_stated_area_and_toggle_where_boxes_overlap():
@@ -224,6 +333,16 @@ def test_random_scale_crop_moves_labels_with_their_pixels_and_pads_0_and_255():
         and (y[0, :, 48:] == 255).all()
     )
     assert (x[0, :, :16] == 0).all() and (x[0, :, 16:48, 16:48] >= 1).all()
+    # flipped left-right with probability 0.5, labels alike: crops of the whole image at scale 1
+    ramp = torch.arange(64.0).expand(400, 3, 64, 64)
+    columns = torch.arange(64).expand(400, 64, 64)
+    x, y = cps.random_scale_crop(
+        ramp, columns, sizes[:1].expand(400, 2), 64, scales=(1.0,), generator=g
+    )
+    flipped = x[:, 0, 0, 0] > 32
+    assert torch.allclose(x[flipped], ramp[flipped].flip(-1), atol=1e-3)
+    assert torch.allclose(x[~flipped], ramp[~flipped], atol=1e-3)
+    assert torch.equal(y[flipped], columns[flipped].flip(-1)) and 160 < flipped.sum() < 240
     # the true size counts, not the padded canvas: a 40 x 64 image on a 64 x 64 canvas
     padded = torch.where(torch.arange(64)[None, :, None] < 40, labels[:1], 255)
     x, y = cps.random_scale_crop(
@@ -278,10 +397,62 @@ SMOKE = [
 ]
 
 
+def records(path):
+    """log.jsonl's lines without the timing figures, which differ between runs."""
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in lines]
+
+
 def test_smoke_run_writes_its_files_and_resume_reaches_the_same_result(
-    tmp_path, interrupted_run, small_shapes_seg
+    tmp_path, interrupted_run, small_shapes_seg, monkeypatch
 ):
-    straight = cps.main(SMOKE + ["--out-dir", str(tmp_path / "a")])
+    # The loop's wiring, recorded on the way: each step's learning rate and batches, the streams
+    # they come from, the network evaluated and the checkpoints written.
+    steps, streams, evaluated, saved = [], [], [], []
+    real_step, real_batches = cps.train_step, cps.training_batches
+    real_evaluate, real_save = cps.evaluate, common.save_checkpoint
+
+    def step(forwards, batches, optimizer, generator, cps_weight, args):
+        groups = [(g["lr"], g["momentum"], g["weight_decay"]) for g in optimizer.param_groups]
+        figures = real_step(forwards, batches, optimizer, generator, cps_weight, args)
+        steps.append((groups, len(batches), cps_weight, figures))
+        return figures
+
+    def batches(source, pool, seed, *rest):
+        streams.append((pool.tolist(), seed))
+        return real_batches(source, pool, seed, *rest)
+
+    def evaluate(model, *rest):
+        evaluated.append({k: v.clone() for k, v in model.state_dict().items()})
+        return real_evaluate(model, *rest)
+
+    def save(path, state):
+        saved.append(state["step"])
+        real_save(path, state)
+
+    with monkeypatch.context() as patch:
+        for module, name, wrapper in (
+            (cps, "train_step", step),
+            (cps, "training_batches", batches),
+            (cps, "evaluate", evaluate),
+            (common, "save_checkpoint", save),
+        ):
+            patch.setattr(module, name, wrapper)
+        straight = cps.main(SMOKE + ["--out-dir", str(tmp_path / "a")])
+    # poly schedule per step (shapes-seg: lr 0.02), both networks alike; labelled + U_a + U_b
+    # SGD, momentum 0.9, weight decay 1e-4 on the weights only, both networks alike
+    for k, (groups, n, weight, _) in enumerate(steps):
+        lr = cps.poly_lr(k, 4, 0.02)
+        assert groups == [(lr, 0.9, 1e-4), (lr, 0.9, 0.0)] * 2 and n == 3 and weight == 1.0
+    (labeled, seed0), (unlabeled_a, seed1), (unlabeled_b, seed2) = streams
+    assert len(labeled) == 6 and sorted(labeled + unlabeled_a) == list(range(48))
+    assert unlabeled_a == unlabeled_b and len({seed0, seed1, seed2}) == 3, "U_a, U_b drawn apart"
+    assert saved == [2, 4], "a checkpoint at every evaluation"
+    final = common.load_checkpoint(tmp_path / "a" / "checkpoint.pt")
+    assert len(evaluated) == 2 and all(
+        torch.equal(evaluated[1][k], v) for k, v in final["net1"].items()
+    )
+    assert not all(torch.equal(evaluated[1][k], v) for k, v in final["net2"].items()), "network 1"
     for name in ("args.json", "log.jsonl", "checkpoint.pt", "results.json", "segmentation.png"):
         assert (tmp_path / "a" / name).exists(), name
     keys = {"miou", "pixel_acc", "seconds", "images_per_second"}
@@ -294,31 +465,59 @@ def test_smoke_run_writes_its_files_and_resume_reaches_the_same_result(
     assert straight["cps_weight"] == 1.0 and straight["num_labeled"] == 6, (
         "VOC's lambda with CutMix; 48 / 8"
     )
-    records = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
-    train = [r for r in records if "train/loss_sup" in r]
+    log = records(tmp_path / "a" / "log.jsonl")
+    train = [r for r in log if "train/loss_sup" in r]
     assert len(train) == 2 and all(
         math.isfinite(r["train/loss_sup"]) and r["train/loss_cps"] > 0 for r in train
     )
-    assert all(
-        0 <= r["diag/agreement"] <= 1 and "perf/img_per_s" in r and "perf/eta_s" in r for r in train
-    )
-    assert sum("eval/miou" in r for r in records) == 2
+    assert all(0 <= r["diag/agreement"] <= 1 for r in train)
+    for line, pair in zip(train, (steps[:2], steps[2:]), strict=True):  # means over the interval
+        means = (pair[0][3] + pair[1][3]) / 2
+        assert line["train/loss_sup"] == pytest.approx(means[0].item(), rel=1e-6)
+        assert line["diag/pseudo_acc"] == pytest.approx(means[3].item(), rel=1e-6)
+    assert [r["step"] for r in log] == [2, 2, 4, 4] and sum("eval/miou" in r for r in log) == 2
 
-    interrupted_run(cps.main, SMOKE + ["--out-dir", str(tmp_path / "b")])  # dies at 1st checkpoint
-    assert common.load_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 2
+    # Interrupted at a checkpoint on the clock (after iteration 1, between two log lines), then
+    # resumed: the same networks, results and log, each line once.
+    with monkeypatch.context() as patch:
+        patch.setattr(common, "CHECKPOINT_SECONDS", 0)
+        interrupted_run(cps.main, SMOKE + ["--out-dir", str(tmp_path / "b")])
+    assert common.load_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 1
     with pytest.raises(SystemExit, match="--resume"):  # a run in progress is not overwritten
         cps.main(SMOKE + ["--out-dir", str(tmp_path / "b")])
     resumed = cps.main(SMOKE + ["--out-dir", str(tmp_path / "b"), "--resume"])
     assert resumed["miou"] == straight["miou"] and resumed["pixel_acc"] == straight["pixel_acc"]
-    state_a = common.load_checkpoint(tmp_path / "a" / "checkpoint.pt")
+    assert records(tmp_path / "b" / "log.jsonl") == log
     state_b = common.load_checkpoint(tmp_path / "b" / "checkpoint.pt")
     for net in ("net1", "net2"):
-        assert all(torch.equal(state_a[net][k], state_b[net][k]) for k in state_a[net]), net
+        assert all(torch.equal(final[net][k], state_b[net][k]) for k in final[net]), net
+
+    # --resume with a flag that decides the result is refused, args.json kept; --eval-every may
+    # change (the finished run evaluates again and gives the same figures)
+    args_json = (tmp_path / "a" / "args.json").read_bytes()
+    with pytest.raises(SystemExit, match=r"--iterations 4 \(now 6\)"):
+        cps.main(SMOKE + ["--out-dir", str(tmp_path / "a"), "--resume", "--iterations", "6"])
+    assert (tmp_path / "a" / "args.json").read_bytes() == args_json
+    again = cps.main(SMOKE + ["--out-dir", str(tmp_path / "a"), "--resume", "--eval-every", "1"])
+    assert again["miou"] == straight["miou"]
+
+    # A damaged checkpoint: a message naming it, nothing written
+    damaged = tmp_path / "c"
+    damaged.mkdir()
+    (damaged / "args.json").write_bytes(args_json)
+    whole = (tmp_path / "a" / "checkpoint.pt").read_bytes()
+    (damaged / "checkpoint.pt").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(SystemExit, match=r"c/checkpoint\.pt cannot be read as a checkpoint"):
+        cps.main(SMOKE + ["--out-dir", str(damaged), "--resume"])
+    assert sorted(p.name for p in damaged.iterdir()) == ["args.json", "checkpoint.pt"]
+    assert (damaged / "checkpoint.pt").read_bytes() == whole[: len(whole) // 2]
 
 
 def test_without_cutmix_and_supervised_only(tmp_path, small_shapes_seg):
-    plain = cps.main(SMOKE + ["--no-cutmix", "--iterations", "2", "--out-dir", str(tmp_path / "a")])
-    assert plain["cps_weight"] == 1.5, "VOC's lambda without CutMix"
+    # crops larger than the 32 px images: padded (images 0, labels 255), as official
+    argv = ["--no-cutmix", "--iterations", "2", "--crop-size", "48"]
+    plain = cps.main(SMOKE + argv + ["--out-dir", str(tmp_path / "a")])
+    assert plain["cps_weight"] == 1.5 and 0 <= plain["miou"] <= 1, "VOC's lambda without CutMix"
     baseline = cps.main(
         SMOKE + ["--cps-weight", "0", "--iterations", "2", "--out-dir", str(tmp_path / "b")]
     )
@@ -391,23 +590,39 @@ def test_voc_streams_images_of_different_sizes_with_an_official_split_list(tmp_p
     [
         (["--dataset", "cifar10"], "not a known segmentation"),
         (["--dataset", "camvid", "--data-dir", "/nonexistent/camvid"], "/nonexistent/camvid"),
-        (["--labeled-ratio", "0"], "fraction in"),
-        (["--labeled-ratio", "3/2"], "fraction in"),
+        (["--labeled-ratio", "0"], "--labeled-ratio: 0.0 is out of range: must be above 0"),
+        (
+            ["--labeled-ratio", "3/2"],
+            "--labeled-ratio: 1.5 is out of range: must be above 0 and at most 1",
+        ),
+        (
+            ["--labeled-ratio", "1/100"],
+            "--labeled-ratio 0.01 of the 48 training images labels none",
+        ),
         (["--labeled-ratio", "1"], "every training image is labelled"),
+        (["--labeled-list", "{all}"], "every training image is labelled"),
         (["--labeled-list", "/nonexistent/list.txt"], "file not found"),
         (["--labeled-list", "{unknown}"], "not in the training set"),
         (["--labeled-list", "{empty}"], "is empty"),
-        (["--batch-size", "1"], "at least 2"),
-        (["--crop-size", "16"], "at least 32"),
-        (["--labeled-ratio", "one/8"], None),  # argparse's own message, on stderr
+        (["--batch-size", "0"], "--batch-size: 0 is out of range: must be at least 2"),
+        (["--batch-size", "-4"], "--batch-size: -4 is out of range"),
+        (["--batch-size", "1"], "--batch-size: 1 is out of range"),
+        (["--iterations", "0"], "--iterations: 0 is out of range: must be at least 1"),
+        (["--eval-every", "0"], "--eval-every: 0 is out of range"),
+        (["--log-every", "0"], "--log-every: 0 is out of range"),
+        (["--crop-size", "16"], "--crop-size: 16 is out of range: must be at least 32"),
+        (["--image-size", "0"], "--image-size: 0 is out of range: must be at least 32"),
+        (["--labeled-ratio", "one/8"], "expected a number or a fraction"),
     ],
 )
 def test_bad_input_is_a_clear_message_before_anything_is_written(
-    tmp_path, argv, message, small_shapes_seg
+    tmp_path, argv, message, small_shapes_seg, capsys
 ):
     (tmp_path / "unknown.txt").write_text("1\n7\nno_such_image\n")
     (tmp_path / "empty.txt").write_text("\n")
-    argv = [a.format(unknown=tmp_path / "unknown.txt", empty=tmp_path / "empty.txt") for a in argv]
+    (tmp_path / "all.txt").write_text("".join(f"{i}\n" for i in range(48)))
+    lists = {name: tmp_path / f"{name}.txt" for name in ("unknown", "empty", "all")}
+    argv = [a.format(**lists) for a in argv]
     base = [
         "--dataset",
         "shapes-seg",
@@ -418,9 +633,41 @@ def test_bad_input_is_a_clear_message_before_anything_is_written(
         "--device",
         "cpu",
     ]
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(SystemExit) as stop:
         cps.main(base + argv)
+    assert message in str(stop.value) + capsys.readouterr().err  # ours, or argparse's on stderr
     assert not (tmp_path / "run").exists(), "nothing is written before the input is checked"
+
+
+def write_segfolder(root, test_label):
+    """A segfolder of 32 x 32 images, training masks of classes 0-2, one test mask holding
+    `test_label`."""
+    from PIL import Image
+
+    g = np.random.default_rng(0)
+    for split, count in (("train", 4), ("test", 2)):
+        for sub in ("images", "masks"):
+            (root / split / sub).mkdir(parents=True)
+        for i in range(count):
+            mask = np.full((32, 32), i % 3, np.uint8)
+            mask[:, 16:] = test_label if split == "test" and i == 1 else 2
+            image = (g.random((32, 32, 3)) * 80 + mask[..., None] * 50).astype(np.uint8)
+            Image.fromarray(image).save(root / split / "images" / f"{split}{i}.png")
+            Image.fromarray(mask).save(root / split / "masks" / f"{split}{i}.png")
+
+
+def test_a_test_mask_with_a_class_training_never_saw_stops_the_run_at_load(tmp_path, monkeypatch):
+    write_segfolder(tmp_path / "data", test_label=3)
+
+    def no_training(*args):
+        raise AssertionError("training began before the test masks were checked")
+
+    monkeypatch.setattr(cps, "train_step", no_training)
+    argv = ["--dataset", "segfolder", "--data-dir", str(tmp_path / "data"), "--crop-size", "32"]
+    argv += ["--backbone", "resnet18", "--weights", "none", "--labeled-ratio", "1/2"]
+    with pytest.raises(SystemExit, match=r"test1\.png holds label 3"):
+        cps.main(argv + ["--device", "cpu", "--out-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
 
 
 def test_missing_imagenet_weights_offline_name_the_file_and_the_way_out(
@@ -435,7 +682,7 @@ def test_missing_imagenet_weights_offline_name_the_file_and_the_way_out(
         SystemExit, match=r"resnet50-0676ba61\.pth.*hub.checkpoints.*--weights none"
     ) as error:
         argv = "--dataset shapes-seg --backbone resnet50 --weights imagenet --device cpu".split()
-        cps.main(argv + ["--out-dir", str(tmp_path / "run")])
+        cps.main(argv + ["--labeled-ratio", "1/8", "--out-dir", str(tmp_path / "run")])
     assert str(tmp_path / "torch") in str(error.value)
     assert not (tmp_path / "run").exists()
 
