@@ -2,8 +2,11 @@
 and a learning test against the supervised-only baseline."""
 
 import dataclasses
+import inspect
 import json
 import math
+import shutil
+import statistics
 
 import pytest
 import torch
@@ -11,6 +14,25 @@ import torch.nn.functional as F
 
 import common
 import fixmatch
+
+_SHAPES = {}  # (split, image size) -> the shapes split, drawn once for this file
+
+
+@pytest.fixture(autouse=True)
+def shapes_drawn_once(monkeypatch):
+    """The runs below load the shapes splits many times; drawing them costs seconds at 32 px.
+    They are deterministic, so each is drawn once and handed out again (read, never changed)."""
+    real = common.load_dataset
+
+    def load(name, split="train", **kwargs):
+        if name != "shapes":
+            return real(name, split, **kwargs)
+        key = (split, kwargs.get("image_size"))
+        if key not in _SHAPES:
+            _SHAPES[key] = real(name, split, **kwargs)
+        return _SHAPES[key]
+
+    monkeypatch.setattr(common, "load_dataset", load)
 
 
 def test_loss_is_the_supervised_term_when_nothing_is_confident():
@@ -48,6 +70,30 @@ def test_unlabelled_term_is_divided_by_all_unlabelled_samples():
     assert strong.grad[:3].abs().sum() > 0 and strong.grad[3:].abs().sum() == 0
 
 
+def test_pseudo_labels_and_mask_come_from_the_weak_logits_the_loss_from_the_strong():
+    # Row 0: the weak view is sure of class 2, the strong one of class 0; row 1 the other way
+    # round (the weak view unsure, the strong one sure of class 1).
+    weak = torch.tensor([[0.0, 0.0, 9.0], [0.3, 0.0, 0.0]])
+    strong = torch.tensor([[9.0, 0.0, 0.0], [0.0, 9.0, 0.0]])
+    _, _, loss_u, mask, pseudo = fixmatch.fixmatch_loss(
+        torch.zeros(1, 3), torch.tensor([0]), weak, strong, threshold=0.95
+    )
+    assert pseudo.tolist() == [2, 0] and mask.tolist() == [1.0, 0.0]
+    assert torch.allclose(loss_u, F.cross_entropy(strong[:1], torch.tensor([2])) / 2)
+    # A confidence equal to tau is accepted (the official `>=`): two tied classes, tau = 1/2.
+    _, _, _, mask, _ = fixmatch.fixmatch_loss(
+        torch.zeros(1, 2), torch.tensor([0]), torch.zeros(1, 2), torch.zeros(1, 2), threshold=0.5
+    )
+    assert mask.tolist() == [1.0]
+
+
+def test_pseudo_label_accuracy_counts_accepted_images_with_known_labels_only():
+    pseudo = torch.tensor([1, 2, 3, 4, 5])
+    mask = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0])
+    truth = torch.tensor([1, 0, -1, 4, -1])  # -1: no label (STL-10's unlabelled images)
+    assert fixmatch.pseudo_label_accuracy(pseudo, mask, truth) == 0.5  # 1 of images 0 and 1
+
+
 def test_cosine_schedule_end_points():
     assert fixmatch.cosine_lr(0, 1000, 0.03) == pytest.approx(0.03)
     assert fixmatch.cosine_lr(1000, 1000, 0.03) == pytest.approx(0.03 * math.cos(7 * math.pi / 16))
@@ -68,6 +114,110 @@ def test_ema_with_decay_zero_is_the_model_including_batch_norm_buffers():
     fixmatch.ema_update(ema, other, decay=0.9)
     for b, e, o in zip(before, ema.parameters(), other.parameters(), strict=True):
         assert torch.allclose(e, 0.9 * b + 0.1 * o)
+
+
+def test_ema_averages_the_weights_and_copies_the_batch_norm_buffers():
+    torch.manual_seed(0)
+    model, ema = fixmatch.WideResNet(10, 10, 1), fixmatch.WideResNet(10, 10, 1)
+    with torch.no_grad():
+        for p in model.parameters():  # batch norm's weights and biases too (initialised 1, 0)
+            p.add_(torch.randn_like(p))
+        model.train()
+        model(torch.randn(8, 3, 16, 16) * 3 + 1)  # running statistics far from ema's (0, 1)
+    before = [p.clone() for p in ema.parameters()]
+    fixmatch.ema_update(ema, model, decay=0.9)
+    for b, e, p in zip(before, ema.parameters(), model.parameters(), strict=True):
+        assert not torch.equal(b, p)  # the average is neither of them
+        assert torch.allclose(e, 0.9 * b + 0.1 * p, atol=1e-6)
+    buffers = dict(model.named_buffers())
+    for name, e in ema.named_buffers():  # running mean and variance, batch counts: copies
+        assert torch.equal(e, buffers[name]), name
+
+
+def _block_by_hand(block, x, shortcut_input):
+    """A WideBlock's output written out: the residual path on BN -> LeakyReLU of x, plus the
+    shortcut (1x1 convolution where the shape changes) applied to `shortcut_input`."""
+    a = F.leaky_relu(block.bn1(x), 0.1)
+    residual = block.conv2(F.leaky_relu(block.bn2(block.conv1(a)), 0.1))
+    shortcut = block.shortcut(shortcut_input) if block.shortcut is not None else shortcut_input
+    return residual + shortcut
+
+
+def test_only_the_first_block_passes_the_activated_input_to_its_shortcut():
+    torch.manual_seed(0)
+    model = fixmatch.WideResNet(10, depth=16, widen_factor=2).eval()  # 2 blocks per stage
+    flags = [block.activate_before_residual for block in model.blocks]
+    assert flags == [True, False, False, False, False, False]
+    for block in model.blocks[:2]:  # running statistics other than (0, 1): BN is not identity
+        for bn in (block.bn1, block.bn2):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+    with torch.no_grad():
+        x = torch.randn(2, 16, 8, 8)
+        first = model.blocks[0]  # 16 -> 32 channels: its shortcut is a 1x1 convolution
+        activated = F.leaky_relu(first.bn1(x), 0.1)
+        assert torch.allclose(first(x), _block_by_hand(first, x, activated), atol=1e-6)
+        assert not torch.allclose(first(x), _block_by_hand(first, x, x), atol=1e-3)
+        second = model.blocks[1]  # 32 -> 32: the identity shortcut, of the raw input
+        y = torch.randn(2, 32, 8, 8)
+        assert torch.allclose(second(y), _block_by_hand(second, y, y), atol=1e-6)
+    # WRN-10-1's first block keeps 16 channels: no convolution, the activated input itself
+    tiny = fixmatch.WideResNet(10, 10, 1).eval()
+    tiny.blocks[0].bn1.running_mean.fill_(0.5)
+    with torch.no_grad():
+        x = torch.randn(2, 16, 8, 8)
+        activated = F.leaky_relu(tiny.blocks[0].bn1(x), 0.1)
+        assert tiny.blocks[0].shortcut is None
+        assert torch.allclose(tiny.blocks[0](x), _block_by_hand(tiny.blocks[0], x, activated))
+
+
+def test_wide_resnet_forward_stages_and_head():
+    torch.manual_seed(0)
+    model = fixmatch.WideResNet(10, depth=16, widen_factor=1).eval()
+    model.bn.running_mean.uniform_(-1, 1)  # the last batch norm is not an identity
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        h = model.stem(x)
+        sides = []
+        for block in model.blocks:
+            h = block(h)
+            sides.append((h.shape[1], h.shape[-1]))
+        pooled = F.leaky_relu(model.bn(h), 0.1).mean((2, 3))  # BN, LeakyReLU, global average pool
+        assert torch.allclose(model(x), model.fc(pooled), atol=1e-6)
+    # widths 16k, 32k, 64k; stride 2 entering stages 2 and 3 only
+    assert sides == [(16, 32), (16, 32), (32, 16), (32, 16), (64, 8), (64, 8)]
+
+
+def test_the_optimizer_is_nesterov_sgd_and_the_ema_starts_as_the_model():
+    args = fixmatch.Args(depth=10, widen_factor=1, lr=0.05, weight_decay=1e-3, bn_momentum=0.1)
+    model, ema, optimizer, forward = fixmatch.wide_resnet_and_optimizer(
+        args, 10, torch.device("cpu")
+    )
+    assert isinstance(optimizer, torch.optim.SGD) and forward is model
+    assert optimizer.defaults["momentum"] == 0.9 and optimizer.defaults["nesterov"] is True
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [1e-3, 0.0]
+    assert all(g["lr"] == 0.05 for g in optimizer.param_groups)
+    ema_state = ema.state_dict()
+    assert all(torch.equal(v, ema_state[k]) for k, v in model.state_dict().items())
+    assert ema is not model and not any(p.requires_grad for p in ema.parameters())
+    assert all(m.momentum == 0.1 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_headline_accuracy_is_the_median_of_the_last_two_percent_of_the_steps():
+    # The paper's schedule, 1,024 evaluations of 2^20 steps: the official median of the last 20.
+    paper = [(1024 * k, k / 1024) for k in range(1, 1025)]
+    last20 = statistics.median(range(1005, 1025)) / 1024
+    assert fixmatch.headline_accuracy(paper, 2**20) == (pytest.approx(last20), 20)
+    # The shapes defaults, 6 evaluations of 1200 steps: the last one alone, not a median reaching
+    # back to step 200.
+    shapes = [(200, 0.2), (400, 0.5), (600, 0.7), (800, 0.8), (1000, 0.85), (1200, 0.88)]
+    assert fixmatch.headline_accuracy(shapes, 1200) == (0.88, 1)
+    # Every step evaluated, 100 steps: steps 99 and 100 (step 98 is 2% before the end, not in it).
+    every_step = [(k, k / 100) for k in range(1, 101)]
+    assert fixmatch.headline_accuracy(every_step, 100) == (pytest.approx(0.995), 2)
+    # A run resumed with another --eval-every: the window is by step, not by count.
+    resumed = [(500, 0.1), (1000, 0.2), (1990, 0.5), (1995, 0.9), (2000, 0.6)]
+    assert fixmatch.headline_accuracy(resumed, 2000) == (0.6, 3)
 
 
 def test_weight_decay_only_on_conv_and_linear_weights():
@@ -164,34 +314,198 @@ SMOKE = [
 ]
 
 
-def test_smoke_run_writes_its_files_and_resume_reaches_the_same_result(tmp_path, interrupted_run):
-    straight = fixmatch.main(SMOKE + ["--out-dir", str(tmp_path / "a")])
+# A smaller run still: 8 px images, for the tests of single steps.
+TINY = SMOKE[:12] + ["--image-size", "8", "--device", "cpu"]
+
+
+def _log(folder) -> list[dict]:  # log.jsonl without the timing entries
+    lines = (folder / "log.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if "perf/" not in k} for line in lines]
+
+
+def _files(folder) -> dict:  # every file of a run folder and its bytes
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_smoke_run_writes_its_files_and_resume_reaches_the_same_result(
+    tmp_path, interrupted_run, monkeypatch
+):
+    saved, evaluated = [], []
+    real_save, real_evaluate = common.save_checkpoint, fixmatch.evaluate
+
+    def save(path, state):
+        saved.append(state["step"])
+        real_save(path, state)
+
+    def evaluate(model, *args):
+        evaluated.append({k: v.clone() for k, v in model.state_dict().items()})
+        return real_evaluate(model, *args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(common, "save_checkpoint", save)
+        patch.setattr(fixmatch, "evaluate", evaluate)
+        straight = fixmatch.main(SMOKE + ["--out-dir", str(tmp_path / "a")])
     for name in ("args.json", "log.jsonl", "checkpoint.pt", "results.json", "predictions.png"):
         assert (tmp_path / "a" / name).exists(), name
-    assert set(straight) >= {"acc", "acc_last", "seconds", "images_per_second"}
-    assert 0 <= straight["acc"] <= 1 and 0 <= straight["acc_last"] <= 1
-    records = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert saved == [3, 6], "a checkpoint at every evaluation"
+    assert set(straight) >= {"acc", "acc_evals", "acc_last", "seconds", "images_per_second"}
+    assert 0 <= straight["acc_last"] <= 1
+    # 6 steps, evaluated at 3 and 6: only step 6 lies in the last 2%, the headline is its figure.
+    assert straight["acc_evals"] == 1 and straight["acc"] == straight["acc_last"]
+    assert json.loads((tmp_path / "a" / "results.json").read_text())["acc_evals"] == 1
+    records = _log(tmp_path / "a")
+    assert [r["step"] for r in records] == [2, 3, 4, 6, 6]
     losses = [r["train/loss"] for r in records if "train/loss" in r]
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
-    assert sum("eval/acc" in r for r in records) == 2
+    for r in records:  # step k trains at the rate of the schedule's step k - 1 (from 0)
+        if "train/lr" in r:
+            assert r["train/lr"] == pytest.approx(fixmatch.cosine_lr(r["step"] - 1, 6, 0.03))
+    assert [r["eval/acc"] for r in records if "eval/acc" in r][-1] == straight["acc_last"]
+    final = common.load_checkpoint(tmp_path / "a" / "checkpoint.pt")
+    assert all(torch.equal(v, final["ema"][k]) for k, v in evaluated[-1].items()), "the EMA model"
+    assert not all(torch.equal(v, final["model"][k]) for k, v in evaluated[-1].items())
 
-    interrupted_run(fixmatch.main, SMOKE + ["--out-dir", str(tmp_path / "b")])  # dies after step 3
-    assert common.load_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 3
+    b = tmp_path / "b"
+    interrupted_run(fixmatch.main, SMOKE + ["--out-dir", str(b)])  # dies after step 3
+    assert common.load_checkpoint(b / "checkpoint.pt")["step"] == 3
     with pytest.raises(SystemExit, match="--resume"):  # a run in progress is not overwritten
-        fixmatch.main(SMOKE + ["--out-dir", str(tmp_path / "b")])
-    resumed = fixmatch.main(SMOKE + ["--out-dir", str(tmp_path / "b"), "--resume"])
+        fixmatch.main(SMOKE + ["--out-dir", str(b)])
+    # A resume that would change the result is refused, naming the flag; args.json stays.
+    before = _files(b)
+    with pytest.raises(SystemExit, match="--depth 10 \\(now 16\\)"):
+        fixmatch.main(SMOKE + ["--out-dir", str(b), "--resume", "--depth", "16"])
+    with pytest.raises(SystemExit, match="--steps 6 \\(now 8\\)"):
+        fixmatch.main(SMOKE + ["--out-dir", str(b), "--resume", "--steps", "8"])
+    assert _files(b) == before
+    # A truncated checkpoint is a message naming it, and nothing is written.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(b, damaged)
+    data = (damaged / "checkpoint.pt").read_bytes()
+    (damaged / "checkpoint.pt").write_bytes(data[: len(data) // 2])
+    before = _files(damaged)
+    with pytest.raises(SystemExit, match=str(damaged / "checkpoint.pt")):
+        fixmatch.main(SMOKE + ["--out-dir", str(damaged), "--resume"])
+    assert _files(damaged) == before
+    watched = tmp_path / "watched"
+    shutil.copytree(b, watched)
+
+    # A line that the interrupted attempt wrote after its checkpoint: dropped on resume.
+    with open(b / "log.jsonl", "a") as f:
+        f.write(json.dumps({"step": 4, "train/loss": 9.9}) + "\n")
+    resumed = fixmatch.main(SMOKE + ["--out-dir", str(b), "--resume"])
     assert resumed["acc"] == straight["acc"] and resumed["acc_last"] == straight["acc_last"]
     state_a = common.load_checkpoint(tmp_path / "a" / "checkpoint.pt")["ema"]
-    state_b = common.load_checkpoint(tmp_path / "b" / "checkpoint.pt")["ema"]
+    state_b = common.load_checkpoint(b / "checkpoint.pt")["ema"]
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    assert _log(b) == records, "the log reads as one run: each step once, in order"
+
+    # --eval-every and --log-every may change on resume: they watch the run, the result is the same.
+    args_json = (watched / "args.json").read_bytes()
+    flags = ["--resume", "--eval-every", "2", "--log-every", "1"]
+    again = fixmatch.main(SMOKE + ["--out-dir", str(watched)] + flags)
+    assert again["acc_last"] == straight["acc_last"]
+    state_c = common.load_checkpoint(watched / "checkpoint.pt")["ema"]
+    assert all(torch.equal(state_a[k], state_c[k]) for k in state_a)
+    assert [r["step"] for r in _log(watched)] == [2, 3, 4, 4, 5, 6, 6]
+    assert (watched / "args.json").read_bytes() == args_json
+
+
+def test_one_step_pseudo_labels_come_from_the_weak_view_and_the_loss_from_the_strong(
+    tmp_path, monkeypatch
+):
+    """One training step, each piece marked: the weak views are constant images of grey 50,
+    the strong ones of grey 200, so every row of the network's input says which view it is."""
+    seen = {"weak": [], "strong": [], "forward": []}
+    real_draw, real_forward = fixmatch.draw_batches, fixmatch.WideResNet.forward
+    real_loss, real_ema = fixmatch.fixmatch_loss, fixmatch.ema_update
+
+    def weak(x, **kwargs):
+        seen["weak"].append((x.clone(), kwargs["flip"]))
+        return torch.full_like(x, 50)
+
+    def strong(x, **kwargs):
+        seen["strong"].append((x.clone(), kwargs["flip"]))
+        return torch.full_like(x, 200)
+
+    def draw(*args):
+        seen["batches"] = real_draw(*args)
+        return seen["batches"]
+
+    def forward(self, x):
+        out = real_forward(self, x)
+        if self.training:
+            seen["forward"].append((x.detach().clone(), out.detach().clone()))
+        return out
+
+    def loss(*args, **kwargs):
+        seen["loss"] = inspect.signature(real_loss).bind(*args, **kwargs).arguments
+        return real_loss(*args, **kwargs)
+
+    def ema_update(ema, model, decay):
+        seen["ema"] = (ema, model, decay)
+        return real_ema(ema, model, decay)
+
+    monkeypatch.setattr(common, "weak_augment", weak)
+    monkeypatch.setattr(common, "strong_augment", strong)
+    monkeypatch.setattr(fixmatch, "draw_batches", draw)
+    monkeypatch.setattr(fixmatch.WideResNet, "forward", forward)
+    monkeypatch.setattr(fixmatch, "fixmatch_loss", loss)
+    monkeypatch.setattr(fixmatch, "ema_update", ema_update)
+    argv = TINY + ["--steps", "1", "--no-flip"]
+    argv += ["--threshold", "0.6", "--lambda-u", "2", "--ema-decay", "0.75"]
+    fixmatch.main(argv + ["--out-dir", str(tmp_path / "run")])
+
+    x, targets_x, u, _ = seen["batches"]
+    b, mu_b = len(x), len(u)
+    assert (b, mu_b) == (8, 16)
+    # The weak view of the labelled and of the unlabelled batch, the strong view of the same
+    # unlabelled images (not of their weak view), flips as --no-flip says.
+    assert [(len(v), f) for v, f in seen["weak"]] == [(b, False), (mu_b, False)]
+    assert torch.equal(seen["weak"][0][0], x) and torch.equal(seen["weak"][1][0], u)
+    assert len(seen["strong"]) == 1 and torch.equal(seen["strong"][0][0], u)
+    assert seen["strong"][0][1] is False
+    # One forward pass over [labelled weak; unlabelled weak; unlabelled strong].
+    assert len(seen["forward"]) == 1
+    inputs, logits = seen["forward"][0]
+    stats = common.dataset_info("shapes").mean, common.dataset_info("shapes").std
+    grey = {
+        v: common.normalize(torch.full((1, 3, 8, 8), v, dtype=torch.uint8), *stats)
+        for v in (50, 200)
+    }
+    assert inputs.shape[0] == b + 2 * mu_b
+    assert torch.equal(inputs[: b + mu_b], grey[50].expand(b + mu_b, -1, -1, -1))
+    assert torch.equal(inputs[b + mu_b :], grey[200].expand(mu_b, -1, -1, -1))
+    # The loss: pseudo-labels from the weak rows, its unlabelled term on the strong rows.
+    used = seen["loss"]
+    assert torch.equal(used["logits_x"].detach(), logits[:b])
+    assert torch.equal(used["targets_x"], targets_x)
+    assert torch.equal(used["logits_weak"].detach(), logits[b : b + mu_b])
+    assert torch.equal(used["logits_strong"].detach(), logits[b + mu_b :])
+    assert (used["threshold"], used["lambda_u"]) == (0.6, 2.0)
+    ema, model, decay = seen["ema"]
+    assert ema is not model and decay == 0.75
+
+
+def test_a_checkpoint_is_due_at_every_evaluation_and_on_the_clock(tmp_path, monkeypatch):
+    saved = []
+    real_save = common.save_checkpoint
+
+    def save(path, state):
+        saved.append(state["step"])
+        real_save(path, state)
+
+    monkeypatch.setattr(common, "save_checkpoint", save)
+    monkeypatch.setattr(common, "CHECKPOINT_SECONDS", 0.0)  # every step is past the interval
+    argv = TINY + ["--steps", "3", "--eval-every", "10", "--out-dir", str(tmp_path / "run")]
+    result = fixmatch.main(argv)
+    assert saved == [1, 2, 3] and result["acc_evals"] == 1
 
 
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--num-labeled", "6000"], "exceeds"),
-        (["--num-labeled", "45"], "multiple"),
-        (["--dataset", "cifar11"], "not a known"),
+        (["--num-labeled", "6000"], "exceeds the 5000 training images"),
+        (["--num-labeled", "45"], "multiple of the 10 classes.*--num-labeled 40"),
         (["--depth", "27"], "6 n \\+ 4"),
         (["--dataset", "imagefolder", "--data-dir", "/nonexistent/folder"], "/nonexistent/folder"),
     ],
@@ -201,6 +515,32 @@ def test_bad_input_is_a_clear_message_before_training(tmp_path, argv, message):
     with pytest.raises(SystemExit, match=message):
         fixmatch.main(base + argv)
     assert not (tmp_path / "run").exists(), "nothing is written before the input is checked"
+
+
+@pytest.mark.parametrize(
+    "argv,error",
+    [
+        (["--num-labeled", "-10"], None),  # trained on 4,990 labels
+        (["--num-labeled", "0"], None),
+        (["--batch-size", "0"], None),  # NaN losses
+        (["--batch-size", "-4"], None),
+        (["--mu", "0"], None),
+        (["--threshold", "1.5"], None),  # no pseudo-label ever: supervised only, without a word
+        (["--steps", "0"], None),
+        (["--steps", "-5"], None),
+        (["--eval-every", "0"], None),
+        (["--log-every", "0"], None),
+        (["--image-size", "0"], None),  # was silently 32
+        (["--ema-decay", "1.0"], None),  # the untrained network evaluated
+        (["--dataset", "cifar11"], "argument --dataset: 'cifar11' is not a known classification"),
+    ],
+)
+def test_the_command_line_refuses_values_outside_their_range(tmp_path, capsys, argv, error):
+    with pytest.raises(SystemExit) as stop:
+        fixmatch.main(["--dataset", "shapes", "--out-dir", str(tmp_path / "run")] + argv)
+    assert stop.value.code == 2
+    assert (error or f"argument {argv[0]}: {argv[1]} is out of range") in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow
