@@ -1466,6 +1466,15 @@ def _number(text: str) -> float:  # a float flag that also takes fractions such 
         raise argparse.ArgumentTypeError(f"{expected}, got {text!r}") from None
 
 
+def _as_flag(
+    name: str, value
+) -> str:  # ("flip", False) -> "--no-flip", ("steps", 9) -> "--steps 9"
+    flag = name.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} {value}"
+
+
 def _epilog(task: str | None, dataset_defaults: dict) -> str:
     """--help's closing lines: the data set names, and the defaults that each data set changes."""
     names = [n for n, info in DATASETS.items() if task in (None, info.task)]
@@ -1473,7 +1482,7 @@ def _epilog(task: str | None, dataset_defaults: dict) -> str:
     if dataset_defaults:
         lines.append("some data sets change the defaults above (a flag given still wins):")
     for dataset, changes in dataset_defaults.items():
-        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in changes.items())
+        flags = " ".join(_as_flag(k, v) for k, v in changes.items())
         lines.append(
             textwrap.fill(flags, 96, initial_indent=f"  {dataset}: ", subsequent_indent="    ")
         )

@@ -328,11 +328,12 @@ def test_threads_flag_sets_torchs_thread_pool():
 
 def test_help_lists_data_sets_their_defaults_and_each_default_once(capsys):
     with pytest.raises(SystemExit):
-        common.parse_args(Ranged, ["--help"], {"shapes": {"steps": 1200}}, task="segment")
+        per_dataset = {"shapes": {"steps": 1200}, "camvid": {"resume": False}}
+        common.parse_args(Ranged, ["--help"], per_dataset, task="segment")
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal width
     assert "data sets (--dataset): camvid," in text and "shapes-seg" in text
     assert "cifar10" not in text, "only the data sets of the script's task"
-    assert "shapes: --steps 1200" in text
+    assert "shapes: --steps 1200" in text and "camvid: --no-resume" in text
     assert "confidence threshold (default: 0.95; at least 0 and at most 1)" in text
     assert "(default: ./data for torchvision's sets)" in text
     data_dir_help = text.split("--data-dir STR folder")[1]

@@ -89,6 +89,6 @@ def test_help_names_the_data_sets_and_each_default_once(name, capsys):
     assert "data sets (--dataset): " + ", ".join(names) in text
     for dataset, changes in module.DATASET_DEFAULTS.items():
         flag, value = next(iter(changes.items()))
-        assert f"{dataset}: --{flag.replace('_', '-')} {value}" in text
+        assert f"{dataset}: {common._as_flag(flag, value)}" in text
     data_dir_help = text.split("--data-dir STR ")[1]  # the option, past the usage line
     assert "(default: None)" not in data_dir_help.split("--out-dir")[0], "a default said once"
