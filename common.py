@@ -1070,9 +1070,10 @@ def _blend(degenerate, x, factor):  # PIL's ImageEnhance: degenerate + f (x - de
 GEOMETRIC_OPS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
 
 
-def _geometric(x, kind, m, fill=0.5):
-    """Rotate (m degrees), shear (m), translate (m of the size) each sample by its own op (`kind`
-    indexes GEOMETRIC_OPS) about the centre (PIL shears about a corner), in one resampling."""
+def _geometric(x, kind, m, corner=False, mode="bilinear", fill=0.5):
+    """Rotate (m degrees, about the centre), shear (m) and translate (m of the size) each sample
+    by its own op (`kind` indexes GEOMETRIC_OPS), in one resampling. Shears run about the centre,
+    or with `corner` about the image's top-left corner, as PIL's transform (1, m, 0, 0, 1, 0)."""
     h, w = x.shape[-2:]
     a = torch.deg2rad(m) * (kind == 0)  # rotation in pixel space, written in normalised coords
     theta = torch.zeros(len(x), 2, 3, device=x.device)
@@ -1080,7 +1081,10 @@ def _geometric(x, kind, m, fill=0.5):
     theta[:, 0, 1] = (-torch.sin(a) + m * (kind == 1)) * h / w
     theta[:, 1, 0] = (torch.sin(a) + m * (kind == 2)) * w / h
     theta[:, 0, 2], theta[:, 1, 2] = 2 * m * (kind == 3), 2 * m * (kind == 4)
-    return _warp(x, theta, "bilinear", fill)
+    if corner:  # x' = x + m y with y from the top edge: normalised, x' = x + m (y + 1) h / w
+        theta[:, 0, 2] += m * (kind == 1) * h / w
+        theta[:, 1, 2] += m * (kind == 2) * w / h
+    return _warp(x, theta, mode, fill)
 
 
 def _warp(x, theta, mode, fill, size=None):
@@ -1133,17 +1137,44 @@ def _posterize(x, m):  # keep the top m bits of each 8-bit value
     return (((x * 255).round().long() >> shift) << shift).float() / 255
 
 
-# The FixMatch paper's RandAugment table (Sohn et al. 2020, Table 12): (op, magnitude range),
-# each drawn op applied with probability 0.5 (the official code) at a uniform random magnitude.
-# The PyTorch ports differ from the paper and from each other in ranges and probabilities
-# (torchvision's RandAugment uses one fixed magnitude); we follow the paper.
-RANDAUGMENT_OPS = (
+def _enhance_factor(level):  # float_parameter(L, 1.8) + 0.1: 0.28, 0.46, .., 1.72 (1 at L = 5)
+    return level * 1.8 / 10 + 0.1
+
+
+# The official code's RandAugment, the default (google-research/fixmatch, libml/augment.py:
+# AugmentPoolRAMC, the `rac` of ablation/ab_fixmatch_ra.py, the paper's RandAugment runs; each op
+# in third_party/auto_augment/augmentations.py). Per sample 2 of these 14 ops, drawn with
+# replacement, each applied with p = 0.5 at an integer level L drawn from 1..9 (randint(1, 10),
+# PARAMETER_MAX = 10). Per op: its magnitude at level L (a long tensor; None: no magnitude), and
+# whether a coin flips its sign (`random.random() > 0.5` in the official op).
+RANDAUGMENT_OPS = {
+    "identity": (None, False),
+    "autocontrast": (None, False),
+    "equalize": (None, False),
+    "rotate": (lambda level: level * 30 // 10, True),  # degrees, 3..27 (int_parameter(L, 30))
+    # threshold 231..26 of 255: values >= it are inverted (256 - int_parameter(L, 256))
+    "solarize": (lambda level: (256 - level * 256 // 10) / 255, False),
+    # enhancement factors 0.28..1.72, both sides of 1 (1: the image, 0: the degenerate image)
+    "color": (_enhance_factor, False),
+    "contrast": (_enhance_factor, False),
+    "brightness": (_enhance_factor, False),
+    "sharpness": (_enhance_factor, False),
+    "shear_x": (lambda level: level * 0.3 / 10, True),  # 0.03..0.27, about the top-left corner
+    "translate_x": (lambda level: level, True),  # pixels, 1..9 at any size (int_parameter(L, 10))
+    "translate_y": (lambda level: level, True),
+    "posterize": (lambda level: 4 - level * 4 // 10, False),  # bits kept: 4 (L = 1, 2) .. 1 (8, 9)
+    "shear_y": (lambda level: level * 0.3 / 10, True),
+}
+# The FixMatch paper's table (Sohn et al. 2020, Table 12), variant="paper": (op, magnitude range),
+# each magnitude uniform in its range; rotate and shear about the centre, bilinear, translate in
+# fractions of the size. spice.py's views use it (what the official code does is issue 18's).
+RANDAUGMENT_PAPER_OPS = (
     ("identity", 0, 0),
     ("autocontrast", 0, 0),
     ("equalize", 0, 0),
     ("rotate", -30, 30),  # degrees
     ("solarize", 0, 1),  # threshold: values >= it are inverted
-    # enhancement factors (1: the image, 0: the degenerate image)
+    # enhancement factors (1: the image, 0: the degenerate image): darker only
     ("color", 0.05, 0.95),
     ("contrast", 0.05, 0.95),
     ("brightness", 0.05, 0.95),
@@ -1154,6 +1185,7 @@ RANDAUGMENT_OPS = (
     ("translate_y", -0.3, 0.3),  # fractions of the image size
     ("posterize", 4, 9),  # bits: the floor of U[4, 9), i.e. 4..8
 )
+RANDAUGMENT_VARIANTS = ("official", "paper")
 _RANDAUGMENT_FNS = {  # the non-geometric ops; the geometric ones run together in _geometric
     "autocontrast": _autocontrast,
     "equalize": _equalize,
@@ -1168,28 +1200,71 @@ _RANDAUGMENT_FNS = {  # the non-geometric ops; the geometric ones run together i
 }
 
 
+def draw_randaugment(
+    b: int,
+    num_ops: int = 2,
+    prob: float = 0.5,
+    variant: str = "official",
+    size: tuple[int, int] = (32, 32),
+    generator: torch.Generator | None = None,
+    device=None,
+) -> tuple[tuple[str, ...], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RandAugment's random choices for b samples of `size` (H, W): the op names, and (b, num_ops)
+    op indices into them, apply flags (each with probability `prob`) and magnitudes in the units
+    the ops take (translations in fractions of the size)."""
+    if variant not in RANDAUGMENT_VARIANTS:
+        raise ConfigError(f"RandAugment variant {variant!r}: choose from {RANDAUGMENT_VARIANTS}")
+    shape = (b, num_ops)
+    names = tuple(RANDAUGMENT_OPS)
+    if variant == "paper":
+        names = tuple(row[0] for row in RANDAUGMENT_PAPER_OPS)
+    ops = torch.randint(len(names), shape, generator=generator, device=device)
+    applied = _rand(shape, generator, device) < prob
+    if variant == "paper":
+        level = _rand(shape, generator, device)
+        ranges = torch.tensor([row[1:] for row in RANDAUGMENT_PAPER_OPS], device=device)
+        lo, hi = ranges[ops].unbind(-1)
+        return names, ops, applied, lo + (hi - lo) * level
+    level = torch.randint(1, 10, shape, generator=generator, device=device)
+    sign = torch.where(_rand(shape, generator, device) < 0.5, -1.0, 1.0)
+    side = {"translate_x": size[1], "translate_y": size[0]}  # official pixels -> fractions
+    per_op = []  # (14, b, num_ops): every op's magnitude at the drawn levels, then the drawn op's
+    for name, (magnitude, signed) in RANDAUGMENT_OPS.items():
+        m = torch.zeros(shape, device=device) if magnitude is None else magnitude(level).float()
+        m = m * sign if signed else m
+        per_op.append(m / side.get(name, 1))
+    return names, ops, applied, torch.stack(per_op).gather(0, ops[None])[0]
+
+
 def randaugment(
-    x: torch.Tensor, num_ops: int = 2, prob: float = 0.5, generator: torch.Generator | None = None
+    x: torch.Tensor,
+    num_ops: int = 2,
+    prob: float = 0.5,
+    generator: torch.Generator | None = None,
+    variant: str = "official",
 ) -> torch.Tensor:
-    """Per sample, `num_ops` ops drawn from RANDAUGMENT_OPS with replacement, each applied with
-    probability `prob` at a random magnitude; samples that drew the same op run together."""
+    """Per sample, `num_ops` ops drawn with replacement, each applied with probability `prob` at
+    its own random magnitude (`draw_randaugment`): variant "official" (RANDAUGMENT_OPS, the
+    official code's; geometric ops by nearest neighbour, as PIL's default there) or "paper"
+    (RANDAUGMENT_PAPER_OPS, bilinear). Samples that drew the same op run together."""
     dtype, x = x.dtype, _to_float(x)
-    shape = (len(x), num_ops)
-    ops = torch.randint(len(RANDAUGMENT_OPS), shape, generator=generator, device=x.device)
-    applied = _rand(shape, generator, x.device) < prob
-    level = _rand(shape, generator, x.device)
-    # Per op: its magnitude range and its index among the geometric ops (-1: not geometric).
-    rows = []
-    for name, lo, hi in RANDAUGMENT_OPS:
-        rows.append((lo, hi, GEOMETRIC_OPS.index(name) if name in GEOMETRIC_OPS else -1))
-    table = torch.tensor(rows, device=x.device)[ops]  # (B, num_ops, 3)
-    magnitude = table[..., 0] + (table[..., 1] - table[..., 0]) * level
-    geometric = table[..., 2].long()
+    names, ops, applied, magnitude = draw_randaugment(
+        len(x), num_ops, prob, variant, x.shape[-2:], generator, x.device
+    )
+    kinds = [GEOMETRIC_OPS.index(n) if n in GEOMETRIC_OPS else -1 for n in names]
+    geometric = torch.tensor(kinds, device=x.device)[ops]  # (B, num_ops): -1 if not geometric
+    official = variant == "official"
     for slot in range(num_ops):
         idx = torch.nonzero(applied[:, slot] & (geometric[:, slot] >= 0)).squeeze(1)
         if len(idx):  # all geometric ops of this slot in one resampling
-            x[idx] = _geometric(x[idx], geometric[idx, slot], magnitude[idx, slot])
-        for k, name in enumerate(op[0] for op in RANDAUGMENT_OPS):
+            x[idx] = _geometric(
+                x[idx],
+                geometric[idx, slot],
+                magnitude[idx, slot],
+                corner=official,
+                mode="nearest" if official else "bilinear",
+            )
+        for k, name in enumerate(names):
             if name in _RANDAUGMENT_FNS:
                 idx = torch.nonzero((ops[:, slot] == k) & applied[:, slot]).squeeze(1)
                 if len(idx):
@@ -1205,11 +1280,14 @@ def strong_augment(
     random_cutout: bool = False,
     flip: bool = True,
     generator: torch.Generator | None = None,
+    variant: str = "official",
 ) -> torch.Tensor:
-    """FixMatch's strong view: the weak view, then RandAugment (2 ops, p = 0.5 each), then a
-    16 px Cutout. SPICE uses 4 ops and a Cutout of random side up to 16 (random_cutout=True)."""
+    """FixMatch's strong view as the official code makes it: the weak view, then RandAugment
+    (2 ops, p = 0.5 each, `variant`), then a grey 16 px Cutout at any image size (cutout_numpy's
+    default size in third_party/auto_augment/augmentations.py). SPICE's views: 4 ops always
+    applied, variant "paper", a Cutout of random side (random_cutout=True)."""
     x = weak_augment(x, flip=flip, generator=generator)
-    x = randaugment(x, num_ops, prob, generator)
+    x = randaugment(x, num_ops, prob, generator, variant)
     return cutout(x, cutout_size, random_cutout, generator)
 
 

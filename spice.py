@@ -286,10 +286,9 @@ def select_head(
 
 def scan_strong_augment(images: torch.Tensor, generator=None) -> torch.Tensor:
     """SCAN's strong view: flip, 4 RandAugment ops always applied, a Cutout up to half the side."""
-    side = images.shape[-1] // 2
-    return common.strong_augment(
-        images, num_ops=4, prob=1.0, random_cutout=True, cutout_size=side, generator=generator
-    )
+    half = images.shape[-1] // 2  # the largest Cutout side
+    options = dict(num_ops=4, prob=1.0, random_cutout=True, cutout_size=half, variant="paper")
+    return common.strong_augment(images, generator=generator, **options)
 
 
 def train_heads(
@@ -925,7 +924,8 @@ def train_semi(args: Args, run: Run, backbone: nn.Module, head: nn.Module, data:
             u = images[ui]
             x = common.weak_augment(x_images[xi], generator=rng)
             u_weak = common.weak_augment(u, generator=rng)
-            u_strong = common.strong_augment(u, cutout_size=u.shape[-1] // 2, generator=rng)
+            half = u.shape[-1] // 2  # the Cutout side
+            u_strong = common.strong_augment(u, cutout_size=half, generator=rng, variant="paper")
             inputs = torch.cat([x, u_weak, u_strong])
             with torch.autocast(run.device.type, torch.bfloat16, enabled=run.amp):
                 logits = forward(run.inputs(inputs)).float()

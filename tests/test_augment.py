@@ -28,6 +28,7 @@ def gen(seed=0):
         lambda x, g: common.strong_augment(x, generator=g),
         lambda x, g: common.strong_augment(x, num_ops=4, random_cutout=True, generator=g),
         lambda x, g: common.randaugment(x, generator=g),
+        lambda x, g: common.randaugment(x, generator=g, variant="paper"),
         lambda x, g: common.photometric_augment(x, generator=g),
         lambda x, g: common.cutout(x, generator=g),
     ],
@@ -90,77 +91,260 @@ def from_pil(pils):
 
 
 GREY = (128, 128, 128)
-PIL_REFERENCES = [  # (op, magnitude, PIL's version, largest allowed mean |difference| in 0..255)
+# (op, magnitude, PIL's version, largest allowed mean |difference| in 0..255)
+PIL_REFERENCES = [
     ("equalize", 0, ImageOps.equalize, 0.0),
     ("solarize", 128 / 255, lambda p: ImageOps.solarize(p, 128), 0.0),
-    ("posterize", 5, lambda p: ImageOps.posterize(p, 5), 0.0),
+    ("posterize", 1, lambda p: ImageOps.posterize(p, 1), 0.0),
+    ("posterize", 4, lambda p: ImageOps.posterize(p, 4), 0.0),
     ("autocontrast", 0, ImageOps.autocontrast, 1.0),
-    ("color", 0.3, lambda p: ImageEnhance.Color(p).enhance(0.3), 1.0),
-    ("contrast", 0.3, lambda p: ImageEnhance.Contrast(p).enhance(0.3), 1.0),
-    ("brightness", 0.3, lambda p: ImageEnhance.Brightness(p).enhance(0.3), 1.0),
-    ("sharpness", 0.3, lambda p: ImageEnhance.Sharpness(p).enhance(0.3), 1.0),
-    ("rotate", 20, lambda p: p.rotate(20, resample=Image.BILINEAR, fillcolor=GREY), 2.0),
-    (
-        "translate_x",
-        0.25,
-        lambda p: p.transform(p.size, Image.AFFINE, (1, 0, 8, 0, 1, 0), fillcolor=GREY),
-        0.0,
-    ),
-    (
-        "translate_y",
-        -0.25,
-        lambda p: p.transform(p.size, Image.AFFINE, (1, 0, 0, 0, 1, -8), fillcolor=GREY),
-        0.0,
-    ),
-    # shear about the centre: PIL's transform with the matching offset
-    (
-        "shear_x",
-        0.3,
-        lambda p: p.transform(
-            p.size, Image.AFFINE, (1, 0.3, -4.8, 0, 1, 0), Image.BILINEAR, fillcolor=GREY
-        ),
-        2.0,
-    ),
-    (
-        "shear_y",
-        -0.3,
-        lambda p: p.transform(
-            p.size, Image.AFFINE, (1, 0, 0, -0.3, 1, 4.8), Image.BILINEAR, fillcolor=GREY
-        ),
-        2.0,
-    ),
+]
+for factor in (0.28, 1.72):  # the official range's ends: darker and brighter
+    PIL_REFERENCES += [
+        ("color", factor, lambda p, f=factor: ImageEnhance.Color(p).enhance(f), 1.0),
+        ("contrast", factor, lambda p, f=factor: ImageEnhance.Contrast(p).enhance(f), 1.0),
+        ("brightness", factor, lambda p, f=factor: ImageEnhance.Brightness(p).enhance(f), 1.0),
+        ("sharpness", factor, lambda p, f=factor: ImageEnhance.Sharpness(p).enhance(f), 1.0),
+    ]
+
+
+@pytest.mark.parametrize(
+    "name,magnitude,reference,tolerance",
+    PIL_REFERENCES,
+    ids=[f"{r[0]}-{r[1]:.2f}" for r in PIL_REFERENCES],
+)
+def test_randaugment_ops_match_pil(images, name, magnitude, reference, tolerance):
+    x = common._to_float(images[:12])
+    out = common._RANDAUGMENT_FNS[name](x, torch.full((len(x),), float(magnitude)))
+    ours = common._restore(out, torch.uint8).int()
+    pil = from_pil([reference(p) for p in to_pil(images[:12])]).int()
+    assert (ours - pil).abs().float().mean() <= tolerance + 1e-6
+    assert not torch.equal(ours, images[:12].int()), "the op must change the images"
+
+
+def affine(coefficients, resample=Image.NEAREST):  # PIL's transform, as the official ops call it
+    return lambda p: p.transform(p.size, Image.AFFINE, coefficients, resample, fillcolor=GREY)
+
+
+# The official ops' own PIL calls (third_party/auto_augment/augmentations.py): rotate(degrees),
+# transform(AFFINE, ...), PIL's default nearest resampling, the transparent fill that pil_unwrap
+# turns grey. Shears run about the top-left corner. Translations in pixels (of 32).
+OFFICIAL_GEOMETRY = [
+    ("rotate", 27, lambda p: p.rotate(27, fillcolor=GREY)),
+    ("rotate", -12, lambda p: p.rotate(-12, fillcolor=GREY)),
+    ("shear_x", 0.27, affine((1, 0.27, 0, 0, 1, 0))),
+    ("shear_x", -0.12, affine((1, -0.12, 0, 0, 1, 0))),
+    ("shear_y", 0.27, affine((1, 0, 0, 0.27, 1, 0))),
+    ("shear_y", -0.03, affine((1, 0, 0, -0.03, 1, 0))),
+    ("translate_x", 9 / 32, affine((1, 0, 9, 0, 1, 0))),
+    ("translate_y", -3 / 32, affine((1, 0, 0, 0, 1, -3))),
+]
+# The paper variant (spice.py's views): bilinear, shears about the centre.
+PAPER_GEOMETRY = [
+    ("rotate", 20, lambda p: p.rotate(20, resample=Image.BILINEAR, fillcolor=GREY)),
+    ("shear_x", 0.3, affine((1, 0.3, -4.8, 0, 1, 0), Image.BILINEAR)),
+    ("shear_y", -0.3, affine((1, 0, 0, -0.3, 1, 4.8), Image.BILINEAR)),
 ]
 
 
 @pytest.mark.parametrize(
-    "name,magnitude,reference,tolerance", PIL_REFERENCES, ids=[r[0] for r in PIL_REFERENCES]
+    "official,name,magnitude,reference",
+    [(True, *r) for r in OFFICIAL_GEOMETRY] + [(False, *r) for r in PAPER_GEOMETRY],
+    ids=[f"official-{r[0]}-{r[1]:.2f}" for r in OFFICIAL_GEOMETRY]
+    + [f"paper-{r[0]}" for r in PAPER_GEOMETRY],
 )
-def test_randaugment_ops_match_pil(images, name, magnitude, reference, tolerance):
+def test_geometric_ops_match_pil(images, official, name, magnitude, reference):
     x = common._to_float(images[:12])
+    kind = torch.full((len(x),), common.GEOMETRIC_OPS.index(name))
     m = torch.full((len(x),), float(magnitude))
-    if name in common.GEOMETRIC_OPS:
-        out = common._geometric(x, torch.full((len(x),), common.GEOMETRIC_OPS.index(name)), m)
-    else:
-        out = common._RANDAUGMENT_FNS[name](x, m)
+    mode = "nearest" if official else "bilinear"
+    out = common._geometric(x, kind, m, corner=official, mode=mode)
     ours = common._restore(out, torch.uint8).int()
     pil = from_pil([reference(p) for p in to_pil(images[:12])]).int()
-    assert (ours - pil).abs().float().mean() <= tolerance + 1e-6
-    assert not torch.equal(ours, images[:12].int()) or name == "identity", (
-        "the op must change the images"
+    if official:  # nearest: the same pixels, but for a few sampled at a rounding boundary
+        assert (ours != pil).float().mean() <= 0.03
+    else:  # bilinear: interpolation and rounding apart
+        assert (ours - pil).abs().float().mean() <= 2.0
+    assert not torch.equal(ours, images[:12].int())
+
+
+def test_posterize_keeps_the_top_bits():
+    values = torch.tensor([0, 1, 15, 16, 127, 128, 200, 255])
+    x = (values.float() / 255).view(1, 1, 1, 8).repeat(4, 3, 1, 1)
+    out = common._posterize(x, torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    kept = (out * 255).round().long()[:, 0, 0]  # (bits, values)
+    expected = [
+        [0, 0, 0, 0, 0, 128, 128, 128],  # v & 0b10000000
+        [0, 0, 0, 0, 64, 128, 192, 192],  # v & 0b11000000
+        [0, 0, 0, 0, 96, 128, 192, 224],  # v & 0b11100000
+        [0, 0, 0, 16, 112, 128, 192, 240],  # v & 0b11110000
+    ]
+    assert kept.tolist() == expected
+
+
+# The official magnitudes at levels 1..9, worked out by hand from third_party/auto_augment/
+# augmentations.py (PARAMETER_MAX = 10): int_parameter(L, m) = int(L m / 10), float_parameter(L,
+# m) = L m / 10. Signed ops take either sign.
+OFFICIAL_LEVELS = {
+    "rotate": [3, 6, 9, 12, 15, 18, 21, 24, 27],  # degrees, int_parameter(L, 30)
+    "solarize": [231, 205, 180, 154, 128, 103, 77, 52, 26],  # 256 - int_parameter(L, 256), of 255
+    "color": [0.28, 0.46, 0.64, 0.82, 1.0, 1.18, 1.36, 1.54, 1.72],  # float_parameter(L, 1.8) + 0.1
+    "shear_x": [0.03, 0.06, 0.09, 0.12, 0.15, 0.18, 0.21, 0.24, 0.27],  # float_parameter(L, 0.3)
+    "translate_x": [1, 2, 3, 4, 5, 6, 7, 8, 9],  # pixels, int_parameter(L, 10)
+    "posterize": [4, 4, 3, 3, 2, 2, 2, 1, 1],  # bits kept, 4 - int_parameter(L, 4)
+}
+for a, b in (("color", "contrast"), ("color", "brightness"), ("color", "sharpness")):
+    OFFICIAL_LEVELS[b] = OFFICIAL_LEVELS[a]
+OFFICIAL_LEVELS["shear_y"] = OFFICIAL_LEVELS["shear_x"]
+OFFICIAL_LEVELS["translate_y"] = OFFICIAL_LEVELS["translate_x"]
+SIGNED = {"rotate", "shear_x", "shear_y", "translate_x", "translate_y"}
+
+
+def test_official_randaugment_draws_the_official_ops_levels_and_probability():
+    b, num_ops, size = 10000, 2, {"translate_x": 96, "translate_y": 32}  # (H, W) = (32, 96)
+    names, ops, applied, magnitude = common.draw_randaugment(
+        b, num_ops, size=(32, 96), generator=gen(20)
     )
+    assert ops.shape == applied.shape == magnitude.shape == (b, num_ops)
+    assert sorted(names) == sorted(
+        "identity autocontrast equalize rotate solarize color contrast brightness sharpness "
+        "shear_x shear_y translate_x translate_y posterize".split()
+    )
+    # ops uniform over the 14, with replacement (both slots the same op 1 time in 14)
+    share = torch.bincount(ops.flatten(), minlength=14).float() / ops.numel()
+    assert (share - 1 / 14).abs().max() < 0.01
+    assert abs(float((ops[:, 0] == ops[:, 1]).float().mean()) - 1 / 14) < 0.01
+    # each drawn op applied with p = 0.5, independently of the op
+    for k in range(14):
+        assert abs(float(applied[ops == k].float().mean()) - 0.5) < 0.05
+    for name, levels in OFFICIAL_LEVELS.items():
+        m = magnitude[ops == names.index(name)].double()
+        if name == "solarize":
+            m = m * 255
+        if name.startswith("translate"):
+            m = m * size[name]  # drawn as fractions of the side: 1..9 px at any size
+        values = torch.tensor(levels, dtype=torch.double)
+        if name in SIGNED:
+            assert abs(float((m > 0).double().mean()) - 0.5) < 0.05, f"{name}: both signs"
+            values = torch.cat([-values, values])
+        # every drawn magnitude is one of the official ones ...
+        nearest = (m[:, None] - values[None]).abs().min(1)
+        assert float(nearest.values.max()) < 1e-4, f"{name}: {m.unique()[:12].tolist()}"
+        # ... each level drawn 1 time in 9 (posterize: 4 bits 2 in 9, 2 bits 3 in 9)
+        unique = values.unique()
+        counts = torch.bincount((m[:, None] - unique[None]).abs().argmin(1), minlength=len(unique))
+        expected = torch.tensor([float((values == v).sum()) for v in unique]) / len(values)
+        assert (counts / len(m) - expected).abs().max() < 0.03, name
+    no_magnitude = [names.index(n) for n in ("identity", "autocontrast", "equalize")]
+    assert bool((magnitude[torch.isin(ops, torch.tensor(no_magnitude))] == 0).all())
 
 
-def test_randaugment_table_is_the_papers():
-    table = {name: (lo, hi) for name, lo, hi in common.RANDAUGMENT_OPS}
+def test_paper_randaugment_draws_uniform_magnitudes_in_the_tables_ranges():
+    table = {name: (lo, hi) for name, lo, hi in common.RANDAUGMENT_PAPER_OPS}
     assert len(table) == 14
-    assert (
-        table["rotate"] == (-30, 30)
-        and table["shear_x"] == (-0.3, 0.3)
-        and table["translate_y"] == (-0.3, 0.3)
-    )
-    assert table["brightness"] == (0.05, 0.95) and table["solarize"] == (0, 1)
-    assert {int(math.floor(4 + 5 * u)) for u in torch.rand(1000).tolist()} == {4, 5, 6, 7, 8}
-    assert table["posterize"] == (4, 9)
+    assert table["rotate"] == (-30, 30) and table["shear_x"] == (-0.3, 0.3)
+    assert table["translate_y"] == (-0.3, 0.3) and table["brightness"] == (0.05, 0.95)
+    assert table["solarize"] == (0, 1) and table["posterize"] == (4, 9)
+    names, ops, _, magnitude = common.draw_randaugment(20000, variant="paper", generator=gen(21))
+    for name, (lo, hi) in table.items():
+        m = magnitude[ops == names.index(name)]
+        assert float(m.min()) >= lo and float(m.max()) < hi + 1e-6
+        if hi > lo:  # uniform: a quarter of the draws in each quarter of the range
+            quarter = ((m - lo) / (hi - lo) * 4).long().clamp(max=3)
+            assert (torch.bincount(quarter, minlength=4) / len(m) - 0.25).abs().max() < 0.03
+    with pytest.raises(common.ConfigError, match="variant"):
+        common.draw_randaugment(4, variant="Table 12")
+
+
+def only(monkeypatch, name):  # RandAugment with one op in its table: each slot draws that op
+    monkeypatch.setattr(common, "RANDAUGMENT_OPS", {name: common.RANDAUGMENT_OPS[name]})
+
+
+@pytest.mark.parametrize("num_ops", [1, 2, 3])
+def test_each_op_is_applied_with_probability_one_half(monkeypatch, num_ops):
+    # solarize of an all-white image: any official threshold (<= 231) inverts it, and a second
+    # solarize leaves the black result alone, so it is unchanged iff no slot applied the op
+    only(monkeypatch, "solarize")
+    white = torch.full((4000, 3, 4, 4), 255, dtype=torch.uint8)
+    out = common.randaugment(white, num_ops=num_ops, generator=gen(22))
+    unchanged = (out == 255).flatten(1).all(1).float().mean()
+    assert abs(float(unchanged) - 0.5**num_ops) < 0.03
+    assert bool(((out == 0) | (out == 255)).all())
+
+
+def ramp(n, size, axis):  # n strips 3 px wide whose value along `axis` is 0, 2, 4, .. (2 per px)
+    line = (2 * torch.arange(size)).to(torch.uint8)
+    shape = (n, 3, 3, size) if axis == "x" else (n, 3, size, 3)
+    return (line.view(1, size) if axis == "x" else line.view(size, 1)).expand(shape).contiguous()
+
+
+@pytest.mark.parametrize("size", [32, 96])
+@pytest.mark.parametrize("axis", ["x", "y"])
+def test_translate_moves_1_to_9_pixels_either_way_at_any_size(monkeypatch, size, axis):
+    only(monkeypatch, f"translate_{axis}")
+    out = common.randaugment(ramp(1000, size, axis), num_ops=1, generator=gen(23))
+    centre = out[:, 0, 1, size // 2] if axis == "x" else out[:, 0, size // 2, 1]
+    shift = centre.long() // 2 - size // 2  # the ramp reads 2 (size / 2 + shift) there
+    assert set(shift.tolist()) == set(range(-9, 10))  # 0: not applied
+    moved = shift[shift != 0]
+    assert abs(float((moved > 0).float().mean()) - 0.5) < 0.08
+    assert abs(float((shift == 0).float().mean()) - 0.5) < 0.06  # not applied: p = 0.5
+
+
+@pytest.mark.parametrize("axis", ["x", "y"])
+def test_official_shear_pivots_on_the_top_left_corner_by_nearest_neighbour(monkeypatch, axis):
+    # x' = x + m y from the corner: the first row (column, for shear_y) moves by m / 2 < 0.14 px,
+    # so nearest sampling keeps it exactly; about the centre it would move by ~4 px, and bilinear
+    # sampling would blend it. Further rows do move.
+    only(monkeypatch, f"shear_{axis}")
+    x = torch.randint(0, 256, (200, 3, 32, 32), dtype=torch.uint8, generator=gen(28))
+    out = common.randaugment(x, num_ops=1, prob=1.0, generator=gen(29))
+    if axis == "y":
+        out, x = out.transpose(2, 3), x.transpose(2, 3)
+    assert torch.equal(out[:, :, 0], x[:, :, 0])
+    assert bool((out[:, :, 31] != x[:, :, 31]).flatten(1).any(1).all())
+
+
+def test_brightness_factors_are_the_official_levels_darker_and_brighter(monkeypatch):
+    only(monkeypatch, "brightness")
+    grey = torch.full((1000, 3, 4, 4), 100, dtype=torch.uint8)
+    out = common.randaugment(grey, num_ops=1, prob=1.0, generator=gen(24))
+    factors = out[:, 0, 0, 0].long()  # 100 f
+    assert out.flatten(1).float().std(1).max() == 0  # one factor per image
+    assert set(factors.tolist()) == {28, 46, 64, 82, 100, 118, 136, 154, 172}
+
+
+def test_posterize_keeps_1_to_4_bits(monkeypatch):
+    only(monkeypatch, "posterize")
+    every_value = torch.arange(256).to(torch.uint8).view(1, 1, 16, 16).expand(1000, 3, 16, 16)
+    out = common.randaugment(every_value.contiguous(), num_ops=1, prob=1.0, generator=gen(25))
+    seen = torch.zeros(len(out), 256).scatter_(1, out[:, 0].flatten(1).long(), 1.0)
+    levels = seen.sum(1)  # distinct values per image: 2^bits
+    share = {bits: float((levels == 2**bits).float().mean()) for bits in (1, 2, 3, 4)}
+    assert sum(share.values()) == pytest.approx(1.0)  # nothing else: neither 0 nor 5-8 bits
+    expected = {1: 2 / 9, 2: 3 / 9, 3: 2 / 9, 4: 2 / 9}  # levels 8-9, 5-7, 3-4, 1-2
+    assert all(abs(share[bits] - expected[bits]) < 0.05 for bits in expected)
+
+
+def test_solarize_thresholds_are_the_official_levels(monkeypatch):
+    only(monkeypatch, "solarize")
+    every_value = torch.arange(256).to(torch.uint8).view(1, 1, 16, 16).expand(1000, 3, 16, 16)
+    out = common.randaugment(every_value.contiguous(), num_ops=1, prob=1.0, generator=gen(26))
+    inverted = out[:, 0].flatten(1) != every_value[0, 0].flatten()  # (n, 256)
+    threshold = inverted.float().argmax(1)  # the first value inverted
+    assert bool(inverted.any(1).all())
+    assert set(threshold.tolist()) == {231, 205, 180, 154, 128, 103, 77, 52, 26}
+
+
+@pytest.mark.parametrize("size", [32, 96])
+def test_strong_augment_cuts_out_a_16_px_square_at_any_size(size):
+    black = torch.zeros(100, 3, size, size, dtype=torch.uint8)
+    out = common.strong_augment(black, prob=0.0, generator=gen(27))  # RandAugment off
+    grey = (out == 128).all(1)
+    area = grey.sum((1, 2))
+    assert area.max() == 16 * 16 and area.min() > 0
+    assert torch.equal(area, grey.any(2).sum(1) * grey.any(1).sum(1)), "a rectangle"
+    assert bool(((out == 0) | (out == 128)).all())
 
 
 def test_hue_and_blur_match_torchvision(images):
