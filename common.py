@@ -551,6 +551,10 @@ def load_dataset(
             raise ConfigError(f"{root / data.split}: {found}, {name} has {info.num_classes}")
     else:
         data = _torchvision_set(name, root, split, download)
+        if data.images.shape[-1] != size:  # another side than the set's own: resized, as folders
+            images = F.interpolate(data.images.float(), size=(size, size), mode="bilinear")
+            images = images.round().clamp(0, 255).to(torch.uint8)
+            data = ImageSet(images, data.labels, data.classes, data.split)
     if name == "cifar100-20":  # fine classes -> their super-class, matched by name
         coarse = {}
         for c, group in enumerate(CIFAR100_SUPERCLASSES.values()):

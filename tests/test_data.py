@@ -399,3 +399,16 @@ def test_mnist_files_become_rgb_images(tmp_path):
     assert torch.equal(data.images[:, 0], torch.from_numpy(images)) and torch.equal(
         data.images[:, 2], data.images[:, 0]
     )
+
+
+def test_torchvisions_sets_are_resized_to_the_image_size_asked_for(monkeypatch, tmp_path):
+    # --image-size 16 on CIFAR-10 read by torchvision used to be ignored without a word (32 px).
+    images = torch.arange(2 * 3 * 32 * 32).reshape(2, 3, 32, 32).remainder(256).to(torch.uint8)
+    native = common.ImageSet(images, torch.tensor([0, 1]), [str(c) for c in range(10)], "train")
+    monkeypatch.setattr(common, "_torchvision_set", lambda *args: native)
+    assert common.load_dataset("cifar10", data_dir=tmp_path).images.shape[-1] == 32
+    small = common.load_dataset("cifar10", data_dir=tmp_path, image_size=16)
+    assert small.images.shape == (2, 3, 16, 16) and small.images.dtype == torch.uint8
+    expected = torch.nn.functional.avg_pool2d(images.float(), 2)  # bilinear at half size
+    assert (small.images.float() - expected).abs().max() <= 0.5
+    assert torch.equal(small.labels, native.labels)
