@@ -15,20 +15,22 @@ Algorithm (each name is a function or method below):
    initialised network (its batch-norm statistics recomputed on the training images,
    `recompute_batch_norm`) for every training image, without augmentation, L2-normalised,
    k-means with C clusters: the sample memory (features and labels) and the centroid memory.
-2. For a batch of indices I (`epoch_order`): forward one augmented view (`augment`) -> 256-d
-   neck feature -> C logits; `odc_loss`: cross-entropy against the memory labels of I as they
-   were *before* this step, class weights w_c ~ (n_c + 1e-5)^(-1/2) (`class_weights`).
+2. For a batch of indices I (`epoch_indices`: drawn with replacement): forward one augmented
+   view (`augment`) -> 256-d neck feature -> C logits; `odc_loss`: cross-entropy against the
+   memory labels of I as they were *before* this step, class weights w_c ~ (n_c + 1e-5)^(-1/2)
+   (`class_weights`).
 3. `OdcMemory.update_samples`: f_I <- normalise((1 - m) f_I + m normalise(z)), m = 0.5, then
    label_I <- argmax_c <centroid_c, f_I>; the fraction of changed labels is logged.
 4. Backward and SGD step (no momentum on the head, whose targets move). Steps 2-4 are
    `train_step`.
-5. `OdcMemory.update_centroids` every 10 steps; `OdcMemory.handle_small_clusters` every step:
-   clusters under `min_cluster` are dissolved into their nearest remaining centroids, and each
-   freed id is refilled by splitting the largest cluster with 2-means. C stays constant.
-6. `evaluate` of the frozen backbone: weighted kNN accuracy (`knn_accuracy`, k = 200 and 20,
-   T = 0.07), k-means with K = number of classes (ACC, NMI with the arithmetic normalisation,
-   ARI), and the NMI of the memory labels (`memory_nmi`), beside the same figures for the
-   untrained network.
+5. `refresh_memory`: `OdcMemory.update_centroids` every 10 steps; `handle_small_clusters`
+   every step: clusters under `min_cluster` are dissolved into their nearest remaining
+   centroids, and each freed id is refilled by splitting the largest cluster with 2-means (C
+   stays constant); the class weights again. `train_epoch` runs steps 2-5 over an epoch.
+6. `evaluate` of the frozen backbone: a linear probe (`linear_probe`), weighted kNN accuracy
+   (`knn_accuracy`, k = 200 and 20, T = 0.07), k-means with K = number of classes (ACC, NMI with
+   the arithmetic normalisation, ARI), and the NMI of the memory labels (`memory_nmi`), beside
+   the same figures for the untrained network.
 
 Usage:
     python odc.py --dataset cifar10                   # the CIFAR-scale recipe below (GPU: hours)
@@ -79,42 +81,45 @@ class Args:
     """random seed (labelled split, initialisation, augmentation)"""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N"""
-    batch_size: int = 256
-    """images per step"""
-    eval_every: int = 20
-    """epochs between evaluations of the frozen backbone (and checkpoints)"""
+    threads: int | None = common.arg(None, at_least=1)
+    """CPU threads for torch (default: torch's choice, one per core; 1 is often faster on a busy
+    or small machine)"""
+    batch_size: int = common.arg(256, at_least=2)
+    """images per step (at least 2: the neck's batch norm needs two values per channel)"""
+    eval_every: int = common.arg(20, at_least=1)
+    """epochs between evaluations of the frozen backbone (each is also a checkpoint)"""
     resume: bool = False
     """continue the run in --out-dir from its checkpoint"""
     amp: bool = True
     """bfloat16 autocast on CUDA (ignored on the CPU)"""
     compile: bool = False
     """torch.compile the network(s)"""
-    epochs: int = 200
+    epochs: int = common.arg(200, at_least=1)
     """training epochs (passes over the training images)"""
-    num_clusters: int = 100
+    num_clusters: int = common.arg(100, at_least=2)
     """clusters in the memory, C (10 x the classes)"""
-    min_cluster: int = 75
+    min_cluster: int = common.arg(75, at_least=0)
     """clusters smaller than this are dissolved and their id refilled (about 0.15 N / C)"""
-    backbone_width: int = 64
+    backbone_width: int = common.arg(64, at_least=1)
     """base width of the CIFAR ResNet-18 (64: the standard one, 512-d features)"""
-    lr: float = 0.03
+    lr: float = common.arg(0.03, above=0)
     """learning rate (0.06 at batch 512 on ImageNet, scaled linearly)"""
-    lr_drop: float = 0.91
+    lr_drop: float = common.arg(0.91, at_least=0, at_most=1)
     """fraction of training after which the learning rate drops by --lr-drop-factor (400 of 440
     epochs)"""
-    lr_drop_factor: float = 0.4
+    lr_drop_factor: float = common.arg(0.4, above=0, at_most=1)
     """factor the learning rate is multiplied by after --lr-drop (the official ImageNet step)"""
-    sgd_momentum: float = 0.9
+    sgd_momentum: float = common.arg(0.9, at_least=0, below=1)
     """SGD momentum of the backbone and the neck (the head has none: its targets move)"""
-    weight_decay: float = 1e-5
+    weight_decay: float = common.arg(1e-5, at_least=0)
     """weight decay (all parameters, as the official config)"""
-    memory_momentum: float = 0.5
+    memory_momentum: float = common.arg(0.5, above=0, at_most=1)
     """m in f <- normalise((1 - m) f + m z): how fast memory features follow the network"""
-    centroid_every: int = 10
+    centroid_every: int = common.arg(10, at_least=1)
     """steps between recomputations of all centroids"""
-    image_size: int = 32
-    """image side: image folders are resized to it, shapes drawn at it"""
-    log_every: int = 50
+    image_size: int = common.arg(32, at_least=8)
+    """image side: image folders are resized to it, shapes drawn at it (at least 8)"""
+    log_every: int = common.arg(50, at_least=1)
     """steps between log lines"""
 
 
@@ -157,6 +162,8 @@ class OdcMemory:
         cls, features: torch.Tensor, num_clusters: int, momentum: float = 0.5, seed: int = 0
     ) -> OdcMemory:
         """k-means (20 iterations) on the normalised features of the untrained network."""
+        # Deviation: k-means++ seeding, stopping early once the centres settle; the official
+        # runs faiss k-means from random centres for 20 iterations (`third_party/clustering.py`).
         features = F.normalize(features, dim=1)
         _, labels = common.kmeans(features, num_clusters, iters=20, seed=seed)
         return cls(features, labels, num_clusters, momentum)
@@ -164,6 +171,11 @@ class OdcMemory:
     def update_samples(self, idx: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """f_I <- normalise((1 - m) f_I + m normalise(z)); label_I <- nearest centroid (largest
         dot product). Returns the fraction of the batch whose label changed."""
+        # an image drawn twice in a batch: its first view alone updates (repeated writes race)
+        order = torch.arange(len(idx), device=idx.device)
+        first = torch.full_like(self.labels, len(idx)).scatter_reduce_(0, idx, order, "amin")
+        keep = first[idx] == order
+        idx, z = idx[keep], z[keep]
         z = F.normalize(z.detach().float(), dim=1)
         f = (1 - self.momentum) * self.features[idx] + self.momentum * z
         self.features[idx] = F.normalize(f, dim=1)
@@ -267,6 +279,7 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """ODC's single view: random resized crop (scale 0.2-1) + flip, colour jitter (0.4, 0.4,
     1.0, 0.5) always, grayscale p = 0.2."""
     # Deviation: no +/- 2 degree rotation (the official pipeline has one).
+    # Deviation: crop scale 0.2-1; the official RandomResizedCrop keeps torchvision's 0.08-1.
     boxes, flip = common.draw_crops(
         len(images), scale=(0.2, 1.0), generator=generator, device=images.device
     )
@@ -361,6 +374,7 @@ class ODC(nn.Module):
 
     def __init__(self, num_clusters: int, width: int = 64):
         super().__init__()
+        # Deviation: Kaiming fan-out init of the backbone's convolutions (the official: fan-in).
         self.backbone = ResNet18(width)
         self.neck = nn.Sequential(
             nn.Linear(self.backbone.dim, 512),
@@ -445,13 +459,17 @@ def augmented_view(data: OdcData, idx: torch.Tensor, generator: torch.Generator)
     return x
 
 
-def epoch_order(n: int, epoch: int, seed: int, device: torch.device) -> torch.Tensor:
-    """The shuffled order of the n training images in `epoch`: a function of the seed and the
-    epoch alone, so a resumed run draws the order the uninterrupted one would."""
+def epoch_indices(n: int, batch_size: int, epoch: int, seed: int, device) -> torch.Tensor:
+    """The images of `epoch`'s ceil(n / batch_size) steps, drawn with replacement as the official
+    sampler (OpenSelfSup `datasets/loader/sampler.py`, `DistributedSampler.generate_new_list`,
+    `sampling_replace=True`), a function of the seed and the epoch alone (resumable)."""
+    # Deviation: the draws fill whole batches (the official draws n, its last batch partial): a
+    # batch of one image would crash the neck's batch norm, a small one sway the running stats.
+    steps = math.ceil(n / batch_size)
     # seed x 1,000,003 (a prime) + epoch: different (seed, epoch) pairs never share a generator
     # seed as long as there are fewer than 1,000,003 epochs
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=generator).to(device)
+    return torch.randint(n, (steps, batch_size), generator=generator).to(device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -513,16 +531,54 @@ def knn_accuracy(
     return correct / len(test_features)
 
 
+def linear_probe(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    steps: int = 100,
+    seed: int = 0,
+) -> float:
+    """Test accuracy of a linear classifier on frozen features, as mmselfsup's `resnet50_linear-
+    8xb32-steplr-100e_in1k.py` benchmark: weights from N(0, 0.01), SGD with momentum 0.9, no
+    weight decay, lr x 0.1 at 60% and 80%; its own generator (dropout's global one untouched)."""
+    # Deviation: the linear probe: features computed once (no crops or flips), standardised, 100
+    # full-batch steps of a stable size (official: augmented batches of 256, lr 30, 100 epochs).
+    mean, std = train_features.mean(0), train_features.std(0) + 1e-6
+    train_x = (train_features - mean) / std
+    test_x = (test_features - mean) / std
+    # steps of 1 / the top covariance eigenvalue (over twice the curvature): stable, reproducible
+    lr = 1.0 / float(torch.linalg.eigvalsh(train_x.T @ train_x / len(train_x))[-1])
+    num_classes = int(train_labels.max()) + 1
+    generator = torch.Generator().manual_seed(seed)
+    weight = 0.01 * torch.randn(train_x.shape[1], num_classes, generator=generator)
+    weight = weight.to(train_x.device).requires_grad_()
+    bias = torch.zeros(num_classes, device=train_x.device, requires_grad=True)
+    optimizer = torch.optim.SGD([weight, bias], lr=lr, momentum=0.9, weight_decay=0.0)
+    for step in range(steps):
+        drops = (step >= 0.6 * steps) + (step >= 0.8 * steps)
+        optimizer.param_groups[0]["lr"] = lr * 0.1**drops
+        loss = F.cross_entropy(train_x @ weight + bias, train_labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    predicted = (test_x @ weight + bias).argmax(1)
+    return float((predicted == test_labels).float().mean())
+
+
 def evaluate(model: ODC, data: OdcData, seed: int, amp: bool = False) -> dict:
-    """kNN accuracies (k = 200 and 20) and k-means ACC / NMI / ARI of the frozen backbone's
-    features, test images against (and k-means fit on) the labelled training images."""
-    train_f = F.normalize(
-        network_outputs(model.backbone, data.train_images, data.stats, amp), dim=1
-    )
-    test_f = F.normalize(network_outputs(model.backbone, data.test_images, data.stats, amp), dim=1)
+    """The frozen backbone's pooled features, test images against the labelled training images:
+    the linear probe's accuracy, kNN accuracies (k = 200 and 20, L2-normalised features) and
+    k-means ACC / NMI / ARI (K = the classes, fit on the training features)."""
+    train_raw = network_outputs(model.backbone, data.train_images, data.stats, amp)
+    test_raw = network_outputs(model.backbone, data.test_images, data.stats, amp)
+    train_f = F.normalize(train_raw, dim=1)
+    test_f = F.normalize(test_raw, dim=1)
     centroids, _ = common.kmeans(train_f, data.num_classes, seed=seed)
     predicted = common.assign_to_centroids(test_f, centroids)
+    probe = linear_probe(train_raw, data.train_labels, test_raw, data.test_labels, seed=seed)
     return {
+        "linear_acc": probe,
         "knn_acc": knn_accuracy(train_f, data.train_labels, test_f, data.test_labels, k=200),
         "knn20_acc": knn_accuracy(train_f, data.train_labels, test_f, data.test_labels, k=20),
         "acc": common.cluster_accuracy(data.test_labels, predicted),
@@ -627,14 +683,58 @@ def interval_metrics(
     }
 
 
+def refresh_memory(memory: OdcMemory, step: int, args: Args) -> tuple[int, torch.Tensor]:
+    """Step 5 after `step` (from 0): all centroids every --centroid-every steps, small clusters
+    every step (a seed per step). Returns the clusters handled and the next step's weights."""
+    if (step + 1) % args.centroid_every == 0:
+        memory.update_centroids()
+    seed = args.seed * 1_000_003 + step
+    handled = memory.handle_small_clusters(args.min_cluster, seed=seed)
+    return handled, class_weights(memory.labels, args.num_clusters)
+
+
+def train_epoch(
+    forward: nn.Module,
+    optimizer: torch.optim.SGD,
+    memory: OdcMemory,
+    data: OdcData,
+    weights: torch.Tensor,
+    epoch: int,
+    augment_rng: torch.Generator,
+    book: common.RunBook,
+    args: Args,
+    amp: bool = False,
+) -> torch.Tensor:
+    """One epoch of steps 2-5, logged every --log-every steps; takes and returns the weights."""
+    batches = epoch_indices(len(data.images), args.batch_size, epoch, args.seed, data.images.device)
+    handled = 0
+    losses = []
+    changes = []
+    for b, idx in enumerate(batches):
+        with book.timed(images=len(idx)):
+            x = augmented_view(data, idx, augment_rng)
+            # steps 2-4: forward, loss on the old labels, memory update, SGD step
+            loss, changed = train_step(forward, memory, optimizer, x, idx, weights, amp)
+            done, weights = refresh_memory(memory, epoch * len(batches) + b, args)  # step 5
+        handled += done
+        losses.append(loss)
+        changes.append(changed)
+        if (b + 1) % args.log_every == 0 or b + 1 == len(batches):
+            lr = optimizer.param_groups[0]["lr"]
+            metrics = interval_metrics(losses, changes, handled, memory, lr)
+            book.log(epoch + (b + 1) / len(batches), metrics)
+            handled = 0
+            losses = []
+            changes = []
+    return weights
+
+
 def train(args: Args) -> dict:
     device = common.select_device(args.device)
     common.set_seed(args.seed)
     data = load_data(args, device)
     n = len(data.images)
-    out = common.prepare_out_dir(
-        args.out_dir or f"runs/odc-{args.dataset}-{args.seed}", args.resume, args
-    )
+    out = common.prepare_out_dir(args.out_dir, args.resume, args)
     print(
         f"odc: {args.dataset} on {device}, {n} training and {len(data.test_images)} test images "
         f"({data.test_split}), C = {args.num_clusters}, ResNet-18 width {args.backbone_width}",
@@ -654,42 +754,20 @@ def train(args: Args) -> dict:
         book.log(0, {f"baseline/{k}": v for k, v in baseline.items()})
 
     weights = class_weights(memory.labels, args.num_clusters)
-    steps_per_epoch = math.ceil(n / args.batch_size)
     for epoch in range(start, args.epochs):
         for group in optimizer.param_groups:
             group["lr"] = step_lr(epoch, args)
-        order = epoch_order(n, epoch, args.seed, device)
         model.train()
-        handled = 0
-        losses = []
-        changes = []
-        for b in range(steps_per_epoch):
-            step = epoch * steps_per_epoch + b
-            idx = order[b * args.batch_size : (b + 1) * args.batch_size]
-            with book.timed(images=len(idx)):
-                x = augmented_view(data, idx, augment_rng)
-                # steps 2-4: forward, loss on the old labels, memory update, SGD step
-                loss, changed = train_step(forward, memory, optimizer, x, idx, weights, amp)
-                # step 5: centroids now and then, small clusters every step (a 2-means seed per
-                # step, mixed as in epoch_order)
-                if (step + 1) % args.centroid_every == 0:
-                    memory.update_centroids()
-                seed = args.seed * 1_000_003 + step
-                handled += memory.handle_small_clusters(args.min_cluster, seed=seed)
-                weights = class_weights(memory.labels, args.num_clusters)
-            losses.append(loss)
-            changes.append(changed)
-            if (b + 1) % args.log_every == 0 or b + 1 == steps_per_epoch:
-                lr = optimizer.param_groups[0]["lr"]
-                metrics = interval_metrics(losses, changes, handled, memory, lr)
-                book.log(epoch + (b + 1) / steps_per_epoch, metrics)
-                handled = 0
-                losses = []
-                changes = []
-        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+        weights = train_epoch(
+            forward, optimizer, memory, data, weights, epoch, augment_rng, book, args, amp
+        )
+        evaluated = (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs
+        if evaluated:
             result = evaluate(model, data, args.seed, amp)  # step 6
             result["memory_nmi"] = memory_nmi(memory, data)
             book.log(epoch + 1, {f"eval/{k}": v for k, v in result.items()})
+        # due at every evaluation and on the clock, checked at epoch ends (where a run resumes)
+        if book.save_due(evaluated):
             state = {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
@@ -710,11 +788,12 @@ def train(args: Args) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     torch.set_flush_denormal(True)  # denormal floats slow CPU training many times over
-    args = common.parse_args(Args, argv, DATASET_DEFAULTS, description=__doc__.split("\n")[0])
-    try:
+    description = __doc__.split("\n")[0]
+    args = common.parse_args(
+        Args, argv, DATASET_DEFAULTS, description=description, script="odc", task="classify"
+    )
+    with common.user_errors("odc.py", args.out_dir):
         return train(args)
-    except common.ConfigError as e:
-        raise SystemExit(f"odc.py: error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ network."""
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -47,6 +48,22 @@ def test_memory_update_is_the_normalised_momentum_average_then_the_nearest_centr
     assert torch.equal(memory.labels[idx], (memory.features[idx] @ memory.centroids.T).argmax(1))
 
 
+def test_an_image_drawn_twice_in_a_batch_is_updated_once_from_its_first_view():
+    memory = axis_memory([4, 4, 4])
+    memory.momentum = 0.9
+    before = memory.features.clone()
+    z = torch.zeros(4, 8)
+    z[0, 2] = 1.0  # image 1 (label 0), its first view: towards e2
+    z[1, 1] = 1.0  # image 5 (label 1): stays
+    z[2, 0] = 1.0  # image 1's second view: towards e0, ignored
+    z[3, 0] = 1.0  # image 9 (label 2): towards e0
+    changed = memory.update_samples(torch.tensor([1, 5, 1, 9]), z)
+    expected = F.normalize(0.1 * before[1] + 0.9 * z[0], dim=0)
+    assert torch.allclose(memory.features[1], expected, atol=1e-6)
+    assert memory.labels[[1, 5, 9]].tolist() == [2, 1, 0]
+    assert changed.item() == pytest.approx(2 / 3), "of the 3 images updated, 1 and 9 moved"
+
+
 def test_momentum_sets_how_far_features_follow_the_network():
     memory = axis_memory([3, 3])
     memory.momentum = 1.0
@@ -79,6 +96,38 @@ def test_class_weights_are_inverse_square_root_sizes_summing_to_one():
     raw = torch.tensor([1.0, 0.5, 1e-5**-0.5, 1.0])  # sizes 1, 4, 0, 1
     assert torch.allclose(weights, raw / raw.sum())
     assert weights.sum().item() == pytest.approx(1.0)
+
+
+def test_the_loss_is_the_class_weighted_cross_entropy():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0], [1.0, 1.0, 0.0]])
+    labels = torch.tensor([0, 1, 1, 2])
+    weights = torch.tensor([0.5, 0.3, 0.2])
+    nll = -F.log_softmax(logits, dim=1)[torch.arange(4), labels]
+    w = weights[labels]
+    assert odc.odc_loss(logits, labels, weights).item() == pytest.approx(
+        float((w * nll).sum() / w.sum()), rel=1e-6
+    )
+
+
+def test_the_head_has_no_momentum_and_every_parameter_decays():
+    args = odc.Args(sgd_momentum=0.9, weight_decay=1e-5)
+    model = odc.ODC(num_clusters=5, width=2)
+    groups = odc.build_optimizer(model, args).param_groups
+    head = {id(p) for p in model.head.parameters()}
+    assert [{id(p) for p in g["params"]} == head for g in groups] == [False, True]
+    assert [g["momentum"] for g in groups] == [0.9, 0.0]
+    assert all(g["weight_decay"] == 1e-5 for g in groups)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_the_neck_and_head_are_the_official_ones():
+    model = odc.ODC(num_clusters=7, width=2)
+    linear1, bn, relu, dropout, linear2, relu2 = model.neck
+    assert (linear1.in_features, linear1.out_features, linear2.out_features) == (16, 512, 256)
+    assert not bn.affine and bn.momentum == 0.001 and dropout.p == 0.5
+    assert isinstance(relu, nn.ReLU) and isinstance(relu2, nn.ReLU)
+    assert model.head.out_features == 7 and torch.equal(model.head.bias, torch.zeros(7))
+    assert 0.008 < model.head.weight.std().item() < 0.012, "N(0, 0.01)"
 
 
 def blobs(*parts, seed=0):
@@ -225,12 +274,136 @@ def test_the_learning_rate_drops_once_by_the_factor():
     assert odc.step_lr(99, args) == pytest.approx(0.04)
 
 
-def test_an_epoch_order_is_a_permutation_fixed_by_the_seed_and_the_epoch():
-    order = odc.epoch_order(50, epoch=3, seed=1, device="cpu")
-    assert sorted(order.tolist()) == list(range(50))
-    assert torch.equal(order, odc.epoch_order(50, epoch=3, seed=1, device="cpu"))
-    assert not torch.equal(order, odc.epoch_order(50, epoch=4, seed=1, device="cpu"))
-    assert not torch.equal(order, odc.epoch_order(50, epoch=3, seed=2, device="cpu"))
+def test_epoch_indices_are_whole_batches_drawn_with_replacement_fixed_by_seed_and_epoch():
+    batches = odc.epoch_indices(50, 8, epoch=3, seed=1, device="cpu")
+    assert batches.shape == (7, 8), "ceil(50 / 8) full batches, no partial one"
+    assert 0 <= batches.min() and batches.max() < 50
+    assert len(batches.unique()) < 50, "56 draws with replacement: some image is drawn twice"
+    assert torch.equal(batches, odc.epoch_indices(50, 8, epoch=3, seed=1, device="cpu"))
+    assert not torch.equal(batches, odc.epoch_indices(50, 8, epoch=4, seed=1, device="cpu"))
+    assert not torch.equal(batches, odc.epoch_indices(50, 8, epoch=3, seed=2, device="cpu"))
+    # uniform: 10 images, 20,000 draws, about 2,000 each (binomial sd 42)
+    counts = torch.bincount(odc.epoch_indices(10, 20_000, 0, 0, "cpu").flatten(), minlength=10)
+    assert (counts - 2000).abs().max() < 200
+    assert counts.float().std() > 10, "not a permutation repeated: counts vary as binomials"
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny networks run many times faster on one thread than on torch's pool of a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_run(n=40, num_clusters=4, min_cluster=0, batch_size=4, centroid_every=5, seed=0):
+    """What `train_epoch` needs, at 8 px with a width-2 network: data, model, memory, args."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=g)
+    labels = torch.arange(n) % 2
+    data = odc.OdcData(
+        images, images, labels, images[:8], labels[:8], "test", 2, ((0.5,) * 3, (0.25,) * 3)
+    )
+    args = odc.Args(
+        num_clusters=num_clusters,
+        min_cluster=min_cluster,
+        batch_size=batch_size,
+        centroid_every=centroid_every,
+        log_every=1000,
+        backbone_width=2,
+    )
+    torch.manual_seed(seed)
+    model, optimizer, forward = odc.build_model(args, torch.device("cpu"))
+    memory_labels = torch.arange(n) % num_clusters
+    memory = odc.OdcMemory(torch.randn(n, 256, generator=g), memory_labels, num_clusters)
+    return data, model, optimizer, memory, args
+
+
+def run_epoch(tmp_path, data, model, optimizer, memory, args, epoch=0):
+    book = common.RunBook(tmp_path, args)
+    book.start_log()
+    weights = odc.class_weights(memory.labels, args.num_clusters)
+    model.train()
+    rng = torch.Generator().manual_seed(0)
+    return odc.train_epoch(model, optimizer, memory, data, weights, epoch, rng, book, args)
+
+
+def test_an_epoch_with_n_one_more_than_a_multiple_of_the_batch_runs_in_full_batches(
+    tmp_path, monkeypatch, one_thread
+):
+    data, model, optimizer, memory, args = tiny_run(n=9, batch_size=4)  # 9 = 2 x 4 + 1
+    sizes = []
+    real_step = odc.train_step
+
+    def step(model, memory, optimizer, x, idx, weights, amp=False):
+        sizes.append(len(idx))
+        return real_step(model, memory, optimizer, x, idx, weights, amp)
+
+    monkeypatch.setattr(odc, "train_step", step)
+    run_epoch(tmp_path, data, model, optimizer, memory, args)  # a batch of one would raise
+    assert sizes == [4, 4, 4]
+
+
+def test_ten_steps_refresh_the_centroids_and_weigh_each_loss_by_the_labels_before_it(
+    tmp_path, monkeypatch, one_thread
+):
+    # 40 images, batch 4: 10 steps; the centroids are recomputed after steps 5 and 10
+    data, model, optimizer, memory, args = tiny_run(n=40, batch_size=4, centroid_every=5)
+    seen = []
+    real_step = odc.train_step
+
+    def step(model, memory, optimizer, x, idx, weights, amp=False):
+        expected = odc.class_weights(memory.labels, args.num_clusters)
+        seen.append(torch.allclose(weights, expected))
+        return real_step(model, memory, optimizer, x, idx, weights, amp)
+
+    monkeypatch.setattr(odc, "train_step", step)
+    start = memory.centroids.clone()
+    weights = run_epoch(tmp_path, data, model, optimizer, memory, args)
+    assert seen == [True] * 10, "each step's weights are those of the labels it starts from"
+    assert torch.allclose(weights, odc.class_weights(memory.labels, args.num_clusters))
+    assert not torch.allclose(memory.centroids, start)
+    for c in memory.labels.unique():
+        mean = memory.features[memory.labels == c].mean(0)
+        assert torch.allclose(memory.centroids[c], mean, atol=1e-5), "refreshed after step 10"
+
+
+def test_small_clusters_are_handled_after_every_step(tmp_path, monkeypatch, one_thread):
+    data, model, optimizer, memory, args = tiny_run(n=40, min_cluster=6, centroid_every=100)
+    memory.labels[[1, 5, 9, 13, 17, 21, 25, 29]] = 0  # cluster 1 keeps 2 of its 10 members
+    memory.update_centroids()
+    assert torch.bincount(memory.labels, minlength=4).min() < 6
+    smallest = []
+    real_step = odc.train_step
+
+    def step(model, memory, optimizer, x, idx, weights, amp=False):
+        smallest.append(int(torch.bincount(memory.labels, minlength=4).min()))
+        return real_step(model, memory, optimizer, x, idx, weights, amp)
+
+    monkeypatch.setattr(odc, "train_step", step)
+    run_epoch(tmp_path, data, model, optimizer, memory, args)
+    assert smallest[0] < 6 and min(smallest[1:]) >= 6, smallest
+    assert torch.bincount(memory.labels, minlength=4).min() >= 6
+
+
+def test_the_linear_probe_separates_separable_features_and_cannot_learn_random_labels():
+    g = torch.Generator().manual_seed(0)
+    centres = 3.0 * torch.randn(4, 16, generator=g)
+    train_y, test_y = (
+        torch.randint(0, 4, (400,), generator=g),
+        torch.randint(0, 4, (800,), generator=g),
+    )
+    train_x = centres[train_y] + torch.randn(400, 16, generator=g)
+    test_x = centres[test_y] + torch.randn(800, 16, generator=g)
+    state = torch.get_rng_state()
+    assert odc.linear_probe(train_x, train_y, test_x, test_y) >= 0.95
+    assert torch.equal(torch.get_rng_state(), state), "the global random state is left alone"
+    # features unrelated to the labels (noise, 64-d): the probe is at chance, 0.25 (one fit on the
+    # 200 test images themselves would reach far above it)
+    noise_x, noise_y = torch.randn(600, 64, generator=g), torch.randint(0, 4, (600,), generator=g)
+    acc = odc.linear_probe(noise_x[:400], noise_y[:400], noise_x[400:], noise_y[400:])
+    assert abs(acc - 0.25) < 0.1
 
 
 SMOKE = (
@@ -239,12 +412,21 @@ SMOKE = (
 ).split()
 
 
-def test_smoke_run_writes_its_files_and_resume_reaches_the_same_result(tmp_path, interrupted_run):
-    straight = odc.main(SMOKE + ["--out-dir", str(tmp_path / "a")])
+def test_smoke_run_writes_its_files_and_resume_reaches_the_same_result(
+    tmp_path, interrupted_run, monkeypatch
+):
+    saved = []  # the epoch of every checkpoint written
+    real_save = common.save_checkpoint
+    with monkeypatch.context() as patch:
+        patch.setattr(
+            common, "save_checkpoint", lambda p, s: saved.append(s["epoch"]) or real_save(p, s)
+        )
+        straight = odc.main(SMOKE + ["--out-dir", str(tmp_path / "a")])
+    assert saved == [1, 2], "a checkpoint at every evaluation (--eval-every 1)"
     for name in ("args.json", "log.jsonl", "checkpoint.pt", "results.json", "clusters.png"):
         assert (tmp_path / "a" / name).exists(), name
-    fractions = {"knn_acc", "knn20_acc", "baseline_knn_acc", "acc", "nmi", "ari"}
-    keys = fractions | {"baseline_acc", "seconds", "images_per_second"}
+    fractions = {"linear_acc", "knn_acc", "knn20_acc", "baseline_knn_acc", "acc", "nmi", "ari"}
+    keys = fractions | {"baseline_acc", "baseline_linear_acc", "seconds", "images_per_second"}
     assert keys <= set(straight)
     assert keys <= set(json.loads((tmp_path / "a" / "results.json").read_text()))
     assert all(0 <= straight[k] <= 1 for k in fractions)
@@ -257,17 +439,37 @@ def test_smoke_run_writes_its_files_and_resume_reaches_the_same_result(tmp_path,
     assert sum("eval/knn_acc" in r for r in records) == 2
     assert sum("baseline/knn_acc" in r for r in records) == 1
 
-    interrupted_run(odc.main, SMOKE + ["--out-dir", str(tmp_path / "b")])  # dies after epoch 1
+    # evaluating only at the end, the clock's checkpoint (due at once here) ends epoch 1
+    run_b = SMOKE + ["--out-dir", str(tmp_path / "b")]
+    monkeypatch.setattr(common, "CHECKPOINT_SECONDS", 0)
+    interrupted_run(odc.main, run_b + ["--eval-every", "2"])  # dies after epoch 1
     assert common.load_checkpoint(tmp_path / "b" / "checkpoint.pt")["epoch"] == 1
+    args_json = (tmp_path / "b" / "args.json").read_bytes()
     with pytest.raises(SystemExit, match="--resume"):  # a run in progress is not overwritten
-        odc.main(SMOKE + ["--out-dir", str(tmp_path / "b")])
-    resumed = odc.main(SMOKE + ["--out-dir", str(tmp_path / "b"), "--resume"])
-    for k in ("knn_acc", "knn20_acc", "acc", "nmi", "baseline_knn_acc"):
+        odc.main(run_b)
+    with pytest.raises(SystemExit, match="--epochs 2 \\(now 3\\)"):  # would bend the schedule
+        odc.main(run_b + ["--eval-every", "2", "--resume", "--epochs", "3"])
+    assert (tmp_path / "b" / "args.json").read_bytes() == args_json
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    damaged = tmp_path / "c" / "checkpoint.pt"
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    files = {f.name: f.read_bytes() for f in (tmp_path / "c").iterdir()}
+    with pytest.raises(SystemExit, match=str(damaged)):
+        odc.main(SMOKE + ["--out-dir", str(tmp_path / "c"), "--resume"])
+    assert {f.name: f.read_bytes() for f in (tmp_path / "c").iterdir()} == files, "untouched"
+
+    # --eval-every and --log-every may change on resume
+    resumed = odc.main(run_b + ["--resume", "--eval-every", "1", "--log-every", "5"])
+    for k in ("linear_acc", "knn_acc", "knn20_acc", "acc", "nmi", "baseline_knn_acc"):
         assert resumed[k] == straight[k], k
     memory_a = common.load_checkpoint(tmp_path / "a" / "checkpoint.pt")["memory"]
     memory_b = common.load_checkpoint(tmp_path / "b" / "checkpoint.pt")["memory"]
     assert torch.equal(memory_a["labels"], memory_b["labels"])
     assert torch.equal(memory_a["features"], memory_b["features"])
+    lines = (tmp_path / "b" / "log.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in lines if "train/loss" in line]
+    assert steps == sorted(set(steps)), "the log reads as one run: each step once, in order"
+    assert steps[:2] == [0.5, 1.0] and len(steps) == 2 + 4, "epoch 2 logged every 5 steps"
 
 
 @pytest.mark.parametrize(
@@ -276,13 +478,22 @@ def test_smoke_run_writes_its_files_and_resume_reaches_the_same_result(tmp_path,
         (["--num-clusters", "6000"], "exceeds the 5000 training images"),
         (["--num-clusters", "50", "--min-cluster", "101"], "cannot hold"),
         (["--dataset", "cifar11"], "not a known"),
+        (["--batch-size", "-4"], "--batch-size: -4 is out of range"),
+        (["--batch-size", "0"], "--batch-size: 0 is out of range"),
+        (["--batch-size", "1"], "--batch-size: 1 is out of range"),
+        (["--num-clusters", "0"], "--num-clusters: 0 is out of range"),
+        (["--eval-every", "0"], "--eval-every: 0 is out of range"),
+        (["--log-every", "0"], "--log-every: 0 is out of range"),
+        (["--epochs", "0"], "--epochs: 0 is out of range"),
+        (["--image-size", "0"], "--image-size: 0 is out of range"),
     ],
 )
-def test_bad_input_is_a_clear_message_before_training(tmp_path, argv, message):
+def test_bad_input_is_a_clear_message_before_training(tmp_path, argv, message, capsys):
     base = ["--dataset", "shapes", "--epochs", "1", "--device", "cpu"]
     base += ["--out-dir", str(tmp_path / "run")]
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(SystemExit) as stop:
         odc.main(base + argv)
+    assert message in str(stop.value) + capsys.readouterr().err
     assert not (tmp_path / "run").exists(), "nothing is written before the input is checked"
 
 
