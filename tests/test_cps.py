@@ -513,6 +513,7 @@ def test_smoke_run_writes_its_files_and_resume_reaches_the_same_result(
     assert (damaged / "checkpoint.pt").read_bytes() == whole[: len(whole) // 2]
 
 
+@pytest.mark.slow  # about 8 s: two more training runs
 def test_without_cutmix_and_supervised_only(tmp_path, small_shapes_seg):
     # crops larger than the 32 px images: padded (images 0, labels 255), as official
     argv = ["--no-cutmix", "--iterations", "2", "--crop-size", "48"]

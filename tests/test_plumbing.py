@@ -250,6 +250,7 @@ def test_pictures_are_written(tmp_path):
     assert colours[0, :, 0, 0].tolist() == [0, 0, 0] and colours[0, 0, 0, 1] == 128 / 255
 
 
+@pytest.mark.slow  # about 15 s: the full benchmark in a subprocess
 def test_python_common_py_prints_its_benchmark():
     result = subprocess.run(
         [sys.executable, "common.py", "cpu"],

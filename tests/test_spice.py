@@ -356,6 +356,7 @@ def test_smoke_every_stage_alone_and_resumed(tmp_path, monkeypatch):
     assert (resumed / "args.json").read_bytes() == before
 
 
+@pytest.mark.slow  # about 15 s: a second whole pipeline run and its resume
 def test_moco_resumes_mid_stage_on_the_clock(tmp_path, monkeypatch, interrupted_run):
     # With the 10-minute clock run out at every epoch end, MoCo checkpoints each epoch: stopped
     # after the first and resumed (its queue, encoders and optimizer restored), stage 1 ends where
@@ -425,6 +426,7 @@ def test_a_damaged_hand_over_file_is_named(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # about 11 s: two runs of all three stages
 def test_a_run_whose_stage_3_cannot_run_keeps_what_stages_1_and_2_measured(tmp_path, capsys):
     # --confidence 0.9999: a head trained for one epoch is that sure of too few images, so stage 3
     # finds a cluster without reliable images. The run ends with the message (status 1: not a
@@ -468,6 +470,7 @@ def test_a_value_outside_the_choices_is_refused_by_the_parser(tmp_path, capsys, 
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # about 8 s: trains the stages it hands over
 def test_a_hand_over_from_another_stage_or_setting_is_refused(tmp_path):
     spice.main(TINY + ["--stage", "moco", "--out-dir", str(tmp_path / "moco")])
     with pytest.raises(SystemExit, match="needs self.pt"):
