@@ -430,6 +430,8 @@ def wide_resnet_and_optimizer(
         raise common.ConfigError(
             f"--depth {args.depth}: a WideResNet has depth 6 n + 4 (10, 16, 22, 28, ...)"
         )
+    # Deviation: convolutions without biases, batch-norm eps 1e-5 (PyTorch's); the official's
+    # tf.layers have biases and eps 1e-3 (libml/models.py, ResNet).
     model = WideResNet(num_classes, args.depth, args.widen_factor, args.bn_momentum).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -573,6 +575,8 @@ def train(args: Args) -> dict:
                 u, flip=args.flip, generator=augment_rng, variant=args.randaugment
             )
             # 3. One forward pass over [labelled; weak; strong]: batch norm sees every view.
+            # Deviation: inputs standardised with the data set's channel statistics; the official
+            # scales them to [-1, 1] (libml/data.py, record_parse; its --whiten is off).
             inputs = common.normalize(torch.cat([x, u_weak, u_strong]), *stats)
             if device.type == "cuda":
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
