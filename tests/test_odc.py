@@ -387,6 +387,51 @@ def test_small_clusters_are_handled_after_every_step(tmp_path, monkeypatch, one_
     assert torch.bincount(memory.labels, minlength=4).min() >= 6
 
 
+def test_each_step_trains_on_a_fresh_augmented_view_of_its_own_images(
+    tmp_path, monkeypatch, one_thread
+):
+    data, model, optimizer, memory, args = tiny_run(n=8, batch_size=4)
+    views = []
+    inputs = []
+    real_augment = odc.augment
+    real_step = odc.train_step
+
+    def augment(images, generator):
+        view = real_augment(images, generator)
+        views.append((images.clone(), view.clone()))
+        return view
+
+    def step(model, memory, optimizer, x, idx, weights, amp=False):
+        inputs.append((x.clone(), idx.clone()))
+        return real_step(model, memory, optimizer, x, idx, weights, amp)
+
+    monkeypatch.setattr(odc, "augment", augment)
+    monkeypatch.setattr(odc, "train_step", step)
+    run_epoch(tmp_path, data, model, optimizer, memory, args)
+    assert len(views) == len(inputs) == 2, "one augmented view per step"
+    for (raw, view), (x, idx) in zip(views, inputs, strict=True):
+        assert torch.equal(raw, data.images[idx]), "the view is of the step's own images"
+        assert not torch.allclose(view.float(), raw.float(), atol=12), "the view is augmented"
+        assert torch.allclose(x, common.normalize(view, *data.stats)), "and is what trains"
+
+
+def test_small_clusters_are_split_with_a_new_seed_every_step(tmp_path, monkeypatch, one_thread):
+    # The 2-means of a split draws from a seed of (seed, step): a constant seed would cut every
+    # split the same way; a seed of the step alone would make every run's splits the same.
+    data, model, optimizer, memory, args = tiny_run(n=40, batch_size=4)
+    args.seed = 3
+    seeds = []
+    real_handle = odc.OdcMemory.handle_small_clusters
+
+    def handle(self, min_cluster, seed=0):
+        seeds.append(seed)
+        return real_handle(self, min_cluster, seed=seed)
+
+    monkeypatch.setattr(odc.OdcMemory, "handle_small_clusters", handle)
+    run_epoch(tmp_path, data, model, optimizer, memory, args, epoch=1)
+    assert seeds == [3 * 1_000_003 + step for step in range(10, 20)]
+
+
 def test_the_linear_probe_separates_separable_features_and_cannot_learn_random_labels():
     g = torch.Generator().manual_seed(0)
     centres = 3.0 * torch.randn(4, 16, generator=g)
