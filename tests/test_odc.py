@@ -550,6 +550,8 @@ def test_odc_features_beat_the_untrained_network_on_shapes(tmp_path):
     # of 21 to 35 points (k = 20: 0.621 / 0.567 / 0.690 vs 0.223 / 0.195 / 0.214).
     # After the resized_crop edge fix (commit fc4138b: no dark rim on enlarged crops): 0.589 /
     # 0.499 / 0.447 vs the same baselines, 23 to 35 points (k = 20: 0.704 / 0.614 / 0.608).
+    # With the official sampling (draws with replacement, 2026-12-02, one thread): 0.501 / 0.525
+    # / 0.573, 26 to 36 points (k = 20: 0.642 / 0.691 / 0.734, 42 to 52 points).
     argv = "--dataset shapes --image-size 16 --epochs 20 --eval-every 20 --seed 0 --device cpu"
     argv = argv.split() + ["--out-dir", str(tmp_path / "run")]
     result = odc.main(argv)
