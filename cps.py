@@ -787,10 +787,10 @@ def train(args: Args) -> dict:
     return common.write_results(out, results)
 
 
-def main(argv=None) -> dict:
+def main(argv: list[str] | None = None) -> dict:
     torch.set_flush_denormal(True)  # denormal floats slow CPU training many times over
-    about = __doc__.split("\n")[0]
-    args = common.parse_args(Args, argv, DATASET_DEFAULTS, about, script="cps", task="segment")
+    description = __doc__.split("\n")[0]
+    args = common.parse_args(Args, argv, DATASET_DEFAULTS, description, "cps", "segment")
     with common.user_errors("cps.py", args.out_dir):
         return train(args)
 

@@ -791,9 +791,7 @@ def train(args: Args) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     torch.set_flush_denormal(True)  # denormal floats slow CPU training many times over
     description = __doc__.split("\n")[0]
-    args = common.parse_args(
-        Args, argv, DATASET_DEFAULTS, description=description, script="odc", task="classify"
-    )
+    args = common.parse_args(Args, argv, DATASET_DEFAULTS, description, "odc", "classify")
     with common.user_errors("odc.py", args.out_dir):
         return train(args)
 

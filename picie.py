@@ -787,7 +787,7 @@ def train(args: Args) -> dict:
     return report(out, result, baseline, data.num_clusters, args, book.figures())
 
 
-def main(argv=None) -> dict:
+def main(argv: list[str] | None = None) -> dict:
     torch.set_flush_denormal(True)  # denormal floats slow CPU training many times over
     description = __doc__.split("\n")[0]
     args = common.parse_args(Args, argv, DATASET_DEFAULTS, description, "picie", "segment")
