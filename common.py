@@ -1893,6 +1893,17 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         ) from None
 
 
+def print_table(rows: dict[str, dict]) -> None:
+    """Evaluations side by side, one row each (e.g. the baselines and the trained network): a
+    column per figure that any row has, blank where a row lacks it."""
+    columns = list(dict.fromkeys(k for row in rows.values() for k in row))
+    width = max(len(name) for name in rows)
+    print(" " * width + "".join(f" {c:>10}" for c in columns), flush=True)
+    for name, row in rows.items():
+        cells = (f" {row[c]:>10.4f}" if c in row else " " * 11 for c in columns)
+        print(name.ljust(width) + "".join(cells), flush=True)
+
+
 def write_results(out_dir, results: dict) -> dict:
     """results.json, atomically. Accuracy-like figures (acc, nmi, ari, miou, pixel_acc and keys
     ending in them) must be fractions in [0, 1] (ARI, below chance, to -1): percentages refused."""

@@ -13,8 +13,10 @@ network learns to predict them.
 Algorithm (each name is a function or method below):
 1. `OdcMemory.initialise` (called by `baseline_and_memory`): neck features of the randomly
    initialised network (its batch-norm statistics recomputed on the training images,
-   `recompute_batch_norm`) for every training image, without augmentation, L2-normalised,
-   k-means with C clusters: the sample memory (features and labels) and the centroid memory.
+   `recompute_batch_norm`), or of a backbone trained by another self-supervised method
+   (`--init-from`, `backbone_weights`: the paper's ODC as fine-tuning) with a fresh neck, for
+   every training image, without augmentation, L2-normalised, k-means with C clusters: the
+   sample memory (features and labels) and the centroid memory.
 2. For a batch of indices I (`epoch_indices`: drawn with replacement): forward one augmented
    view (`augment`) -> 256-d neck feature -> C logits; `odc_loss`: cross-entropy against the
    memory labels of I as they were *before* this step, class weights w_c ~ (n_c + 1e-5)^(-1/2)
@@ -30,13 +32,15 @@ Algorithm (each name is a function or method below):
 6. `evaluate` of the frozen backbone: a linear probe (`linear_probe`), weighted kNN accuracy
    (`knn_accuracy`, k = 200 and 20, T = 0.07), k-means with K = number of classes (ACC, NMI with
    the arithmetic normalisation, ARI), and the NMI of the memory labels (`memory_nmi`), beside
-   the same figures for the untrained network.
+   the same figures for the untrained network and for the --init-from network before ODC.
 
 Usage:
     python odc.py --dataset cifar10                   # the CIFAR-scale recipe below (GPU: hours)
     python odc.py --dataset shapes                    # a small complete run on a CPU
     python odc.py --dataset imagefolder --data-dir DIR --image-size 64 \\
         --num-clusters 200 --min-cluster 20
+    python spice.py --dataset cifar10 --stage moco --out-dir runs/moco   # MoCo first, then
+    python odc.py --dataset cifar10 --init-from runs/moco/moco.pt        # ODC from its backbone
 
 Defaults: ODC published no CIFAR recipe. These CIFAR-scale settings are ours, scaled from the
 ImageNet one (ResNet-50, batch 512, lr 0.06, C = 10,000, 440 epochs with lr x0.4 at 400): a
@@ -56,6 +60,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -96,6 +101,10 @@ class Args:
     """bfloat16 autocast on CUDA (ignored on the CPU)"""
     compile: bool = False
     """torch.compile the network(s)"""
+    init_from: str | None = None
+    """start the backbone from this file instead of random weights: spice.py's moco.pt (or the
+    run folder holding it), odc.py's checkpoint.pt, or a saved state_dict of this CIFAR ResNet-18
+    (the neck, head and memory start fresh)"""
     epochs: int = common.arg(200, at_least=1)
     """training epochs (passes over the training images)"""
     num_clusters: int = common.arg(100, at_least=2)
@@ -627,26 +636,87 @@ def build_model(args: Args, device: torch.device) -> tuple[ODC, torch.optim.SGD,
     return model, optimizer, forward
 
 
+def backbone_weights(path: str, backbone: ResNet18) -> dict:
+    """The CIFAR ResNet-18 weights in the file `path` (--init-from), checked against `backbone`:
+    spice.py's hand-over (moco.pt, or a run folder holding it; self.pt fits too), odc.py's
+    checkpoint.pt, or a state_dict of that network or of the whole ODC model. Anything else is a
+    ConfigError saying what the file holds and what was expected."""
+    file = Path(path)
+    if file.is_dir():
+        file = file / "moco.pt"
+    state = common.load_checkpoint(file)
+    if isinstance(state.get("backbone"), dict):
+        weights = state["backbone"]
+        holds = f"spice.py's {state.get('stage', 'unknown')}-stage hand-over"
+    elif isinstance(state.get("model"), dict):
+        weights = state["model"]
+        holds = "an odc.py checkpoint"
+    else:
+        weights = state
+        holds = "a state_dict"
+    if any(str(name).startswith("backbone.") for name in weights):  # the whole ODC model
+        weights = {
+            name.removeprefix("backbone."): tensor
+            for name, tensor in weights.items()
+            if name.startswith("backbone.")
+        }
+    expected = backbone.state_dict()
+    if set(weights) != set(expected):
+        found = ", ".join(map(str, list(weights)[:3])) or "nothing"
+        wanted = ", ".join(list(expected)[:3])
+        raise common.ConfigError(
+            f"--init-from {file}: {holds} with {len(weights)} entries ({found}, ...), not "
+            f"odc.py's CIFAR ResNet-18 ({len(expected)} entries: {wanted}, ...). Pass the "
+            f"moco.pt of a spice.py run, an odc.py checkpoint.pt or a state_dict of that network"
+        )
+    width = weights["stem.0.weight"].shape[0]
+    if width != backbone.stem[0].out_channels:
+        raise common.ConfigError(
+            f"--init-from {file}: {holds} of a ResNet-18 of width {width}; this run builds "
+            f"width {backbone.stem[0].out_channels}: pass --backbone-width {width}"
+        )
+    for name, tensor in expected.items():
+        if weights[name].shape != tensor.shape:
+            raise common.ConfigError(
+                f"--init-from {file}: its {name} has shape {tuple(weights[name].shape)}, this "
+                f"run's network expects {tuple(tensor.shape)}"
+            )
+    print(f"backbone from {file} ({holds})", flush=True)
+    return weights
+
+
 def baseline_and_memory(
-    model: ODC, data: OdcData, args: Args, amp: bool = False
-) -> tuple[dict, OdcMemory]:
-    """The untrained network, its batch-norm statistics recomputed on the training images: its
-    evaluation (the baseline) and, from its neck features, the initial memory (step 1)."""
+    model: ODC, data: OdcData, args: Args, amp: bool = False, init: dict | None = None
+) -> tuple[dict, dict, OdcMemory]:
+    """The rows before training and the initial memory (step 1): the random network, its batch-
+    norm statistics recomputed on the training images (the baseline), then, with --init-from, the
+    loaded backbone (`init`; the row is {} without). The memory comes from the neck features of
+    the last network evaluated."""
     n = len(data.images)
     batch_size = 256  # images per no-gradient pass; the statistics average over all of them
-    batches = (
-        common.normalize(data.images[i : i + batch_size], *data.stats)
-        for i in range(0, n, batch_size)
-    )
+
+    def batches():
+        for i in range(0, n, batch_size):
+            yield common.normalize(data.images[i : i + batch_size], *data.stats)
+
     # Deviation: the memory starts from the network with recomputed batch-norm statistics (the
     # same network is the baseline); the official code uses the initial statistics.
-    recompute_batch_norm(model, batches)
+    recompute_batch_norm(model, batches())
     baseline = evaluate(model, data, args.seed, amp)
+    loaded = {}
+    if init is not None:
+        model.backbone.load_state_dict(init)
+        model.backbone.eval()
+        # the loaded backbone keeps its own batch-norm statistics, as the trained network does;
+        # only the fresh neck's are recomputed, on the loaded backbone's features
+        recompute_batch_norm(model.neck, (model.backbone(x) for x in batches()))
+        loaded = evaluate(model, data, args.seed, amp)
     neck = nn.Sequential(model.backbone, model.neck)
     features = F.normalize(network_outputs(neck, data.images, data.stats, amp), dim=1)
     memory = OdcMemory.initialise(features, args.num_clusters, args.memory_momentum, args.seed)
-    baseline["memory_nmi"] = memory_nmi(memory, data)
-    return baseline, memory
+    first_row = loaded if init is not None else baseline
+    first_row["memory_nmi"] = memory_nmi(memory, data)
+    return baseline, loaded, memory
 
 
 def resume_from(
@@ -655,10 +725,10 @@ def resume_from(
     optimizer: torch.optim.SGD,
     augment_rng: torch.Generator,
     args: Args,
-) -> tuple[dict, OdcMemory, dict]:
+) -> tuple[dict, dict, OdcMemory, dict]:
     """Restores the network, optimiser and random states of the checkpoint (the augmentation's
-    generator and torch's global one, which the neck's dropout draws from); returns its baseline,
-    memory and last evaluation."""
+    generator and torch's global one, which the neck's dropout draws from); returns the rows of
+    its random and loaded networks, its memory and its last evaluation."""
     state = book.checkpoint
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
@@ -666,7 +736,7 @@ def resume_from(
     augment_rng.set_state(state["augment_rng"].cpu())
     book.restore_global_rng()
     print(f"resumed after epoch {state['epoch']}", flush=True)
-    return state["baseline"], memory, state["result"]
+    return state["baseline"], state.get("loaded", {}), memory, state["result"]
 
 
 def interval_metrics(
@@ -736,6 +806,10 @@ def train(args: Args) -> dict:
     common.set_seed(args.seed)
     data = load_data(args, device)
     n = len(data.images)
+    model, optimizer, forward = build_model(args, device)
+    init = None
+    if args.init_from and not args.resume:  # checked before anything is written
+        init = backbone_weights(args.init_from, model.backbone)
     out = common.prepare_out_dir(args.out_dir, args.resume, args)
     print(
         f"odc: {args.dataset} on {device}, {n} training and {len(data.test_images)} test images "
@@ -743,17 +817,18 @@ def train(args: Args) -> dict:
         flush=True,
     )
     amp = args.amp and device.type == "cuda"
-    model, optimizer, forward = build_model(args, device)
     augment_rng = torch.Generator(device=device).manual_seed(args.seed)
     book = common.RunBook(out, args, device)
     start = book.checkpoint.get("epoch", 0)
     book.start_log(total=args.epochs, start=start)
     if args.resume:
-        baseline, memory, result = resume_from(book, model, optimizer, augment_rng, args)
+        baseline, loaded, memory, result = resume_from(book, model, optimizer, augment_rng, args)
     else:
-        baseline, memory = baseline_and_memory(model, data, args, amp)  # step 1
+        baseline, loaded, memory = baseline_and_memory(model, data, args, amp, init)  # step 1
         result = {}
         book.log(0, {f"baseline/{k}": v for k, v in baseline.items()})
+        if loaded:
+            book.log(0, {f"init/{k}": v for k, v in loaded.items()})
 
     weights = class_weights(memory.labels, args.num_clusters)
     for epoch in range(start, args.epochs):
@@ -777,13 +852,20 @@ def train(args: Args) -> dict:
                 "augment_rng": augment_rng.get_state(),
                 "epoch": epoch + 1,
                 "baseline": baseline,
+                "loaded": loaded,
                 "result": result,
             }
             book.save(state)
 
     save_cluster_picture(out / "clusters.png", memory, data.images)
+    rows = {"random network (baseline)": baseline}
+    if loaded:
+        rows[f"loaded network, before ODC ({args.init_from})"] = loaded
+    rows["after ODC"] = result
+    common.print_table(rows)
     baseline_results = {f"baseline_{k}": v for k, v in baseline.items()}
-    results = {**result, **baseline_results, **book.figures()}
+    loaded_results = {f"init_{k}": v for k, v in loaded.items()}
+    results = {**result, **baseline_results, **loaded_results, **book.figures()}
     print("results: " + " ".join(f"{k}={v:.4g}" for k, v in results.items()), flush=True)
     return common.write_results(out, results)
 

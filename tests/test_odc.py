@@ -542,6 +542,95 @@ def test_bad_input_is_a_clear_message_before_training(tmp_path, argv, message, c
     assert not (tmp_path / "run").exists(), "nothing is written before the input is checked"
 
 
+# --init-from: a spice.py MoCo run's backbone, then ODC
+INIT_TINY = "--dataset shapes --image-size 8 --backbone-width 4 --device cpu --threads 1".split()
+
+
+@pytest.fixture(scope="module")
+def moco_run(tmp_path_factory):
+    """A one-epoch spice.py MoCo run on shapes: its run folder and results."""
+    import spice
+
+    out = tmp_path_factory.mktemp("moco") / "run"
+    argv = INIT_TINY + ["--stage", "moco", "--moco-epochs", "1", "--batch-size", "256"]
+    return out, spice.main(argv + ["--out-dir", str(out)])
+
+
+def test_init_from_a_moco_run_loads_every_backbone_weight_and_reports_three_rows(
+    tmp_path, moco_run, monkeypatch, capsys
+):
+    moco_dir, moco_results = moco_run
+    moco_backbone = common.load_checkpoint(moco_dir / "moco.pt")["backbone"]
+    seen = {}
+    real_train_epoch = odc.train_epoch
+
+    def first_epoch_checked(forward, optimizer, memory, data, *rest, **kwargs):
+        if not seen:  # before the first step: the loaded weights, the memory made from them
+            seen["backbone"] = {k: v.clone() for k, v in forward.backbone.state_dict().items()}
+            neck = nn.Sequential(forward.backbone, forward.neck)
+            features = odc.network_outputs(neck, data.images, data.stats)
+            seen["memory_matches"] = torch.allclose(
+                memory.features, F.normalize(features, dim=1), atol=1e-5
+            )
+            forward.train()
+        return real_train_epoch(forward, optimizer, memory, data, *rest, **kwargs)
+
+    monkeypatch.setattr(odc, "train_epoch", first_epoch_checked)
+    argv = INIT_TINY + ["--epochs", "1", "--batch-size", "256", "--num-clusters", "20"]
+    argv += ["--min-cluster", "30", "--init-from", str(moco_dir / "moco.pt")]
+    result = odc.main(argv + ["--out-dir", str(tmp_path / "odc")])
+
+    assert seen["backbone"].keys() == moco_backbone.keys()
+    for name, tensor in moco_backbone.items():
+        assert torch.equal(seen["backbone"][name], tensor), name
+    assert seen["memory_matches"], "the memory starts from the loaded network's neck features"
+    # the loaded row is the MoCo embedding as spice.py measured it (its own batch-norm statistics)
+    assert result["init_acc"] == moco_results["kmeans_acc"], "the same clusters"
+    assert result["init_nmi"] == pytest.approx(moco_results["kmeans_nmi"], abs=1e-5)
+    assert result["init_knn_acc"] != result["baseline_knn_acc"], "not the random network again"
+    assert "init_memory_nmi" in result and "baseline_memory_nmi" not in result
+    rows = [line for line in capsys.readouterr().out.splitlines() if "knn_acc" not in line]
+    for row in ("random network", "loaded network, before ODC", "after ODC"):
+        assert sum(line.startswith(row) for line in rows) == 1, row
+    written = json.loads((tmp_path / "odc" / "results.json").read_text())
+    assert {"knn_acc", "baseline_knn_acc", "init_knn_acc", "init_linear_acc"} <= set(written)
+
+
+def test_backbone_weights_come_from_odc_checkpoints_and_state_dicts(tmp_path):
+    source = odc.ODC(num_clusters=5, width=4)
+    target = odc.ResNet18(width=4)
+    files = {
+        "checkpoint.pt": {"model": source.state_dict(), "epoch": 3},
+        "odc_model.pt": source.state_dict(),
+        "resnet.pt": source.backbone.state_dict(),
+    }
+    for name, state in files.items():
+        torch.save(state, tmp_path / name)
+        weights = odc.backbone_weights(str(tmp_path / name), target)
+        assert weights.keys() == target.state_dict().keys(), name
+        for key, tensor in source.backbone.state_dict().items():
+            assert torch.equal(weights[key], tensor), (name, key)
+
+
+def test_init_from_another_network_is_refused_before_anything_is_written(
+    tmp_path, moco_run, capsys
+):
+    torch.save(nn.Linear(3, 4).state_dict(), tmp_path / "linear.pt")
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (str(tmp_path / "linear.pt"), "a state_dict with 2 entries (weight, bias, ...), not"),
+        (str(moco_run[0]), "width 4; this run builds width 8: pass --backbone-width 4"),
+        (str(tmp_path / "empty"), "no such file"),
+    ]
+    for path, message in cases:
+        argv = ["--dataset", "shapes", "--image-size", "8", "--backbone-width", "8", "--epochs"]
+        argv += ["1", "--device", "cpu", "--init-from", path, "--out-dir", str(tmp_path / "run")]
+        with pytest.raises(SystemExit) as stop:
+            odc.main(argv)
+        assert message in str(stop.value) + capsys.readouterr().err, path
+        assert not (tmp_path / "run").exists(), "nothing is written"
+
+
 @pytest.mark.slow
 def test_odc_features_beat_the_untrained_network_on_shapes(tmp_path):
     # The shapes defaults (ResNet-18 width 16, C = 50, min cluster 15, batch 128) at 16 px for 20
