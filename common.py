@@ -669,18 +669,33 @@ class SegmentationSet(torch.utils.data.Dataset):
             label = resize(label[None], self.image_size, InterpolationMode.NEAREST)[0]
         return image, label
 
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole set as (N, 3, H, W) uint8 and (N, H, W) int64, decoded once."""
+    def in_memory(self) -> tuple[torch.Tensor, torch.Tensor] | SegmentationSet:
+        """The whole set decoded once: (N, 3, H, W) uint8 and (N, H, W) int64 tensors where every
+        image has one size; else the set itself, holding the decoded images and uint8 labels as
+        lists, for `segmentation_batches` to pad batch by batch (`pad_collate`)."""
         if self.images is None:
             print(f"decoding {len(self.pairs)} image/label pairs ({self.split})", flush=True)
-            images, labels = zip(*_read_all(self.__getitem__, range(len(self.pairs))), strict=True)
-            if len({im.shape for im in images}) > 1:
-                raise ConfigError(
-                    "images differ in size after resizing: stream them through a "
-                    "DataLoader with collate_fn=common.pad_collate instead"
-                )
-            self.images, self.labels = torch.stack(images), torch.stack(labels)
+            pairs = _read_all(self.__getitem__, range(len(self.pairs)))
+            self.images = [image for image, _ in pairs]
+            self.labels = [label.to(torch.uint8) for _, label in pairs]  # classes < 255 fit
+            if len({image.shape for image in self.images}) == 1:
+                self.images = torch.stack(self.images)
+                self.labels = torch.stack(self.labels).long()
+        if isinstance(self.images, list):
+            return self
         return self.images, self.labels
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole set as (N, 3, H, W) uint8 and (N, H, W) int64, decoded once; its images must
+        share one size (else use `in_memory`)."""
+        decoded = self.in_memory()
+        if decoded is self:
+            sizes = sorted({tuple(image.shape[1:]) for image in self.images})
+            raise ConfigError(
+                f"the {self.split} images differ in size ({sizes[0]} to {sizes[-1]}): pass "
+                f"--image-size to resize them alike, or crop them to one size"
+            )
+        return decoded
 
 
 def pad_collate(batch):

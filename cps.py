@@ -122,7 +122,8 @@ class Args:
     pseudo_label_mode: Literal["train", "eval"] = "train"
     """batch-norm mode of the no-gradient CutMix passes making pseudo-labels (train: official)"""
     workers: int = common.arg(4, at_least=0)
-    """DataLoader workers that decode the streamed data sets (VOC, Cityscapes)"""
+    """DataLoader workers that decode the streamed data sets (VOC, Cityscapes) and pad a folder
+    whose images differ in size"""
     log_every: int = common.arg(50, at_least=1)
     """iterations between log lines"""
 
@@ -441,14 +442,18 @@ def build_networks(
 # --------------------------------------------------------------------------------------------------
 def load_split(args: Args, split: str, device) -> tuple:
     """(source, image names, class names) of one split: source is (uint8 images, uint8 labels) on
-    the device, or the SegmentationSet itself for the STREAMED sets (decoded by workers)."""
+    the device, or the SegmentationSet itself: decoded by workers for the STREAMED sets, held in
+    memory as lists for a folder whose images differ in size (a user's photographs)."""
     data = common.load_segmentation(
         args.dataset, split, args.data_dir, args.download, args.image_size
     )
     names = [p.stem for p, _ in data.pairs] if data.pairs else [str(i) for i in range(len(data))]
     if args.dataset in STREAMED:
         return data, names, data.classes
-    images, labels = data.tensors()
+    decoded = data.in_memory()
+    if decoded is data:  # images of different sizes: padded batch by batch, evaluated one by one
+        return data, names, data.classes
+    images, labels = decoded
     labels = labels.to(torch.uint8)  # class indices and 255 (void) fit in a byte
     return (images.to(device), labels.to(device)), names, data.classes
 

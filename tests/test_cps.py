@@ -714,3 +714,36 @@ def test_cps_learns_shapes_seg_within_a_cpu_budget(tmp_path):
         result["num_labeled"] == 8 and result["cps_weight"] == 1.0 and result["iterations"] == 200
     )
     assert result["miou"] >= 0.19 and result["pixel_acc"] > 0.703
+
+
+def test_a_folder_of_images_of_different_sizes_trains_and_is_evaluated_at_each_own_size(
+    tmp_path, monkeypatch
+):
+    from PIL import Image
+
+    g = np.random.default_rng(0)
+    sizes = {"train": [(40, 32), (32, 56), (36, 36), (48, 40)], "test": [(44, 32), (32, 50)]}
+    for split, shapes in sizes.items():
+        for sub in ("images", "masks"):
+            (tmp_path / "data" / split / sub).mkdir(parents=True)
+        for i, (h, w) in enumerate(shapes):
+            mask = np.zeros((h, w), np.uint8)
+            mask[:, w // 2 :] = 1
+            mask[: h // 4] = 2
+            image = (g.random((h, w, 3)) * 80 + mask[..., None] * 60).astype(np.uint8)
+            Image.fromarray(image).save(tmp_path / "data" / split / "images" / f"{i}.png")
+            Image.fromarray(mask).save(tmp_path / "data" / split / "masks" / f"{i}.png")
+    evaluated = []  # the (h, w) of every image the evaluation scored
+    real_confusion = common.confusion_matrix
+
+    def confusion_recorded(pred, labels, num_classes):
+        evaluated.append(tuple(labels.shape[-2:]))
+        return real_confusion(pred, labels, num_classes)
+
+    monkeypatch.setattr(common, "confusion_matrix", confusion_recorded)
+    argv = ["--dataset", "segfolder", "--data-dir", str(tmp_path / "data"), "--crop-size", "32"]
+    argv += ["--backbone", "resnet18", "--weights", "none", "--labeled-ratio", "1/2"]
+    argv += ["--iterations", "2", "--batch-size", "2", "--workers", "0", "--device", "cpu"]
+    result = cps.main(argv + ["--out-dir", str(tmp_path / "run")])
+    assert evaluated[-2:] == sizes["test"], "each test image scored whole, at its own size"
+    assert 0 <= result["miou"] <= 1 and (tmp_path / "run" / "results.json").exists()
