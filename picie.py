@@ -48,6 +48,7 @@ mIoU / pixel accuracy after training (the untrained network, batch norm recomput
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -224,14 +225,18 @@ def shrink(images: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
-def pixel_features(model: nn.Module, x: torch.Tensor, stats, amp: bool = False) -> torch.Tensor:
-    """L2-normalised features (B, 128, H/4, W/4) of [0, 1] images; every use of a feature
-    (k-means, labels, loss, evaluation) sees it normalised (the official metric "cosine")."""
+def pixel_features(
+    model: nn.Module, x: torch.Tensor, stats, amp: bool = False, unit: bool = True
+) -> torch.Tensor:
+    """Features (B, 128, H/4, W/4) of [0, 1] images, L2-normalised along channels unless `unit`
+    is False; every use of a feature (k-means, labels, loss, evaluation) sees it normalised (the
+    official metric "cosine")."""
     x = common.normalize(x, *stats)
     if x.is_cuda:
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
-        return F.normalize(model(x).float(), dim=1)
+        z = model(x).float()
+    return F.normalize(z, dim=1) if unit else z
 
 
 def view_features(
@@ -250,13 +255,13 @@ def view_features(
     boxes = transforms["boxes"]
     flip = transforms["flip"]
     if view == 1:
-        # Deviation: P1 in every pass (official: the training pass feeds view 1 without P1; its
-        # data set computes P1(x), then converts x itself, while its clustering pass applies P1).
+        # P1 in every pass, as the official COCO training set (`coco_train_dataset.py`). Its
+        # Cityscapes one (and early COCO versions) computes P1(x) and then feeds x itself.
         x1 = geometric(common.apply_photometric(x, transforms["p1"]), boxes, flip, size)
         return pixel_features(model, x1, stats, amp)
     x2 = shrink(common.apply_photometric(x, transforms["p2"]), size)
-    z = pixel_features(model, x2, stats, amp)
-    return F.normalize(geometric(z, boxes, flip), dim=1)
+    z = pixel_features(model, x2, stats, amp, unit=False)
+    return F.normalize(geometric(z, boxes, flip), dim=1)  # resampled, then normalised (official)
 
 
 def sample_pixels(z: torch.Tensor, per_image: int, generator=None) -> torch.Tensor:
@@ -546,7 +551,17 @@ def evaluate(
     """Step 7: k-means (`cluster_pixels`) on the un-augmented images `data.fit_idx`, logits resized
     bilinearly to the label size. Returns the scores (miou, pixel_acc, per-class iou) and `show`
     images spread evenly over the split, their labels and matched predictions (255 where a cluster
-    matched no class)."""
+    matched no class). Every network is judged with batch-norm statistics recomputed on those
+    un-augmented images (`clean_batch_norm`), as the official evaluation re-estimates them."""
+    with clean_batch_norm(model, data, args):
+        return evaluate_as_is(model, data, args, amp, show)
+
+
+@torch.no_grad()
+def evaluate_as_is(
+    model: nn.Module, data: PicieData, args: Args, amp: bool = False, show: int = 6
+) -> tuple[dict, tuple]:
+    """`evaluate` with the network's batch-norm statistics as they are."""
     model.eval()
     size = args.image_size
 
@@ -576,16 +591,55 @@ def evaluate(
     return scores, (x, y, match[pred])
 
 
-def untrained_baseline(model: nn.Module, forward, data: PicieData, args: Args, amp: bool) -> dict:
-    """Step 7 on the untrained network (`forward`: as the passes call it), its batch-norm statistics
-    first recomputed on the images `data.fit_idx`; training starts from this network."""
-    # Deviation: batch norm recomputed at the start (official: ImageNet's statistics).
+def fit_batch_norm(model: nn.Module, data: PicieData, args: Args) -> None:
+    """`recompute_batch_norm` on the un-augmented training images `data.fit_idx`."""
     fit_even = without_lone_image(data.fit_idx, args.batch_size)
     fit_batches = batches(data.train_source, fit_even, args.batch_size, args.workers)
     inputs = (common.normalize(shrink(x, args.image_size), *data.stats) for _, x, _ in fit_batches)
     recompute_batch_norm(model, inputs)
-    scores, _ = evaluate(forward, data, args, amp)
+
+
+@contextlib.contextmanager
+def clean_batch_norm(model: nn.Module, data: PicieData, args: Args):
+    """Within the block, `model`'s batch-norm statistics are those of the clean training images
+    (`fit_batch_norm`); after it, the statistics training left are back, so an evaluation does
+    not change the run (its eval-mode clustering reads them)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(bn.running_mean.clone(), bn.running_var.clone()) for bn in bns]
+    fit_batch_norm(model, data, args)
+    try:
+        yield
+    finally:
+        for bn, (mean, var) in zip(bns, saved, strict=True):
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+
+
+def untrained_baseline(model: nn.Module, forward, data: PicieData, args: Args, amp: bool) -> dict:
+    """Step 7 on the untrained network (`forward`: as the passes call it), its batch-norm statistics
+    first recomputed on the images `data.fit_idx`; training starts from this network."""
+    # Deviation: batch norm recomputed at the start (official: ImageNet's statistics).
+    fit_batch_norm(model, data, args)
+    scores, _ = evaluate_as_is(forward, data, args, amp)
     return scores
+
+
+@torch.no_grad()
+def constant_baseline(data: PicieData, args: Args) -> dict:
+    """The scores of putting every pixel in one cluster, under the same Hungarian matching and at
+    the same label size as `evaluate`: the answer a method must beat to have learned anything
+    (its pixel accuracy is the largest class's share)."""
+    size = args.image_size
+    conf = torch.zeros(data.num_classes, data.num_clusters, dtype=torch.long)
+    conf = conf.to(data.fit_idx.device)
+    eval_idx = torch.arange(data.num_eval, device=data.fit_idx.device)
+    for _, _, labels in batches(data.eval_source, eval_idx, args.batch_size, args.workers):
+        y = F.interpolate(labels[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
+        one_cluster = torch.zeros_like(y)
+        conf += common.confusion_matrix(
+            one_cluster, y, data.num_classes, num_clusters=data.num_clusters
+        )
+    return common.segmentation_scores(conf, hungarian=True)
 
 
 def log_scores(prefix: str, scores: dict) -> dict:
@@ -686,14 +740,24 @@ def train_step(features, optimizer, idx, images, transforms: dict, clusters: tup
     return torch.stack([loss.detach(), within.detach(), cross.detach()])
 
 
-def report(out, result: dict, baseline: dict, num_clusters: int, args: Args, figures) -> dict:
-    """results.json, and its floats printed: the last evaluation and the baseline (`iou`: None for
-    a class never present), K, the epochs and the run's `figures` (`common.RunBook.figures`)."""
+def report(
+    out, result: dict, baseline: dict, constant: dict, num_clusters: int, args: Args, figures
+) -> dict:
+    """results.json, and its floats printed: the last evaluation beside the untrained network
+    (`baseline_*`) and the one-cluster answer (`constant_*`) (`iou`: None for a class never
+    present), K, the epochs and the run's `figures` (`common.RunBook.figures`)."""
+    rows = {"constant answer (one cluster)": constant, "untrained network": baseline}
+    rows["after PiCIE"] = result
+    common.print_table(
+        {name: {k: row[k] for k in ("miou", "pixel_acc")} for name, row in rows.items()}
+    )
     results = {
         "miou": result["miou"],
         "pixel_acc": result["pixel_acc"],
         "baseline_miou": baseline["miou"],
         "baseline_pixel_acc": baseline["pixel_acc"],
+        "constant_miou": constant["miou"],
+        "constant_pixel_acc": constant["pixel_acc"],
         "iou": [None if math.isnan(v) else v for v in result["iou"]],
         "num_clusters": num_clusters,
         "epochs": args.epochs,
@@ -746,6 +810,8 @@ def train(args: Args) -> dict:
             transforms = draw_epoch_transforms(data.num_train, args.min_scale, generator, device)
             order_generator = torch.Generator().manual_seed(epoch_seed)
             order = torch.randperm(data.num_train, generator=order_generator).to(device)
+            # Deviation: the clustering passes run in eval mode (official: train mode, so batch
+            # norm uses each batch's statistics and updates its running ones).
             model.eval()
             fit_idx = order[: args.kmeans_images]
             clusters, record = cluster_and_label(
@@ -784,7 +850,8 @@ def train(args: Args) -> dict:
     if shown is None:  # resumed from the final checkpoint: evaluate again for the picture
         result, shown = evaluate(forward, data, args, amp)
     common.save_segmentation_rows(out / "segmentation.png", *shown)
-    return report(out, result, baseline, data.num_clusters, args, book.figures())
+    constant = constant_baseline(data, args)
+    return report(out, result, baseline, constant, data.num_clusters, args, book.figures())
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -133,7 +133,8 @@ class GlobalMix(nn.Module):
 
 
 def test_view_1_transforms_the_image_and_view_2_its_feature_map_each_with_its_colours():
-    # Sec. 3.3: Z1 = f(crop(P1(x))), Z2 = crop(f(P2(x))), every feature L2-normalised.
+    # Sec. 3.3: Z1 = f(crop(P1(x))), Z2 = crop(f(P2(x))), every feature L2-normalised; view 2's
+    # feature map is resampled first and normalised once (official `train_picie.py`).
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=g)
     jitter = dict(jitter_p=1.0, jitter_each=True, random_order=False, grayscale_p=0.0, blur_p=0.0)
@@ -153,8 +154,12 @@ def test_view_1_transforms_the_image_and_view_2_its_feature_map_each_with_its_co
         return F.normalize(net(common.normalize(x, *stats)), dim=1)
 
     z1 = f(picie.geometric(common.apply_photometric(x, transforms["p1"]), boxes, flip, 16))
-    z2 = f(picie.shrink(common.apply_photometric(x, transforms["p2"]), 16))
-    z2 = F.normalize(picie.geometric(z2, boxes, flip), dim=1)
+    raw2 = net(
+        common.normalize(picie.shrink(common.apply_photometric(x, transforms["p2"]), 16), *stats)
+    )
+    z2 = F.normalize(picie.geometric(raw2, boxes, flip), dim=1)
+    twice = F.normalize(picie.geometric(F.normalize(raw2, dim=1), boxes, flip), dim=1)
+    assert not torch.allclose(z2, twice, atol=1e-3), "normalised before the resampling differs"
     assert torch.allclose(picie.view_features(net, images, transforms, 1, 16, stats), z1, atol=1e-6)
     assert torch.allclose(picie.view_features(net, images, transforms, 2, 16, stats), z2, atol=1e-6)
     assert not torch.allclose(z1, z2, atol=1e-2), "the example tells the views apart"
@@ -403,6 +408,38 @@ def band_data(n=16, n_eval=8, num_clusters=3):
     )
 
 
+def test_every_evaluation_judges_the_network_with_clean_statistics_and_then_restores_them():
+    # The official evaluation re-estimates batch norm on its clustering images (train-mode
+    # passes); training's statistics, from augmented batches, must come back afterwards.
+    data = band_data()
+    args = picie.Args(image_size=16, batch_size=5, kmeans_pixels=10_000, kmeans_iters=5)
+    net = nn.Sequential(nn.AvgPool2d(4), nn.BatchNorm2d(3))
+    net[1].running_mean.copy_(torch.tensor([3.0, -2.0, 0.0]))  # statistics of other images
+    net[1].running_var.copy_(torch.tensor([0.01, 9.0, 1.0]))
+    trained = [t.clone() for t in (net[1].running_mean, net[1].running_var)]
+    as_trained, _ = picie.evaluate_as_is(net, data, args)
+    scores, _ = picie.evaluate(net, data, args)
+    assert torch.equal(net[1].running_mean, trained[0]), "training's statistics are back"
+    assert torch.equal(net[1].running_var, trained[1])
+    clean = copy.deepcopy(net)
+    picie.fit_batch_norm(clean, data, args)
+    expected, _ = picie.evaluate_as_is(clean, data, args)
+    assert scores["miou"] == expected["miou"] and scores["pixel_acc"] == expected["pixel_acc"]
+    assert as_trained["miou"] < scores["miou"] - 0.1, "the example tells the two apart"
+
+
+def test_the_constant_baseline_is_one_cluster_everywhere_under_hungarian_matching():
+    data = band_data()
+    args = picie.Args(image_size=16, batch_size=5)
+    eval_labels = data.eval_source[1][:, ::2, ::2]  # the labels at 16 px, as evaluated
+    shares = torch.bincount(eval_labels.flatten(), minlength=3).double() / eval_labels.numel()
+    scores = picie.constant_baseline(data, args)
+    assert scores["pixel_acc"] == pytest.approx(float(shares.max()))
+    assert scores["miou"] == pytest.approx(float(shares.max()) / 3), (
+        "one class matched, IoU = share"
+    )
+
+
 def test_each_view_is_labelled_by_its_own_centroids_and_weighted_by_its_own_sizes():
     data = band_data()
     args = picie.Args(image_size=16, batch_size=5, kmeans_pixels=10_000, kmeans_iters=5)
@@ -516,7 +553,7 @@ def watch_loop(monkeypatch) -> dict:
     real_cluster, real_step, real_evaluate = (
         picie.cluster_and_label,
         picie.train_step,
-        picie.evaluate,
+        picie.evaluate_as_is,
     )
     real_forward = picie.PiCIENet.forward
 
@@ -547,7 +584,10 @@ def watch_loop(monkeypatch) -> dict:
 
     monkeypatch.setattr(picie, "cluster_and_label", cluster_and_label)
     monkeypatch.setattr(picie, "train_step", train_step)
-    monkeypatch.setattr(picie, "evaluate", lambda *a, **k: in_phase("evaluate", real_evaluate, *a))
+    # the evaluation proper; its batch-norm recomputation (a train-mode pass) is "other"
+    monkeypatch.setattr(
+        picie, "evaluate_as_is", lambda *a, **k: in_phase("evaluate", real_evaluate, *a)
+    )
     monkeypatch.setattr(picie.PiCIENet, "forward", forward)
     return seen
 
@@ -572,12 +612,14 @@ def test_smoke_run_checkpoints_at_evaluations_and_resume_reaches_the_same_result
         "pixel_acc",
         "baseline_miou",
         "baseline_pixel_acc",
+        "constant_miou",
+        "constant_pixel_acc",
         "seconds",
         "images_per_second",
     }
     assert keys <= set(straight)
     assert keys <= set(json.loads((tmp_path / "a" / "results.json").read_text()))
-    figures = ("miou", "pixel_acc", "baseline_miou", "baseline_pixel_acc")
+    figures = ("miou", "pixel_acc", "baseline_miou", "baseline_pixel_acc", "constant_miou")
     assert all(0 <= straight[k] <= 1 for k in figures)
     assert straight["num_clusters"] == 5, "K defaults to the number of classes"
     records = records_of(tmp_path / "a")
