@@ -116,8 +116,9 @@ class Args:
     """MoCo SGD weight decay (MoCo v2's)"""
     moco_temperature: float = common.arg(0.2, above=0)
     """temperature T of MoCo's InfoNCE loss (MoCo v2's)"""
-    self_epochs: int = common.arg(30, at_least=1)  # Deviation: the method note's (official: 100)
-    """SPICE-Self epochs (the official CIFAR-10 configuration file sets 100)"""
+    self_epochs: int | None = common.arg(None, at_least=1)
+    """SPICE-Self epochs (default: enough for as many draws of --self-batch images as the
+    official CIFAR-10 run's 30 epochs x 10 draws, `SELF_DRAWS`)"""
     self_batch: int = common.arg(5000, at_least=1)  # Deviation: the official N (paper: 1000)
     """SPICE-Self images per draw, N (the paper's text: 1000; the official configuration: 5000)"""
     num_heads: int = common.arg(10, at_least=1)
@@ -133,7 +134,8 @@ class Args:
     confidence: float = common.arg(0.99, at_least=0, below=1)
     """top probability a label needs to be reliable"""
     semi_knn: int = common.arg(100, at_least=1)
-    """nearest neighbours k of a reliable label (the paper's 100; capped at the image count)"""
+    """nearest neighbours k of a reliable label (the paper's 100; capped at a tenth of the
+    expected cluster size N / K, `NEIGHBOUR_SHARE`)"""
     semi_steps: int = common.arg(2**20, at_least=1)
     """SPICE-Semi (FixMatch) steps"""
     semi_batch_size: int = common.arg(64, at_least=1)
@@ -169,7 +171,6 @@ DATASET_DEFAULTS = {
         "moco_lr": 0.06,
         "moco_momentum": 0.99,
         "moco_queue": 2048,
-        "self_epochs": 10,
         "self_batch": 1000,
         "semi_steps": 800,
         "semi_batch_size": 32,
@@ -184,6 +185,16 @@ DATASET_DEFAULTS = {
         "confidence": 0.95,
     },
 }
+
+
+# SPICE-Self's schedule in draws of N images: the official CIFAR-10 run makes 30 epochs x
+# (50,000 / 5,000) = 300 (configs/cifar10/spice_self.py). A smaller data set makes fewer draws an
+# epoch, so its default epochs grow until it makes as many prototype rounds.
+SELF_DRAWS = 300
+# The paper's k = 100 neighbours are 2% of a CIFAR-10 cluster (5,000 images) and 7.7% of an STL-10
+# one (1,300). A cluster with fewer than ratio x k images can never be reliable, so k is capped at
+# this share of the expected cluster size N / K: small data sets keep a k their clusters can pass.
+NEIGHBOUR_SHARE = 0.1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -256,11 +267,37 @@ def prototype_pseudo_labels(
     picked twice is listed twice, once per label). Returns (indices, labels), K x (N // K) long."""
     n, k = probs.shape
     per_cluster = n // k
-    top = probs.topk(max(1, int(center_ratio * per_cluster)), dim=0).indices  # (M, K)
-    prototypes = embedding[top].mean(0)  # (M, K, d) -> (K, d), not re-normalised
-    picked = (embedding @ prototypes.T).topk(per_cluster, dim=0).indices  # (N / K, K)
+    centres = prototypes(probs, embedding, center_ratio)
+    picked = (embedding @ centres.T).topk(per_cluster, dim=0).indices  # (N / K, K)
     labels = torch.arange(k, device=probs.device).repeat_interleave(per_cluster)
     return picked.T.reshape(-1), labels
+
+
+def prototypes(probs: torch.Tensor, embedding: torch.Tensor, center_ratio: float = 0.5):
+    """The K prototypes of step 5 (K, d): the mean embedding of the center_ratio x N / K images
+    with the highest probability in each column of probs (N, K), not re-normalised."""
+    n, k = probs.shape
+    top = probs.topk(max(1, int(center_ratio * (n // k))), dim=0).indices  # (M, K)
+    return embedding[top].mean(0)  # (M, K, d) -> (K, d)
+
+
+@torch.no_grad()
+def head_diagnostics(probs: torch.Tensor, embedding: torch.Tensor, picked: torch.Tensor) -> dict:
+    """Label-free signs of a head stuck with two prototypes on one cluster (README: SPICE), for
+    one head's probs (N, K) and its picks (`prototype_pseudo_labels`' indices): the share of
+    distinct images among the picks (below 1: images carry two labels), the smallest and the
+    largest predicted cluster's share of the draw, and the largest cosine between two
+    prototypes (near 1: two prototypes on one cluster)."""
+    k = probs.shape[1]
+    centres = F.normalize(prototypes(probs, embedding), dim=1)
+    cosines = centres @ centres.T - 2 * torch.eye(k, device=probs.device)  # no self-pairs
+    shares = torch.bincount(probs.argmax(1), minlength=k).float() / len(probs)
+    return {
+        "distinct": picked.unique().numel() / picked.numel(),
+        "cluster_share_min": float(shares.min()),
+        "cluster_share_max": float(shares.max()),
+        "prototype_cos_max": float(cosines.max()),
+    }
 
 
 def head_loss(
@@ -336,6 +373,24 @@ def knn_indices(embedding: torch.Tensor, k: int = 100, chunk: int = 1024) -> tor
     return torch.cat(rows)
 
 
+def reliable_mask(
+    preds: torch.Tensor,
+    confidence: torch.Tensor,
+    neighbours: torch.Tensor,
+    ratio: float = 0.99,
+    threshold: float = 0.99,
+) -> torch.Tensor:
+    """Step 8's test (N,) bool: `ratio` x k of an image's k neighbours (itself among them) share
+    its predicted cluster, and its confidence exceeds `threshold`."""
+    agree = (preds[neighbours] == preds[:, None]).sum(1)
+    return (agree >= math.ceil(ratio * neighbours.shape[1] - 1e-6)) & (confidence > threshold)
+
+
+def neighbour_count(k: int, n: int, num_clusters: int) -> int:
+    """--semi-knn, capped at NEIGHBOUR_SHARE of the expected cluster size n / K (at least 1)."""
+    return max(1, min(k, int(NEIGHBOUR_SHARE * n / num_clusters), n))
+
+
 def reliable_samples(
     preds: torch.Tensor,
     confidence: torch.Tensor,
@@ -345,17 +400,20 @@ def reliable_samples(
     threshold: float = 0.99,
     generator=None,
 ) -> torch.Tensor:
-    """Step 8: the indices of the reliable images, `ratio` x k of the k neighbours (the image
-    itself among them) agreeing, confidence above `threshold`; balanced by random subsets."""
-    agree = (preds[neighbours] == preds[:, None]).sum(1)
-    reliable = (agree >= math.ceil(ratio * neighbours.shape[1] - 1e-6)) & (confidence > threshold)
+    """Step 8: the indices of the reliable images (`reliable_mask`), balanced by random subsets
+    to the smallest cluster's count."""
+    reliable = reliable_mask(preds, confidence, neighbours, ratio, threshold)
     counts = torch.bincount(preds[reliable], minlength=num_clusters)
     if (counts == 0).any():
         empty = torch.nonzero(counts == 0).squeeze(1).tolist()
+        sizes = torch.bincount(preds, minlength=num_clusters)[empty].tolist()
+        k = neighbours.shape[1]
         raise common.ConfigError(
-            f"no reliable image in cluster(s) {empty} ({int(reliable.sum())} reliable in all): "
-            f"lower --consistency-ratio (now {ratio}) or --confidence (now {threshold}), "
-            f"or train the earlier stages longer (self.pt is kept: --stage semi --init-from it)"
+            f"no reliable image in cluster(s) {empty} (predicted sizes {sizes}; "
+            f"{int(reliable.sum())} reliable in all, {counts.tolist()} per cluster): lower "
+            f"--consistency-ratio (now {ratio}), --confidence (now {threshold}) or --semi-knn "
+            f"(k = {k} here), or train the earlier stages longer (self.pt is kept: --stage "
+            f"semi --init-from it)"
         )
     n_min = int(counts.min())
     keep = []
@@ -823,6 +881,20 @@ def kmeans_baseline(args: Args, run: Run, backbone: nn.Module, data: Data) -> di
     return scores(data.eval_labels, preds, "kmeans_")
 
 
+def self_schedule(n: int, args: Args) -> tuple[int, int, int]:
+    """SPICE-Self's draw size N (--self-batch, at most the n images), draws per epoch and epochs:
+    --self-epochs, or enough epochs for about SELF_DRAWS draws."""
+    size = min(args.self_batch, n)
+    if size < args.self_batch:
+        note = f"self: N = {size}, all the images (fewer than --self-batch {args.self_batch})"
+        print(note, flush=True)
+    draws = n // size
+    epochs = args.self_epochs or math.ceil(SELF_DRAWS / draws)
+    if args.self_epochs is None:
+        print(f"self: {epochs} epochs of {draws} draws (about {SELF_DRAWS} draws)", flush=True)
+    return size, draws, epochs
+
+
 def train_self(args: Args, run: Run, backbone: nn.Module, data: Data) -> tuple[nn.Module, dict]:
     """Stage 2 (steps 4-7) on the frozen backbone; returns the selected head and its figures."""
     images = data.images
@@ -833,19 +905,16 @@ def train_self(args: Args, run: Run, backbone: nn.Module, data: Data) -> tuple[n
     heads = Heads(args.num_heads, backbone.dim, args.num_clusters).to(run.device)
     optimizer = torch.optim.Adam(heads.parameters(), lr=args.self_lr)
     n = len(images)
-    size = min(args.self_batch, n)
-    if size < args.self_batch:
-        note = f"self: N = {size}, all the images (fewer than --self-batch {args.self_batch})"
-        print(note, flush=True)
+    size, draws, epochs = self_schedule(n, args)
     parts = {"heads": heads, "optimizer": optimizer}
     state = run.resume("self", parts)
     start = state.get("epoch", 0)
     best = state.get("best", 0)
-    run.book.start_log(total=args.self_epochs, start=start)
-    for epoch in range(start, args.self_epochs):
+    run.book.start_log(total=epochs, start=start)
+    for epoch in range(start, epochs):
         rng = torch.Generator(run.device).manual_seed(args.seed * 1_000_003 + 500_000 + epoch)
         order = torch.randperm(n, generator=rng, device=run.device)
-        for d in range(n // size):
+        for d in range(draws):
             with run.book.timed(images=2 * size):
                 draw = order[d * size : (d + 1) * size]
                 weak_views = common.weak_augment(images[draw], generator=rng)
@@ -859,7 +928,14 @@ def train_self(args: Args, run: Run, backbone: nn.Module, data: Data) -> tuple[n
                     heads, optimizer, strong, targets, args.self_passes, args.double_softmax, rng
                 )
             metrics = {"self/loss": losses.mean(), "self/loss_min": losses.min()}
-            run.book.log(epoch + (d + 1) / (n // size), metrics)
+            # the heads' means of `head_diagnostics`: label-free signs of a stuck head
+            diagnostics = [
+                head_diagnostics(p, embedding[draw], idx)
+                for p, (idx, _) in zip(probs, targets, strict=True)
+            ]
+            for key in diagnostics[0]:
+                metrics[f"diag/{key}"] = sum(d[key] for d in diagnostics) / len(diagnostics)
+            run.book.log(epoch + (d + 1) / draws, metrics)
         with torch.no_grad():
             logits = heads(features)
         best, selection = select_head(logits, embedding, args.double_softmax)  # step 7
@@ -884,8 +960,18 @@ def train_semi(args: Args, run: Run, backbone: nn.Module, head: nn.Module, data:
     torch.manual_seed(args.seed + 2)
     embedding = F.normalize(network_outputs(backbone, images, run.stats, run.amp), dim=1)
     preds, confidence = predict(nn.Sequential(backbone, head), images, run)
-    neighbours = knn_indices(embedding, k=min(args.semi_knn, len(images)))
+    k = neighbour_count(args.semi_knn, len(images), args.num_clusters)
+    if k != args.semi_knn:
+        print(
+            f"semi: k = {k} neighbours, capped from --semi-knn {args.semi_knn} at a tenth of "
+            f"the expected cluster size ({len(images)} images / {args.num_clusters} clusters)",
+            flush=True,
+        )
+    neighbours = knn_indices(embedding, k=k)
     ratio = args.consistency_ratio
+    passed = reliable_mask(preds, confidence, neighbours, ratio, args.confidence)
+    per_cluster = torch.bincount(preds[passed], minlength=run.num_clusters).tolist()
+    print(f"semi: reliable images per cluster before balancing: {per_cluster}", flush=True)
     subset_rng = torch.Generator().manual_seed(args.seed)  # draws the balanced subsets
     reliable = reliable_samples(  # step 8
         preds, confidence, neighbours, run.num_clusters, ratio, args.confidence, subset_rng

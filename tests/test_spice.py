@@ -155,6 +155,65 @@ def test_reliable_samples_stop_clearly_on_an_empty_cluster():
         spice.reliable_samples(preds, torch.ones(6), neighbours, 3, ratio=1.0, threshold=0.5)
 
 
+def three_clusters(sizes, dim=8, noise=0.05, seed=0):
+    """L2-normalised points around the first axes, sizes[c] around axis c: (embedding, labels)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.cat([torch.full((size,), c) for c, size in enumerate(sizes)])
+    points = F.one_hot(labels, dim).float() + noise * torch.randn(len(labels), dim, generator=g)
+    return F.normalize(points, dim=1), labels
+
+
+def test_neighbours_are_capped_so_a_small_cluster_can_still_be_reliable():
+    assert spice.neighbour_count(100, 50_000, 10) == 100, "CIFAR-10 keeps the paper's k"
+    assert spice.neighbour_count(100, 5_000, 10) == 50, "a tenth of the expected cluster size"
+    assert spice.neighbour_count(100, 20, 10) == 1
+    # clusters of 300, 300 and 40 images, predicted perfectly and confidently
+    embedding, labels = three_clusters([300, 300, 40])
+    confidence = torch.ones(len(labels))
+    wide = spice.knn_indices(embedding, k=100)
+    with pytest.raises(common.ConfigError, match=r"cluster\(s\) \[2\] \(predicted sizes \[40\]"):
+        spice.reliable_samples(labels, confidence, wide, 3, ratio=0.9, threshold=0.5)
+    k = spice.neighbour_count(100, len(labels), 3)
+    assert k == 21, "0.1 x 640 / 3"
+    capped = spice.knn_indices(embedding, k=k)
+    passed = spice.reliable_mask(labels, confidence, capped, ratio=0.9, threshold=0.5)
+    assert torch.bincount(labels[passed]).tolist() == [300, 300, 40], "all agree: all pass"
+    kept = spice.reliable_samples(labels, confidence, capped, 3, ratio=0.9, threshold=0.5)
+    assert torch.bincount(labels[kept]).tolist() == [40, 40, 40], "balanced to the smallest"
+
+
+def test_head_diagnostics_report_two_prototypes_on_one_cluster():
+    embedding, labels = three_clusters([20, 20, 20])
+    healthy = F.one_hot(labels, 3).float() * 0.9 + 0.05
+    # the stuck state: columns 0 and 1 both on cluster 0 (its images at 0.501 / 0.499), cluster 1
+    # orphaned and absorbed with cluster 2 by column 2
+    stuck = torch.zeros(60, 3)
+    stuck[labels == 0] = torch.tensor([0.501, 0.499, 0.0])
+    stuck[labels != 0] = torch.tensor([0.002, 0.002, 0.996])
+    stuck[labels == 2, 2] += 0.001  # cluster 2's images a little more typical of column 2
+    for probs, stuck_head in ((healthy, False), (stuck, True)):
+        picked, _ = spice.prototype_pseudo_labels(probs, embedding)
+        report = spice.head_diagnostics(probs, embedding, picked)
+        if stuck_head:
+            assert report["distinct"] < 0.7, "images picked by two prototypes, labelled twice"
+            assert report["prototype_cos_max"] > 0.99
+            assert report["cluster_share_max"] == pytest.approx(2 / 3)
+            assert report["cluster_share_min"] == 0.0
+        else:
+            assert report["distinct"] == 1.0 and report["prototype_cos_max"] < 0.5
+            assert (
+                report["cluster_share_min"] == report["cluster_share_max"] == pytest.approx(1 / 3)
+            )
+
+
+def test_spice_self_makes_about_the_official_number_of_draws_unless_told():
+    args = spice.Args()
+    assert spice.self_schedule(50_000, args) == (5000, 10, 30), "the official CIFAR-10 schedule"
+    assert spice.self_schedule(5_000, spice.Args(self_batch=1000)) == (1000, 5, 60)
+    assert spice.self_schedule(3_000, args) == (3000, 1, 300), "N capped at the images"
+    assert spice.self_schedule(5_000, spice.Args(self_batch=1000, self_epochs=4))[2] == 4
+
+
 def test_moco_queue_wraps_around():
     queue = spice.MocoQueue(6, 2)
     a, b = torch.arange(8.0).view(4, 2), -torch.arange(1, 9.0).view(4, 2)
