@@ -1060,22 +1060,39 @@ def cutout(
     size: float = 16,
     random_size: bool = False,
     generator: torch.Generator | None = None,
+    fill: float | tuple = 0.5,
+    scan_sides: bool = False,
 ) -> torch.Tensor:
-    """Per sample a grey square of side `size` px (random_size: U[0, size]), anywhere, clipped."""
+    """Per sample a square of side `size` px, anywhere, clipped at the border, filled with `fill`
+    (a grey level, or a colour per channel, in [0, 1]). random_size: the side is U[0, size]
+    (SPICE-Semi's official Cutout, size half the image); scan_sides: SCAN's, SPICE-Self's
+    official one (spice/data/augment.py, `Cutout`): side 2 floor(L / 2), L uniform in 1..size,
+    about an integer centre."""
     b, _, h, w = x.shape
     side = torch.full((b,), float(size), device=x.device)
     if random_size:
         side = size * _rand(b, generator, x.device)
+    if scan_sides:
+        drawn = torch.randint(1, int(size) + 1, (b,), generator=generator, device=x.device)
+        side = (2 * (drawn // 2)).float()
     cy = _rand(b, generator, x.device) * h
     cx = _rand(b, generator, x.device) * w
+    if scan_sides:  # np.random.randint(h): the square covers whole pixels
+        cy = cy.floor()
+        cx = cx.floor()
 
     def inside(n: int, centre: torch.Tensor) -> torch.Tensor:  # (B, n): pixel centres in the square
         return (torch.arange(n, device=x.device) + 0.5 - centre[:, None]).abs() < side[:, None] / 2
 
     mask = (inside(h, cy)[:, :, None] & inside(w, cx)[:, None, :])[:, None]  # (B, 1, H, W)
     mask = mask.to(x.dtype)
-    grey = 128 if x.dtype == torch.uint8 else 0.5
-    return x * (1 - mask) + grey * mask  # arithmetic, not torch.where: several times faster on CPU
+    colour = torch.tensor(fill, dtype=torch.float32, device=x.device).reshape(1, -1, 1, 1)
+    if x.dtype == torch.uint8:
+        colour = (colour * 255).round()
+    colour = colour.to(x.dtype)
+    return (
+        x * (1 - mask) + colour * mask
+    )  # arithmetic, not torch.where: several times faster on CPU
 
 
 def _grayscale(x):  # ITU-R 601 luma, as PIL's convert("L")
@@ -1186,7 +1203,7 @@ RANDAUGMENT_OPS = {
 }
 # The FixMatch paper's table (Sohn et al. 2020, Table 12), variant="paper": (op, magnitude range),
 # each magnitude uniform in its range; rotate and shear about the centre, bilinear, translate in
-# fractions of the size. spice.py's views use it (what the official code does is issue 18's).
+# fractions of the size.
 RANDAUGMENT_PAPER_OPS = (
     ("identity", 0, 0),
     ("autocontrast", 0, 0),
@@ -1204,7 +1221,24 @@ RANDAUGMENT_PAPER_OPS = (
     ("translate_y", -0.3, 0.3),  # fractions of the image size
     ("posterize", 4, 9),  # bits: the floor of U[4, 9), i.e. 4..8
 )
-RANDAUGMENT_VARIANTS = ("official", "paper")
+# SPICE's official strong views (niuchuangnn/SPICE), the same table with PIL's geometry (shear
+# about the top-left corner, nearest): SPICE-Semi's "spice-semi" (fixmatch/datasets/augmentation/
+# randaugment.py) takes posterize 4..7 bits (int of U[4, 8)); SPICE-Self's "scan" (SCAN's, in
+# spice/data/augment.py `augment_list`) also shears and translates by at most 0.1, not 0.3.
+_SPICE_SEMI_OPS = tuple(
+    (name, 4, 8) if name == "posterize" else (name, lo, hi)
+    for name, lo, hi in RANDAUGMENT_PAPER_OPS
+)
+_SCAN_OPS = tuple(
+    (name, -0.1, 0.1) if name.startswith(("shear", "translate")) else (name, lo, hi)
+    for name, lo, hi in _SPICE_SEMI_OPS
+)
+RANDAUGMENT_TABLES = {
+    "paper": RANDAUGMENT_PAPER_OPS,
+    "spice-semi": _SPICE_SEMI_OPS,
+    "scan": _SCAN_OPS,
+}
+RANDAUGMENT_VARIANTS = ("official", *RANDAUGMENT_TABLES)
 _RANDAUGMENT_FNS = {  # the non-geometric ops; the geometric ones run together in _geometric
     "autocontrast": _autocontrast,
     "equalize": _equalize,
@@ -1234,14 +1268,13 @@ def draw_randaugment(
     if variant not in RANDAUGMENT_VARIANTS:
         raise ConfigError(f"RandAugment variant {variant!r}: choose from {RANDAUGMENT_VARIANTS}")
     shape = (b, num_ops)
-    names = tuple(RANDAUGMENT_OPS)
-    if variant == "paper":
-        names = tuple(row[0] for row in RANDAUGMENT_PAPER_OPS)
+    table = RANDAUGMENT_TABLES.get(variant)
+    names = tuple(RANDAUGMENT_OPS) if table is None else tuple(row[0] for row in table)
     ops = torch.randint(len(names), shape, generator=generator, device=device)
     applied = _rand(shape, generator, device) < prob
-    if variant == "paper":
+    if table is not None:  # a table of ranges: each magnitude uniform in its op's
         level = _rand(shape, generator, device)
-        ranges = torch.tensor([row[1:] for row in RANDAUGMENT_PAPER_OPS], device=device)
+        ranges = torch.tensor([row[1:] for row in table], device=device)
         lo, hi = ranges[ops].unbind(-1)
         return names, ops, applied, lo + (hi - lo) * level
     level = torch.randint(1, 10, shape, generator=generator, device=device)
@@ -1264,15 +1297,16 @@ def randaugment(
 ) -> torch.Tensor:
     """Per sample, `num_ops` ops drawn with replacement, each applied with probability `prob` at
     its own random magnitude (`draw_randaugment`): variant "official" (RANDAUGMENT_OPS, the
-    official code's; geometric ops by nearest neighbour, as PIL's default there) or "paper"
-    (RANDAUGMENT_PAPER_OPS, bilinear). Samples that drew the same op run together."""
+    official code's; geometric ops by nearest neighbour, as PIL's default there), "paper"
+    (RANDAUGMENT_PAPER_OPS, bilinear), or SPICE's "spice-semi" and "scan" (RANDAUGMENT_TABLES,
+    PIL's geometry). Samples that drew the same op run together."""
     dtype, x = x.dtype, _to_float(x)
     names, ops, applied, magnitude = draw_randaugment(
         len(x), num_ops, prob, variant, x.shape[-2:], generator, x.device
     )
     kinds = [GEOMETRIC_OPS.index(n) if n in GEOMETRIC_OPS else -1 for n in names]
     geometric = torch.tensor(kinds, device=x.device)[ops]  # (B, num_ops): -1 if not geometric
-    official = variant == "official"
+    pil_geometry = variant != "paper"
     for slot in range(num_ops):
         idx = torch.nonzero(applied[:, slot] & (geometric[:, slot] >= 0)).squeeze(1)
         if len(idx):  # all geometric ops of this slot in one resampling
@@ -1280,8 +1314,8 @@ def randaugment(
                 x[idx],
                 geometric[idx, slot],
                 magnitude[idx, slot],
-                corner=official,
-                mode="nearest" if official else "bilinear",
+                corner=pil_geometry,
+                mode="nearest" if pil_geometry else "bilinear",
             )
         for k, name in enumerate(names):
             if name in _RANDAUGMENT_FNS:
@@ -1303,8 +1337,8 @@ def strong_augment(
 ) -> torch.Tensor:
     """FixMatch's strong view as the official code makes it: the weak view, then RandAugment
     (2 ops, p = 0.5 each, `variant`), then a grey 16 px Cutout at any image size (cutout_numpy's
-    default size in third_party/auto_augment/augmentations.py). SPICE's views: 4 ops always
-    applied, variant "paper", a Cutout of random side (random_cutout=True)."""
+    default size in third_party/auto_augment/augmentations.py); random_cutout: a Cutout of side
+    U[0, cutout_size]."""
     x = weak_augment(x, flip=flip, generator=generator)
     x = randaugment(x, num_ops, prob, generator, variant)
     return cutout(x, cutout_size, random_cutout, generator)

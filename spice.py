@@ -321,11 +321,16 @@ def select_head(
     return int(losses.argmin()), losses  # Deviation: no labels (official: the ground truth)
 
 
-def scan_strong_augment(images: torch.Tensor, generator=None) -> torch.Tensor:
-    """SCAN's strong view: flip, 4 RandAugment ops always applied, a Cutout up to half the side."""
-    half = images.shape[-1] // 2  # the largest Cutout side
-    options = dict(num_ops=4, prob=1.0, random_cutout=True, cutout_size=half, variant="paper")
-    return common.strong_augment(images, generator=generator, **options)
+def scan_strong_augment(images: torch.Tensor, mean, generator=None) -> torch.Tensor:
+    """SPICE-Self's strong view, the official one (`aug_type="scan"` in configs/cifar10/
+    spice_self.py, built in spice/data/transformations.py): flip, RandomCrop to the image's own
+    size (no padding: nothing), 4 ops of SCAN's table always applied (variant "scan"), and a
+    Cutout of side 2 floor(L / 2), L uniform in 1..half the side, in the data set's `mean`
+    colour (0 after the normalisation, as the official)."""
+    x = common.weak_augment(images, translate=0.0, generator=generator)  # the flip alone
+    x = common.randaugment(x, num_ops=4, prob=1.0, generator=generator, variant="scan")
+    half = images.shape[-1] // 2  # the official 16 at 32 px
+    return common.cutout(x, half, generator=generator, fill=mean, scan_sides=True)
 
 
 def train_heads(
@@ -363,6 +368,17 @@ def train_heads(
 # --------------------------------------------------------------------------------------------------
 # The paper's pieces: stage 3, SPICE-Semi
 # --------------------------------------------------------------------------------------------------
+def semi_strong_augment(images: torch.Tensor, mean, generator=None) -> torch.Tensor:
+    """SPICE-Semi's strong view, the official one (fixmatch/datasets/dataset_robust.py inserts
+    RandAugment(3) before the weak transform): 3 ops always applied (variant "spice-semi"), a
+    Cutout of side U[0, 0.5) x the image's in the data set's `mean` colour (the official fills
+    (125, 123, 114), CIFAR-10's), then the weak view (flip, translation by up to 1/8)."""
+    x = common.randaugment(images, num_ops=3, prob=1.0, generator=generator, variant="spice-semi")
+    x = common.cutout(x, images.shape[-1] / 2, random_size=True, generator=generator, fill=mean)
+    # Deviation: the translation pads by reflection (official: RandomCrop(32, padding=4), zeros).
+    return common.weak_augment(x, generator=generator)
+
+
 @torch.no_grad()
 def knn_indices(embedding: torch.Tensor, k: int = 100, chunk: int = 1024) -> torch.Tensor:
     """The k most cosine-similar rows of each row of the L2-normalised embedding (itself
@@ -909,7 +925,11 @@ def train_self(args: Args, run: Run, backbone: nn.Module, data: Data) -> tuple[n
     parts = {"heads": heads, "optimizer": optimizer}
     state = run.resume("self", parts)
     start = state.get("epoch", 0)
+    # the head of lowest selection loss over all epochs so far, and its weights then (official:
+    # checkpoint_select.pth.tar in tools/train_self_v2.py)
     best = state.get("best", 0)
+    best_loss = state.get("best_loss", math.inf)
+    best_weights = state.get("best_weights")
     run.book.start_log(total=epochs, start=start)
     for epoch in range(start, epochs):
         rng = torch.Generator(run.device).manual_seed(args.seed * 1_000_003 + 500_000 + epoch)
@@ -919,7 +939,7 @@ def train_self(args: Args, run: Run, backbone: nn.Module, data: Data) -> tuple[n
                 draw = order[d * size : (d + 1) * size]
                 weak_views = common.weak_augment(images[draw], generator=rng)
                 weak = network_outputs(backbone, weak_views, run.stats, run.amp)  # (N, d)
-                strong_views = scan_strong_augment(images[draw], generator=rng)
+                strong_views = scan_strong_augment(images[draw], run.stats[0], generator=rng)
                 strong = network_outputs(backbone, strong_views, run.stats, run.amp)
                 with torch.no_grad():
                     probs = heads(weak).softmax(-1)  # step 4: (heads, N, K)
@@ -938,18 +958,24 @@ def train_self(args: Args, run: Run, backbone: nn.Module, data: Data) -> tuple[n
             run.book.log(epoch + (d + 1) / draws, metrics)
         with torch.no_grad():
             logits = heads(features)
-        best, selection = select_head(logits, embedding, args.double_softmax)  # step 7
+        chosen, selection = select_head(logits, embedding, args.double_softmax)  # step 7
+        if float(selection[chosen]) < best_loss:
+            best, best_loss = chosen, float(selection[chosen])
+            best_weights = {k: v.clone() for k, v in heads.heads[best].state_dict().items()}
         # against the true labels: a diagnostic that chooses nothing
         oracle = [common.cluster_accuracy(data.labels, h.argmax(1)) for h in logits]
         metrics = {
-            "self/selected_head": best,
-            "self/selection_loss": selection[best],
-            "oracle/selected_head_acc": oracle[best],
+            "self/selected_head": chosen,
+            "self/selection_loss": selection[chosen],
+            "self/best_selection_loss": best_loss,
+            "oracle/selected_head_acc": oracle[chosen],
             "oracle/best_head_acc": max(oracle),
         }
         run.book.log(epoch + 1, metrics)
-        run.save("self", parts, epoch=epoch + 1, best=best)  # after every selection, an evaluation
+        progress = dict(best=best, best_loss=best_loss, best_weights=best_weights)
+        run.save("self", parts, epoch=epoch + 1, **progress)  # after every selection
     head = heads.heads[best]
+    head.load_state_dict(best_weights)
     figures = evaluate(nn.Sequential(backbone, head), data, run, "self_", "self_clusters.png")
     return head, {**figures, "selected_head": best}
 
@@ -1010,8 +1036,7 @@ def train_semi(args: Args, run: Run, backbone: nn.Module, head: nn.Module, data:
             u = images[ui]
             x = common.weak_augment(x_images[xi], generator=rng)
             u_weak = common.weak_augment(u, generator=rng)
-            half = u.shape[-1] // 2  # the Cutout side
-            u_strong = common.strong_augment(u, cutout_size=half, generator=rng, variant="paper")
+            u_strong = semi_strong_augment(u, run.stats[0], generator=rng)
             inputs = torch.cat([x, u_weak, u_strong])
             with torch.autocast(run.device.type, torch.bfloat16, enabled=run.amp):
                 logits = forward(run.inputs(inputs)).float()

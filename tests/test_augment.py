@@ -256,6 +256,67 @@ def test_paper_randaugment_draws_uniform_magnitudes_in_the_tables_ranges():
         common.draw_randaugment(4, variant="Table 12")
 
 
+@pytest.mark.parametrize("variant", ["spice-semi", "scan"])
+def test_spices_tables_are_the_official_ones_drawn_uniformly(variant):
+    # spice-semi: fixmatch/datasets/augmentation/randaugment.py; scan: spice/data/augment.py (both
+    # niuchuangnn/SPICE): the paper's ranges, posterize int(U[4, 8)) bits; scan shears and
+    # translates by at most 0.1
+    table = {name: (lo, hi) for name, lo, hi in common.RANDAUGMENT_TABLES[variant]}
+    assert set(table) == {name for name, _, _ in common.RANDAUGMENT_PAPER_OPS}
+    geometric = 0.1 if variant == "scan" else 0.3
+    for name in ("shear_x", "shear_y", "translate_x", "translate_y"):
+        assert table[name] == (-geometric, geometric), name
+    assert table["rotate"] == (-30, 30) and table["posterize"] == (4, 8)
+    assert table["color"] == (0.05, 0.95) and table["solarize"] == (0, 1)
+    names, ops, applied, magnitude = common.draw_randaugment(
+        20000, num_ops=4, prob=1.0, variant=variant, generator=gen(22)
+    )
+    assert applied.all(), "every drawn op is applied"
+    counts = torch.bincount(ops.flatten(), minlength=14) / ops.numel()
+    assert (counts - 1 / 14).abs().max() < 0.01, "ops drawn uniformly, with replacement"
+    for name, (lo, hi) in table.items():
+        m = magnitude[ops == names.index(name)]
+        assert float(m.min()) >= lo and float(m.max()) < hi + 1e-6
+        if hi > lo:
+            assert float(m.min()) < lo + 0.02 * (hi - lo) and float(m.max()) > hi - 0.02 * (hi - lo)
+    bits = magnitude[ops == names.index("posterize")].floor().long()
+    assert sorted(bits.unique().tolist()) == [4, 5, 6, 7], "never 8 bits"
+
+
+def covered_sides(
+    x,
+):  # per sample: the side of the filled square, from the rows or columns it spans
+    filled = (x[:, 0] > 0).float()
+    return torch.maximum(filled.amax(2).sum(1), filled.amax(1).sum(1))
+
+
+def test_scan_cutout_sides_are_even_from_a_uniform_draw_in_1_to_size():
+    # SCAN's Cutout (SPICE-Self's, spice/data/augment.py): L = randint(1, 16), the box
+    # [c - L // 2, c + L // 2) about an integer centre: sides 0, 2, .., 16
+    x = torch.zeros(4000, 3, 128, 128)
+    sides = covered_sides(common.cutout(x, 16, generator=gen(23), fill=1.0, scan_sides=True))
+    shares = torch.bincount(sides.long(), minlength=17) / len(sides)
+    expected = torch.zeros(17)
+    expected[0] = expected[16] = 1 / 16
+    expected[2:16:2] = 2 / 16
+    assert (shares - expected).abs().max() < 0.02, shares
+
+
+def test_spice_semi_cutout_sides_are_uniform_up_to_half_the_image_in_the_fill_colour():
+    x = torch.ones(3000, 3, 64, 64)
+    fill = (0.2, 0.4, 0.6)
+    out = common.cutout(x, 32.0, random_size=True, generator=gen(24), fill=fill)
+    inside = (out != 1).any(1)  # (B, H, W): the pixels cut out
+    for c, value in enumerate(fill):
+        assert torch.allclose(out[:, c][inside], torch.tensor(value))
+    sides = covered_sides(1 - out)
+    assert float(sides.max()) <= 32
+    assert abs(float(sides.mean()) - 16) < 1.0, "U[0, 32]: mean side 16"
+    assert abs(float((sides < 8).float().mean()) - 0.25) < 0.04
+    as_bytes = common.cutout(torch.full((2, 3, 8, 8), 255, dtype=torch.uint8), 16, fill=fill)
+    assert as_bytes[0, :, 4, 4].tolist() == [51, 102, 153], "uint8 fills round(255 x colour)"
+
+
 def only(monkeypatch, name):  # RandAugment with one op in its table: each slot draws that op
     monkeypatch.setattr(common, "RANDAUGMENT_OPS", {name: common.RANDAUGMENT_OPS[name]})
 

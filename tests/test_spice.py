@@ -701,7 +701,7 @@ def test_a_spice_self_draw_labels_weak_views_and_trains_on_strong_ones(tmp_path,
         tmp_path, self_epochs=1, self_batch=24, num_heads=2, self_passes=1, backbone_width=2
     )
     monkeypatch.setattr(common, "weak_augment", lambda x, generator=None: x.flip(-1))
-    monkeypatch.setattr(spice, "scan_strong_augment", lambda x, generator=None: 255 - x)
+    monkeypatch.setattr(spice, "scan_strong_augment", lambda x, mean, generator=None: 255 - x)
     seen = {"heads": [], "prototypes": [], "train": []}
     real_heads, real_labels = spice.Heads.forward, spice.prototype_pseudo_labels
     real_train = spice.train_heads
@@ -776,7 +776,9 @@ def test_a_spice_semi_step_learns_the_clusters_weak_to_strong(tmp_path, monkeypa
         common, "weak_augment", lambda x, generator=None: weak_inputs.append(x) or x
     )
     # every strong view the same grey image: the strong logits of a step are all equal
-    monkeypatch.setattr(common, "strong_augment", lambda x, **k: torch.full_like(x, 128))
+    monkeypatch.setattr(
+        spice, "semi_strong_augment", lambda x, mean, generator: torch.full_like(x, 128)
+    )
     calls, real_loss = [], spice.fixmatch_loss
     monkeypatch.setattr(spice, "fixmatch_loss", lambda *a: calls.append(a) or real_loss(*a))
     spice.train_semi(args, run, spice.ResNet18(2), nn.Linear(16, 3), data)
@@ -792,3 +794,75 @@ def test_a_spice_semi_step_learns_the_clusters_weak_to_strong(tmp_path, monkeypa
         assert torch.equal(weak_inputs[2 * step + 1], data.images[ui]), "unlabelled: every image"
         assert torch.allclose(logits_strong, logits_strong[:1].expand_as(logits_strong))
         assert not torch.allclose(logits_weak, logits_weak[:1].expand_as(logits_weak), atol=1e-4)
+
+
+def test_the_strong_views_are_composed_as_the_official_ones(monkeypatch):
+    calls = []  # (what, its settings) in the order the view makes them
+    real_weak = common.weak_augment
+
+    def randaugment(x, num_ops, prob, generator, variant):
+        calls.append(("randaugment", (num_ops, prob, variant)))
+        return x
+
+    def cutout(x, size, random_size=False, generator=None, fill=0.5, scan_sides=False):
+        calls.append(("cutout", (size, random_size, scan_sides, fill)))
+        return x
+
+    def weak_augment(x, translate=0.125, generator=None):
+        calls.append(("weak", translate))
+        return real_weak(x, translate=translate, generator=generator)
+
+    monkeypatch.setattr(common, "randaugment", randaugment)
+    monkeypatch.setattr(common, "cutout", cutout)
+    monkeypatch.setattr(common, "weak_augment", weak_augment)
+    columns = torch.arange(32, dtype=torch.uint8).expand(6, 3, 32, 32)  # each column its index
+    mean = (0.5, 0.4, 0.3)
+    out = spice.scan_strong_augment(columns, mean, torch.Generator().manual_seed(0))
+    # SPICE-Self (SCAN): flip, RandomCrop(32) of a 32 px image (nothing), 4 ops, SCAN's Cutout
+    assert calls == [
+        ("weak", 0.0),
+        ("randaugment", (4, 1.0, "scan")),
+        ("cutout", (16, False, True, mean)),
+    ]
+    flipped = columns.flip(-1)
+    views = zip(out, columns, flipped, strict=True)
+    assert all(torch.equal(o, c) or torch.equal(o, f) for o, c, f in views), "no translation"
+    calls.clear()
+    spice.semi_strong_augment(columns, mean, torch.Generator().manual_seed(0))
+    # SPICE-Semi: RandAugment(3) and a Cutout up to half the side before the weak transform
+    assert calls == [
+        ("randaugment", (3, 1.0, "spice-semi")),
+        ("cutout", (16.0, True, False, mean)),
+        ("weak", 0.125),
+    ]
+
+
+def test_the_selected_head_is_the_lowest_loss_over_all_epochs_with_its_weights_then(
+    tmp_path, monkeypatch
+):
+    # official tools/train_self_v2.py: checkpoint_select keeps the minimum over every epoch
+    args, run, data = tiny_run(
+        tmp_path, self_epochs=3, self_batch=24, num_heads=2, self_passes=1, backbone_width=2
+    )
+    selections = iter([(0, [0.8, 0.9]), (1, [0.7, 0.5]), (0, [0.6, 0.65])])  # best: epoch 2
+    weights = []  # head 1's weights at each selection
+
+    def select_head(logits, embedding, double_softmax=True):
+        weights.append({k: v.clone() for k, v in heads_seen[0].heads[1].state_dict().items()})
+        chosen, losses = next(selections)
+        return chosen, torch.tensor(losses)
+
+    heads_seen = []
+    real_init = spice.Heads.__init__
+
+    def heads_init(self, *a, **k):
+        real_init(self, *a, **k)
+        heads_seen.append(self)
+
+    monkeypatch.setattr(spice.Heads, "__init__", heads_init)
+    monkeypatch.setattr(spice, "select_head", select_head)
+    head, figures = spice.train_self(args, run, spice.ResNet18(2), data)
+    assert figures["selected_head"] == 1
+    assert not torch.equal(weights[1]["0.weight"], weights[2]["0.weight"]), "head 1 trained on"
+    for name, tensor in head.state_dict().items():
+        assert torch.equal(tensor, weights[1][name]), "the weights of epoch 2, not the last"
