@@ -16,20 +16,25 @@ Stage 1, MoCo v2 (`train_moco`): the backbone learns by instance discrimination.
     (`momentum_update`) the other, on shuffled groups (`shuffled_key_forward`: shuffle-BN on one
     device, so batch norm cannot tell which key belongs to which query).
  2. `moco_loss`: InfoNCE of each query against its key and the `MocoQueue` of earlier keys.
- 3. `network_outputs`: the backbone feature of every image, unaugmented, L2-normalised, in
-    order: the embedding of stages 2 and 3 and of the k-means baseline (`kmeans_baseline`).
-Stage 2, SPICE-Self (`train_self`): 10 heads on the frozen backbone; per draw of N images:
+ 3. `network_outputs`: the backbone feature of every image, unaugmented, in order, then
+    L2-normalised: the embedding of stages 2 and 3 and of the k-means baseline
+    (`kmeans_baseline`).
+Stage 2, SPICE-Self (`train_self`): 10 heads on the frozen backbone, about 300 draws of N
+images (`self_schedule`: the official CIFAR-10 run's 30 epochs x 10 draws); per draw:
  4. Every head scores the weak views: P (N x K).
  5. `prototype_pseudo_labels`: prototype c = mean embedding of the 0.5 N / K images with the
     highest P[:, c]; the N / K images most similar to it get label c.
- 6. `train_heads`: each head fits its labels (`head_loss`) on strong views (`scan_strong_augment`).
- 7. `select_head`: step 5 over the whole split for every head; the lowest loss wins (no labels).
+ 6. `train_heads`: each head fits its labels (`head_loss`) on the official strong views
+    (`scan_strong_augment`); `head_diagnostics` logs label-free signs of a stuck head.
+ 7. `select_head`: step 5 over the whole split for every head after each epoch; the lowest loss
+    over all epochs wins (no labels), with its weights of that epoch.
 Stage 3, SPICE-Semi (`train_semi`):
  8. `reliable_samples`: the predicted cluster is shared by 99 of the 100 nearest neighbours
-    (`knn_indices`) and the confidence exceeds 0.99; balanced to the smallest cluster's count.
- 9. FixMatch (`fixmatch_loss`, `cosine_lr`, `parameter_groups`) trains a new WRN-28-2: reliable
-    images labelled with their clusters, every training image unlabelled; the final EMA model is
-    the result (`evaluate`).
+    (`knn_indices`; k capped at a tenth of the expected cluster size, `neighbour_count`) and the
+    confidence exceeds 0.99; balanced to the smallest cluster's count.
+ 9. FixMatch (`fixmatch_loss`, `cosine_lr`, `parameter_groups`, `semi_strong_augment`) trains a
+    new WRN-28-2: reliable images labelled with their clusters, every training image
+    unlabelled; the final EMA model is the result (`evaluate`).
 
 Usage:
     python spice.py --dataset cifar10                      # the paper's recipe (GPU: days)
@@ -37,12 +42,13 @@ Usage:
     python spice.py --stage self --init-from runs/spice-cifar10-0/moco.pt --out-dir runs/self
     python spice.py --dataset imagefolder --data-dir DIR --image-size 64 --protocol all
 
-Expected, ACC / NMI / ARI % (the paper's, ResNet-18):
+Expected, ACC / NMI / ARI % (the paper's rows with a ResNet-18 for both stages; its row with a
+WideResNet for stage 3, as the official train_semi.py and these defaults, reads 91.7 with a
+ResNet-34 SPICE-Self):
     CIFAR-10, split (train -> test)   SPICE-Self 84.5 / 73.9 / 70.9   SPICE 91.8 / 85.0 / 83.6
     CIFAR-10, all (train + test)      SPICE-Self 83.8 / 73.4 / 70.5   SPICE 92.6 / 86.5 / 85.2
     STL-10 (all) SPICE 93.8 / 87.2 / 87.0; CIFAR-100-20 (all) SPICE 53.8 / 56.7 / 38.7
-This file on a 2-core CPU, `python spice.py --dataset shapes --seed S` (README Results), ACC %:
-    seeds 0/1/2: k-means 32.0/15.7/34.9, SPICE-Self 28.6/20.5/20.7; stage 3 stopped at every seed
+This file on a 2-core CPU: `shapes` figures in the README (Results), with their commands.
 """
 
 from __future__ import annotations
@@ -190,10 +196,12 @@ DATASET_DEFAULTS = {
 # SPICE-Self's schedule in draws of N images: the official CIFAR-10 run makes 30 epochs x
 # (50,000 / 5,000) = 300 (configs/cifar10/spice_self.py). A smaller data set makes fewer draws an
 # epoch, so its default epochs grow until it makes as many prototype rounds.
+# Deviation: about 300 draws on any data set (official: 30 epochs, however many draws they make).
 SELF_DRAWS = 300
 # The paper's k = 100 neighbours are 2% of a CIFAR-10 cluster (5,000 images) and 7.7% of an STL-10
 # one (1,300). A cluster with fewer than ratio x k images can never be reliable, so k is capped at
 # this share of the expected cluster size N / K: small data sets keep a k their clusters can pass.
+# Deviation: the cap (official: k = 100 at any size).
 NEIGHBOUR_SHARE = 0.1
 
 
@@ -330,6 +338,8 @@ def scan_strong_augment(images: torch.Tensor, mean, generator=None) -> torch.Ten
     x = common.weak_augment(images, translate=0.0, generator=generator)  # the flip alone
     x = common.randaugment(x, num_ops=4, prob=1.0, generator=generator, variant="scan")
     half = images.shape[-1] // 2  # the official 16 at 32 px
+    # Deviation: both strong views cut out in the data set's mean colour (official: SPICE-Self 0
+    # after its normalisation, SPICE-Semi (125, 123, 114)).
     return common.cutout(x, half, generator=generator, fill=mean, scan_sides=True)
 
 

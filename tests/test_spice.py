@@ -1,6 +1,8 @@
-"""spice.py: the pieces of the three stages on constructed inputs with known answers, a smoke
-run of every stage (alone, from the previous stage's file, and resumed), bad input, and a
-learning test against k-means on the same embedding."""
+"""spice.py: the pieces of the three stages on constructed inputs with known answers (the
+official strong views, head selection over all epochs, the stuck-head diagnostics, the capped
+neighbours), a smoke run of every stage (alone, from the previous stage's file, and resumed) and
+bad input. No learning test yet: a CPU setting where each stage beats the one before is still
+to be found (README, SPICE: Results)."""
 
 import json
 import math
