@@ -1953,6 +1953,11 @@ def print_table(rows: dict[str, dict]) -> None:
         print(name.ljust(width) + "".join(cells), flush=True)
 
 
+def load_results(out_dir) -> dict:
+    """A finished run's results.json."""
+    return json.loads((Path(out_dir) / "results.json").read_text())
+
+
 def write_results(out_dir, results: dict) -> dict:
     """results.json, atomically. Accuracy-like figures (acc, nmi, ari, miou, pixel_acc and keys
     ending in them) must be fractions in [0, 1] (ARI, below chance, to -1): percentages refused."""

@@ -121,6 +121,9 @@ class Args:
     """online hard example mining in the supervised loss (on by default for Cityscapes)"""
     pseudo_label_mode: Literal["train", "eval"] = "train"
     """batch-norm mode of the no-gradient CutMix passes making pseudo-labels (train: official)"""
+    twin: bool = True
+    """after CPS, train its supervised twin (--cps-weight 0: the same labelled images, iterations
+    and schedule, no unlabelled ones) in <out-dir>/twin, reported beside it (twin_miou)"""
     workers: int = common.arg(4, at_least=0)
     """DataLoader workers that decode the streamed data sets (VOC, Cityscapes) and pad a folder
     whose images differ in size"""
@@ -712,6 +715,18 @@ def cps_results(last: dict, cps_weight: float, num_labeled: int, args: Args) -> 
     }
 
 
+def train_twin(args: Args, out: Path) -> dict:
+    """The supervised twin's results: a run of its own in out/twin with --cps-weight 0 (resumed
+    from its checkpoint, or read back once finished), so that CPS's gain is measured in its run."""
+    folder = out / "twin"
+    if (folder / "results.json").exists():
+        return common.load_results(folder)
+    print(f"supervised twin (--cps-weight 0) in {folder}", flush=True)
+    resume = (folder / "checkpoint.pt").exists()
+    twin = dataclasses.replace(args, cps_weight=0.0, twin=False, out_dir=str(folder), resume=resume)
+    return train(twin)
+
+
 def train(args: Args) -> dict:
     device = common.select_device(args.device)
     common.set_seed(args.seed)
@@ -787,6 +802,11 @@ def train(args: Args) -> dict:
         _, shown = evaluate(forwards[0], eval_source, num_classes, stats, args)
     common.save_segmentation_rows(out / "segmentation.png", *shown)
     results = {**cps_results(evals[-1], cps_weight, len(labeled), args), **book.figures()}
+    if args.twin and cps_weight > 0:
+        twin = train_twin(args, out)
+        rows = {"supervised twin (--cps-weight 0)": twin, "CPS": results}
+        common.print_table({k: {f: r[f] for f in ("miou", "pixel_acc")} for k, r in rows.items()})
+        results.update(twin_miou=twin["miou"], twin_pixel_acc=twin["pixel_acc"])
     figures = " ".join(f"{k}={v:.4g}" for k, v in results.items() if isinstance(v, float))
     print(f"results: {figures}", flush=True)
     return common.write_results(out, results)

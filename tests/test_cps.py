@@ -394,6 +394,7 @@ SMOKE = [
     "1/8",
     "--device",
     "cpu",
+    "--no-twin",  # the twin has a test of its own
 ]
 
 
@@ -579,6 +580,7 @@ def test_voc_streams_images_of_different_sizes_with_an_official_split_list(tmp_p
             str(tmp_path / "run"),
             "--device",
             "cpu",
+            "--no-twin",
         ]
     )
     out = capsys.readouterr().out
@@ -706,6 +708,7 @@ def test_cps_learns_shapes_seg_within_a_cpu_budget(tmp_path):
             "0",
             "--device",
             "cpu",
+            "--no-twin",
             "--out-dir",
             str(tmp_path / "run"),
         ]
@@ -743,7 +746,68 @@ def test_a_folder_of_images_of_different_sizes_trains_and_is_evaluated_at_each_o
     monkeypatch.setattr(common, "confusion_matrix", confusion_recorded)
     argv = ["--dataset", "segfolder", "--data-dir", str(tmp_path / "data"), "--crop-size", "32"]
     argv += ["--backbone", "resnet18", "--weights", "none", "--labeled-ratio", "1/2"]
-    argv += ["--iterations", "2", "--batch-size", "2", "--workers", "0", "--device", "cpu"]
+    argv += [
+        "--iterations",
+        "2",
+        "--batch-size",
+        "2",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--no-twin",
+    ]
     result = cps.main(argv + ["--out-dir", str(tmp_path / "run")])
     assert evaluated[-2:] == sizes["test"], "each test image scored whole, at its own size"
     assert 0 <= result["miou"] <= 1 and (tmp_path / "run" / "results.json").exists()
+
+
+@pytest.mark.slow  # about 20 s: a run with its twin, and one stopped in the twin and resumed
+def test_a_cps_run_trains_its_supervised_twin_on_the_same_labels_and_resumes_into_it(
+    tmp_path, small_shapes_seg, monkeypatch, capsys
+):
+    pools = []  # (out folder, [(pool, seed) of each stream])
+    real_batches, real_train = cps.training_batches, cps.train
+    runs = []
+
+    def batches(source, pool, seed, *rest):
+        pools[-1][1].append((pool.tolist(), seed))
+        return real_batches(source, pool, seed, *rest)
+
+    def train(args):
+        pools.append((args.out_dir, []))
+        runs.append(args)
+        return real_train(args)
+
+    monkeypatch.setattr(cps, "training_batches", batches)
+    monkeypatch.setattr(cps, "train", train)
+    argv = [a for a in SMOKE if a != "--no-twin"]
+    result = cps.main(argv + ["--out-dir", str(tmp_path / "a")])
+    (cps_dir, cps_streams), (twin_dir, twin_streams) = pools
+    assert twin_dir == str(tmp_path / "a" / "twin") and runs[1].cps_weight == 0
+    assert len(cps_streams) == 3 and len(twin_streams) == 1, "labelled + U_a + U_b; labelled"
+    assert twin_streams[0] == cps_streams[0], "the same labelled images, drawn alike"
+    twin = json.loads((tmp_path / "a" / "twin" / "results.json").read_text())
+    assert result["twin_miou"] == twin["miou"] and result["twin_pixel_acc"] == twin["pixel_acc"]
+    assert twin["miou"] != result["miou"], "two different networks were evaluated"
+    out = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("supervised twin (--cps-weight 0)") for line in out)
+    assert any(line.startswith("CPS ") for line in out)
+
+    # stopped during the twin's training (at its first checkpoint), --resume finishes both alike
+    real_save = common.save_checkpoint
+
+    def save(path, state):
+        real_save(path, state)
+        if "twin" in str(path):
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(common, "save_checkpoint", save)
+        with pytest.raises(SystemExit):
+            cps.main(argv + ["--out-dir", str(tmp_path / "b")])
+    assert (tmp_path / "b" / "twin" / "checkpoint.pt").exists()
+    assert not (tmp_path / "b" / "twin" / "results.json").exists()
+    resumed = cps.main(argv + ["--out-dir", str(tmp_path / "b"), "--resume"])
+    for key in ("miou", "pixel_acc", "twin_miou", "twin_pixel_acc"):
+        assert resumed[key] == result[key], key
