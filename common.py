@@ -148,6 +148,23 @@ def cluster_accuracy(y_true, y_pred) -> float:
     return float(counts[rows, cols].sum() / max(counts.sum(), 1))
 
 
+def majority_accuracy(y_true, y_pred) -> float:
+    """Accuracy under many-to-one matching: every cluster takes its most frequent class, so
+    several clusters may share one (the overclustering evaluation, K above the number of
+    classes). Never below `cluster_accuracy`; equal to it when the majority map is one-to-one."""
+    counts = _contingency(y_true, y_pred)
+    return float(counts.max(0).sum() / max(counts.sum(), 1)) if counts.size else 0.0
+
+
+def size_balance(y_pred, num_clusters: int) -> float:
+    """Label-free: the entropy of the cluster sizes over log K, 1 for equal sizes, 0 when every
+    sample is in one cluster."""
+    sizes = np.bincount(
+        np.asarray(torch.as_tensor(y_pred).cpu()).reshape(-1), minlength=num_clusters
+    )
+    return _entropy(sizes) / math.log(num_clusters) if num_clusters > 1 else 1.0
+
+
 def _entropy(counts: np.ndarray) -> float:
     """Entropy of a labeling from its counts, in scikit-learn's arithmetic (bit-identical)."""
     pi = counts[counts > 0].astype(np.float64)

@@ -140,3 +140,39 @@ def test_segmentation_scores_plain_and_hungarian():
     assert absent["miou"] == pytest.approx((4 / 5 + 5 / 6) / 2)
     with pytest.raises(ValueError):
         common.segmentation_scores(torch.zeros(2, 3))
+
+
+def test_majority_accuracy_is_the_best_many_to_one_map_and_never_below_hungarian():
+    g = np.random.default_rng(0)
+    for trial in range(30):
+        k, c = int(g.integers(1, 5)), int(g.integers(1, 4))
+        y_true = g.integers(0, c, 12)
+        y_pred = g.integers(0, k, 12)
+        clusters, classes = np.unique(y_pred), np.unique(y_true)
+        best = max(  # every map of the clusters to classes, several clusters to one class allowed
+            np.mean(
+                [
+                    dict(zip(clusters, m, strict=True)).get(p) == t
+                    for p, t in zip(y_pred, y_true, strict=True)
+                ]
+            )
+            for m in itertools.product(classes, repeat=len(clusters))
+        )
+        majority = common.majority_accuracy(y_true, y_pred)
+        assert majority == pytest.approx(best), trial
+        assert majority >= common.cluster_accuracy(y_true, y_pred) - 1e-12
+    # K = classes and a one-to-one majority map: the two matchings agree
+    y_true = np.array([0, 0, 0, 1, 1, 2, 2, 2, 1])
+    y_pred = np.array([2, 2, 1, 0, 0, 1, 1, 1, 0])
+    assert common.majority_accuracy(y_true, y_pred) == common.cluster_accuracy(y_true, y_pred)
+    assert common.majority_accuracy(y_true, y_pred) == pytest.approx(8 / 9)
+    # two clusters of one class: many-to-one counts both, one-to-one only one
+    assert common.majority_accuracy([0, 0, 1, 1], [0, 1, 2, 2]) == 1.0
+    assert common.cluster_accuracy([0, 0, 1, 1], [0, 1, 2, 2]) == 0.75
+
+
+def test_size_balance_is_the_normalised_entropy_of_the_cluster_sizes():
+    assert common.size_balance(torch.tensor([0, 1, 2, 0, 1, 2]), 3) == pytest.approx(1.0)
+    assert common.size_balance(torch.tensor([1, 1, 1, 1]), 3) == 0.0
+    half = common.size_balance(torch.tensor([0, 0, 1, 1]), 4)
+    assert half == pytest.approx(math.log(2) / math.log(4)), "two of four clusters used, equally"
