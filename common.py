@@ -1557,6 +1557,8 @@ SHARED_ARGS = {
 # it runs, never what it computes. Any other change is refused on --resume (`prepare_out_dir`).
 MAY_CHANGE_ON_RESUME = (
     "resume",
+    "predict",
+    "overwrite",
     "out_dir",
     "device",
     "threads",
@@ -2026,6 +2028,91 @@ def save_segmentation_rows(
 
     rows = torch.stack([_to_float(images.cpu()), colorize(targets.cpu()), colorize(preds.cpu())], 1)
     save_image(rows.flatten(0, 1), path, nrow=3, padding=2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Using a finished run: --predict FOLDER writes <run>/predictions
+# --------------------------------------------------------------------------------------------------
+def finished_run(out_dir, cls):
+    """The arguments (an instance of the script's `cls`, from the checkpoint, which holds them)
+    and the final checkpoint of the finished run in `out_dir`; a folder without one is a
+    ConfigError."""
+    out = Path(out_dir)
+    if not (out / "results.json").exists():
+        raise ConfigError(
+            f"--predict needs a finished run: {out} holds no results.json. Pass the --out-dir "
+            f"of a run that ended (and the script's --dataset and --seed find its default one)"
+        )
+    state = load_checkpoint(out / "checkpoint.pt")
+    names = {field.name for field in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in state["args"].items() if k in names}), state
+
+
+def read_new_images(folder, size: int | None = None) -> tuple[list[str], list[torch.Tensor]]:
+    """Every image under `folder` (recursively, in sorted order; any format Pillow reads,
+    grayscale and RGBA as RGB), with `size` resized and centre-cropped as the training images
+    (`_read_image`), else as stored: their paths relative to `folder` and uint8 (3, H, W)
+    tensors. A file that is not a readable image is reported and skipped."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise ConfigError(f"--predict {folder}: no such folder")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    paths, images = [], []
+    for i, path in enumerate(files):
+        try:
+            images.append(_read_image(path, size))
+        except _BadFiles:
+            print(f"skipped {path}: not a readable image", flush=True)
+            continue
+        paths.append(path.relative_to(root).as_posix())
+        if (i + 1) % 1000 == 0:
+            print(f"read {i + 1} of {len(files)} files", flush=True)
+    if not images:
+        raise ConfigError(f"--predict {folder}: no readable image in it")
+    return paths, images
+
+
+def predictions_dir(run_dir, overwrite: bool = False) -> Path:
+    """<run_dir>/predictions, refused if it already holds predictions (unless `overwrite`)."""
+    out = Path(run_dir) / "predictions"
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(
+            f"{out} already holds predictions: pass --overwrite to replace them, or move them"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_csv(path, header: list[str], rows) -> None:
+    """A CSV file: the header, then one line per row."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def write_class_predictions(
+    out: Path, paths, images, preds, confidence, names=None, num_clusters=None
+) -> dict:
+    """predictions.csv (path, class or cluster id, its name where the run knows one, confidence)
+    and predictions.png (the images grouped by prediction, most confident first); returns the
+    label-free summary: the image count, the size balance and the mean confidence."""
+    preds, confidence = preds.cpu(), confidence.cpu()
+    rows = []
+    for path, p, c in zip(paths, preds.tolist(), confidence.tolist(), strict=True):
+        rows.append([path, p, names[p] if names else "", f"{c:.4f}"])
+    write_csv(out / "predictions.csv", ["path", "prediction", "name", "confidence"], rows)
+    k = num_clusters or (len(names) if names else int(preds.max()) + 1)
+    save_cluster_grid(out / "predictions.png", images, preds, confidence, num_clusters=k)
+    summary = {
+        "images": len(paths),
+        "size_balance": size_balance(preds, k),
+        "mean_confidence": float(confidence.mean()),
+    }
+    print(f"predictions of {len(paths)} images in {out}: " + json.dumps(summary), flush=True)
+    return summary
 
 
 # --------------------------------------------------------------------------------------------------

@@ -95,6 +95,11 @@ class Args:
     """bfloat16 autocast on CUDA (ignored on the CPU)"""
     compile: bool = False
     """torch.compile the network(s)"""
+    predict: str | None = None
+    """a folder of new images: the finished run in --out-dir classifies them (its final EMA
+    model) into <out-dir>/predictions, instead of training"""
+    overwrite: bool = False
+    """with --predict: replace the predictions already in <out-dir>/predictions"""
     num_labeled: int = common.arg(4000, at_least=1)
     """labelled images, n (n / C per class; 40, 250 or 4000 on CIFAR-10 in the paper)"""
     steps: int = common.arg(2**20, at_least=1)
@@ -518,7 +523,7 @@ def headline_accuracy(evals: list[tuple[int, float]], steps: int) -> tuple[float
 
 
 def final_results(
-    out: Path, args: Args, evals: list[tuple[int, float]], book: common.RunBook
+    out: Path, args: Args, evals: list[tuple[int, float]], book: common.RunBook, classes: list
 ) -> dict:
     """results.json, printed: acc, the median of the evaluations in the last 2% of training (at
     most 20, the paper's figure; `headline_accuracy` says why), acc_evals, how many that is (1:
@@ -533,6 +538,7 @@ def final_results(
         **book.figures(),
     }
     print("results: " + " ".join(f"{k}={v:.4g}" for k, v in results.items()), flush=True)
+    results["classes"] = classes  # their names, for --predict
     return common.write_results(out, results)
 
 
@@ -616,7 +622,29 @@ def train(args: Args) -> dict:
     common.save_cluster_grid(
         out / "predictions.png", test_set.images.cpu(), preds, confidence, num_clusters=num_classes
     )
-    return final_results(out, args, evals, book)
+    return final_results(out, args, evals, book, labeled_set.classes)
+
+
+# --------------------------------------------------------------------------------------------------
+# Using a finished run
+# --------------------------------------------------------------------------------------------------
+def predict(args: Args) -> dict:
+    """--predict FOLDER: the finished run in --out-dir (its arguments and final EMA model, the
+    one evaluated) classifies every image under FOLDER, read at the run's image size and
+    normalised as in training (`evaluate`), into <out-dir>/predictions (a CSV and a picture)."""
+    run, state = common.finished_run(args.out_dir, Args)
+    device = common.select_device(args.device)
+    info = common.dataset_info(run.dataset, "classify")
+    names = common.load_results(args.out_dir).get("classes")
+    num_classes = state["ema"]["fc.weight"].shape[0]
+    model = WideResNet(num_classes, run.depth, run.widen_factor, run.bn_momentum).to(device)
+    model.load_state_dict(state["ema"])
+    out = common.predictions_dir(args.out_dir, args.overwrite)
+    paths, images = common.read_new_images(args.predict, run.image_size)
+    images = torch.stack(images).to(device)
+    unknown = torch.zeros(len(images), dtype=torch.long, device=device)  # no labels: acc unused
+    _, preds, confidence = evaluate(model, images, unknown, (info.mean, info.std))
+    return common.write_class_predictions(out, paths, images, preds, confidence, names)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -624,6 +652,8 @@ def main(argv: list[str] | None = None) -> dict:
     description = __doc__.split("\n")[0]
     args = common.parse_args(Args, argv, DATASET_DEFAULTS, description, "fixmatch", "classify")
     with common.user_errors("fixmatch.py", args.out_dir):
+        if args.predict:
+            return predict(args)
         return train(args)
 
 

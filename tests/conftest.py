@@ -34,3 +34,35 @@ def _keep_torchs_thread_count():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def new_images(tmp_path):
+    """`new_images(images)`: a folder of new images for --predict, from uint8 (N, 3, H, W) with
+    N >= 4 (or a list of such (3, H, W) images): PNGs, one JPEG, one grayscale and one RGBA PNG
+    in a nested subfolder, a corrupt file and a text file. Returns the folder and the relative
+    paths of the readable images in the order --predict lists them (sorted)."""
+    import numpy as np
+    from PIL import Image
+
+    def write(images):
+        folder = tmp_path / "new"
+        (folder / "nested" / "deeper").mkdir(parents=True)
+        paths = []
+        for i, image in enumerate(images):
+            array = image.permute(1, 2, 0).cpu().numpy().astype(np.uint8)
+            if i == 1:
+                name, picture = f"nested/{i:03d}.jpg", Image.fromarray(array)
+            elif i == 2:
+                name, picture = f"nested/deeper/{i:03d}.png", Image.fromarray(array).convert("L")
+            elif i == 3:
+                name, picture = f"{i:03d}_rgba.png", Image.fromarray(array).convert("RGBA")
+            else:
+                name, picture = f"{i:03d}.png", Image.fromarray(array)
+            picture.save(folder / name)
+            paths.append(name)
+        (folder / "broken.png").write_bytes(b"\x89PNG not really")
+        (folder / "notes.txt").write_text("not an image")
+        return folder, sorted(paths)
+
+    return write

@@ -572,3 +572,36 @@ def test_fixmatch_beats_the_supervised_baseline_on_shapes(tmp_path):
     # The baseline learns too: the comparison is not against chance.
     assert supervised["acc_last"] > 0.6
     assert fixmatch_run["acc_last"] >= supervised["acc_last"] + 0.01
+
+
+def test_predict_classifies_a_folder_as_the_evaluation_does(tmp_path, new_images, capsys):
+    run = tmp_path / "run"
+    fixmatch.main(TINY + ["--steps", "2", "--eval-every", "2", "--out-dir", str(run)])
+    images, _ = common.make_shapes(6, seed=3, size=16)  # twice the run's size: resized to 8
+    folder, paths = new_images(images)
+    summary = fixmatch.main(["--predict", str(folder), "--out-dir", str(run), "--device", "cpu"])
+    log = capsys.readouterr().out
+    assert "broken.png: not a readable image" in log and "notes.txt" in log
+    rows = (run / "predictions" / "predictions.csv").read_text().splitlines()
+    assert rows[0] == "path,prediction,name,confidence" and len(rows) == 1 + len(paths)
+    assert [row.split(",")[0] for row in rows[1:]] == paths
+    assert summary["images"] == 6 and (run / "predictions" / "predictions.png").exists()
+    # the same EMA model, images and preprocessing as the run's own evaluation
+    ema = fixmatch.WideResNet(10, 10, 1, 0.001)
+    ema.load_state_dict(common.load_checkpoint(run / "checkpoint.pt")["ema"])
+    read = torch.stack([common._read_image(folder / path, 8) for path in paths])
+    info = common.dataset_info("shapes")
+    _, preds, confidence = fixmatch.evaluate(ema, read, torch.zeros(6), (info.mean, info.std))
+    names = json.loads((run / "results.json").read_text())["classes"]
+    for row, p, c in zip(rows[1:], preds.tolist(), confidence.tolist(), strict=True):
+        _, predicted, name, conf = row.split(",")
+        assert (
+            int(predicted) == p and name == names[p] and float(conf) == pytest.approx(c, abs=1e-4)
+        )
+    with pytest.raises(SystemExit, match="already holds predictions: pass --overwrite"):
+        fixmatch.main(["--predict", str(folder), "--out-dir", str(run), "--device", "cpu"])
+    fixmatch.main(
+        ["--predict", str(folder), "--out-dir", str(run), "--overwrite", "--device", "cpu"]
+    )
+    with pytest.raises(SystemExit, match="holds no results.json"):
+        fixmatch.main(["--predict", str(folder), "--out-dir", str(tmp_path / "none")])
