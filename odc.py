@@ -101,6 +101,11 @@ class Args:
     """bfloat16 autocast on CUDA (ignored on the CPU)"""
     compile: bool = False
     """torch.compile the network(s)"""
+    predict: str | None = None
+    """a folder of new images: the finished run in --out-dir puts each in its memory cluster
+    (the nearest centroid of its neck feature) into <out-dir>/predictions, instead of training"""
+    overwrite: bool = False
+    """with --predict: replace the predictions already in <out-dir>/predictions"""
     init_from: str | None = None
     """start the backbone from this file instead of random weights: spice.py's moco.pt (or the
     run folder holding it), odc.py's checkpoint.pt, or a saved state_dict of this CIFAR ResNet-18
@@ -870,11 +875,47 @@ def train(args: Args) -> dict:
     return common.write_results(out, results)
 
 
+# --------------------------------------------------------------------------------------------------
+# Using a finished run
+# --------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def memory_clusters(
+    model: ODC, centroids: torch.Tensor, images: torch.Tensor, stats
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image's memory cluster as step 3 assigns one, argmax_c <centroid_c, f> of its
+    L2-normalised neck feature f (unaugmented, eval mode), and the cosine to that centroid."""
+    neck = nn.Sequential(model.backbone, model.neck)
+    features = F.normalize(network_outputs(neck, images, stats), dim=1)
+    clusters = (features @ centroids.T).argmax(1)
+    return clusters, (features * F.normalize(centroids, dim=1)[clusters]).sum(1)
+
+
+def predict(args: Args) -> dict:
+    """--predict FOLDER: the finished run in --out-dir (its network and memory centroids) puts
+    every image under FOLDER, read at the run's image size, in its memory cluster
+    (`memory_clusters`), into <out-dir>/predictions (a CSV and a picture)."""
+    run, state = common.finished_run(args.out_dir, Args)
+    device = common.select_device(args.device)
+    info = common.dataset_info(run.dataset, "classify")
+    model = ODC(run.num_clusters, run.backbone_width).to(device)
+    model.load_state_dict(state["model"])
+    centroids = state["memory"]["centroids"].to(device)
+    out = common.predictions_dir(args.out_dir, args.overwrite)
+    paths, images = common.read_new_images(args.predict, run.image_size)
+    images = torch.stack(images).to(device)
+    clusters, cosine = memory_clusters(model, centroids, images, (info.mean, info.std))
+    return common.write_class_predictions(
+        out, paths, images, clusters, cosine, num_clusters=run.num_clusters
+    )
+
+
 def main(argv: list[str] | None = None) -> dict:
     torch.set_flush_denormal(True)  # denormal floats slow CPU training many times over
     description = __doc__.split("\n")[0]
     args = common.parse_args(Args, argv, DATASET_DEFAULTS, description, "odc", "classify")
     with common.user_errors("odc.py", args.out_dir):
+        if args.predict:
+            return predict(args)
         return train(args)
 
 

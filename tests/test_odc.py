@@ -648,3 +648,31 @@ def test_odc_features_beat_the_untrained_network_on_shapes(tmp_path):
     assert result["knn20_acc"] >= result["baseline_knn20_acc"] + 0.20
     closer = result["memory_nmi"] > result["baseline_memory_nmi"]
     assert closer, "the memory labels came closer to the classes"
+
+
+def test_predict_puts_new_images_in_their_memory_cluster(tmp_path, new_images, capsys):
+    run = tmp_path / "run"
+    argv = INIT_TINY + ["--epochs", "1", "--batch-size", "256", "--num-clusters", "20"]
+    odc.main(argv + ["--min-cluster", "30", "--out-dir", str(run)])
+    images, _ = common.make_shapes(6, seed=3, size=16)  # twice the run's size: resized to 8
+    folder, paths = new_images(images)
+    summary = odc.main(["--predict", str(folder), "--out-dir", str(run), "--device", "cpu"])
+    assert "broken.png: not a readable image" in capsys.readouterr().out
+    rows = [r.split(",") for r in (run / "predictions" / "predictions.csv").read_text().split()]
+    assert [r[0] for r in rows[1:]] == paths and summary["images"] == 6
+    state = common.load_checkpoint(run / "checkpoint.pt")
+    model = odc.ODC(20, 4)
+    model.load_state_dict(state["model"])
+    read = torch.stack([common._read_image(folder / path, 8) for path in paths])
+    info = common.dataset_info("shapes")
+    stats = (info.mean, info.std)
+    clusters, cosine = odc.memory_clusters(model, state["memory"]["centroids"], read, stats)
+    assert [int(r[1]) for r in rows[1:]] == clusters.tolist()
+    assert all(abs(float(r[3]) - c) < 1e-4 for r, c in zip(rows[1:], cosine.tolist(), strict=True))
+    # the memory's own rule (step 3) with m = 1, fed the same neck features, gives these clusters
+    neck = nn.Sequential(model.backbone, model.neck)
+    z = odc.network_outputs(neck, read, stats)
+    memory = odc.OdcMemory(torch.randn(6, 256), torch.zeros(6, dtype=torch.long), 20, momentum=1.0)
+    memory.centroids = state["memory"]["centroids"]
+    memory.update_samples(torch.arange(6), z)
+    assert memory.labels.tolist() == clusters.tolist()
