@@ -2115,6 +2115,40 @@ def write_class_predictions(
     return summary
 
 
+def write_mask_predictions(out: Path, paths, images, masks, names=None, num_classes=None) -> dict:
+    """Per image (uint8 (3, H, W)) and its mask (H, W) of class or cluster indices at the image's
+    own size: masks/<path>.png (the indices as 8-bit grey levels), overlays/<path>.png (the
+    image blended half and half with the VOC palette), and shares.csv (each index's share of the
+    image's pixels); returns the label-free summary (images, size balance of all pixels)."""
+    from PIL import Image
+    from torchvision.utils import save_image
+
+    k = num_classes or (len(names) if names else int(max(int(m.max()) for m in masks)) + 1)
+    columns = names or [str(c) for c in range(k)]
+    rows = []
+    total = torch.zeros(k)
+    for path, image, mask in zip(paths, images, masks, strict=True):
+        mask = mask.cpu()
+        stem = Path(path).with_suffix(".png")
+        for sub in ("masks", "overlays"):
+            (out / sub / stem).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(mask.numpy().astype(np.uint8), mode="L").save(out / "masks" / stem)
+        overlay = 0.5 * _to_float(image.cpu()) + 0.5 * colorize(mask[None])[0]
+        save_image(overlay, out / "overlays" / stem)
+        counts = torch.bincount(mask.flatten().long(), minlength=k)[:k].float()
+        total += counts
+        rows.append([path, *(f"{v:.4f}" for v in (counts / counts.sum()).tolist())])
+    write_csv(out / "shares.csv", ["path", *columns], rows)
+    shares = total / total.sum()
+    summary = {
+        "images": len(paths),
+        "size_balance": float(_entropy(total.numpy()) / math.log(k)) if k > 1 else 1.0,
+        "pixel_shares": [round(v, 4) for v in shares.tolist()],
+    }
+    print(f"predictions of {len(paths)} images in {out}: " + json.dumps(summary), flush=True)
+    return summary
+
+
 # --------------------------------------------------------------------------------------------------
 # Self-benchmark: python common.py
 # --------------------------------------------------------------------------------------------------

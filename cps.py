@@ -93,6 +93,11 @@ class Args:
     """bfloat16 autocast on CUDA (ignored on the CPU)"""
     compile: bool = False
     """torch.compile the network(s)"""
+    predict: str | None = None
+    """a folder of new images: the finished run in --out-dir segments them (network 1) into
+    <out-dir>/predictions, a mask at each image's own size, instead of training"""
+    overwrite: bool = False
+    """with --predict: replace the predictions already in <out-dir>/predictions"""
     labeled_ratio: float = common.arg(0.125, above=0, at_most=1)
     """labelled fraction of the training images, drawn with the seed (paper: 1/16, 1/8, 1/4, 1/2)"""
     labeled_list: str | None = None
@@ -581,6 +586,44 @@ def evaluate(
     return common.segmentation_scores(conf), pictures
 
 
+@torch.no_grad()
+def segment(model: nn.Module, image: torch.Tensor, stats, run: Args) -> torch.Tensor:
+    """The mask (H, W) of one uint8 image (3, H, W) at its own size: shorter side resized to the
+    run's --image-size where it had one, `sliding_window` as the evaluation, the logits resized
+    back (bilinear) before the argmax."""
+    model.eval()
+    x = image[None]
+    if run.image_size:
+        from torchvision.transforms.functional import resize
+
+        x = resize(x, run.image_size, antialias=True)
+    logits = sliding_window(model, common.normalize(x, *stats), run.crop_size)
+    if logits.shape[-2:] != image.shape[-2:]:
+        logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
+    return logits.argmax(1)[0]
+
+
+def predict(args: Args) -> dict:
+    """--predict FOLDER: the finished run in --out-dir (network 1, the one evaluated) segments
+    every image under FOLDER (`segment`) into <out-dir>/predictions: a mask and an overlay per
+    image at its own size, and each image's class shares."""
+    run, state = common.finished_run(args.out_dir, Args)
+    device = common.select_device(args.device)
+    info = common.dataset_info(run.dataset, "segment")
+    names = common.load_results(args.out_dir).get("classes")
+    num_classes = state["net1"]["classifier.weight"].shape[0]
+    model = DeepLabV3Plus(num_classes, resnet(run.backbone, "none")).to(device)
+    model.load_state_dict(state["net1"])
+    out = common.predictions_dir(args.out_dir, args.overwrite)
+    paths, images = common.read_new_images(args.predict)  # each at its own size
+    masks = []
+    for i, image in enumerate(images):
+        masks.append(segment(model, image.to(device), (info.mean, info.std), run))
+        if (i + 1) % 100 == 0:
+            print(f"segmented {i + 1} of {len(images)} images", flush=True)
+    return common.write_mask_predictions(out, paths, images, masks, names, num_classes)
+
+
 # --------------------------------------------------------------------------------------------------
 # Training: steps 1-6 of the module docstring
 # --------------------------------------------------------------------------------------------------
@@ -802,6 +845,7 @@ def train(args: Args) -> dict:
         _, shown = evaluate(forwards[0], eval_source, num_classes, stats, args)
     common.save_segmentation_rows(out / "segmentation.png", *shown)
     results = {**cps_results(evals[-1], cps_weight, len(labeled), args), **book.figures()}
+    results["classes"] = classes  # their names, for --predict
     if args.twin and cps_weight > 0:
         twin = train_twin(args, out)
         rows = {"supervised twin (--cps-weight 0)": twin, "CPS": results}
@@ -817,6 +861,8 @@ def main(argv: list[str] | None = None) -> dict:
     description = __doc__.split("\n")[0]
     args = common.parse_args(Args, argv, DATASET_DEFAULTS, description, "cps", "segment")
     with common.user_errors("cps.py", args.out_dir):
+        if args.predict:
+            return predict(args)
         return train(args)
 
 

@@ -423,6 +423,25 @@ def pseudo_label_accuracy(
     return correct.sum() / accepted.sum().clamp_min(1)
 
 
+def predict(args: Args) -> dict:
+    """--predict FOLDER: the finished run in --out-dir (its arguments and final EMA model, the
+    one evaluated) classifies every image under FOLDER, read at the run's image size and
+    normalised as in training (`evaluate`), into <out-dir>/predictions (a CSV and a picture)."""
+    run, state = common.finished_run(args.out_dir, Args)
+    device = common.select_device(args.device)
+    info = common.dataset_info(run.dataset, "classify")
+    names = common.load_results(args.out_dir).get("classes")
+    num_classes = state["ema"]["fc.weight"].shape[0]
+    model = WideResNet(num_classes, run.depth, run.widen_factor, run.bn_momentum).to(device)
+    model.load_state_dict(state["ema"])
+    out = common.predictions_dir(args.out_dir, args.overwrite)
+    paths, images = common.read_new_images(args.predict, run.image_size)
+    images = torch.stack(images).to(device)
+    unknown = torch.zeros(len(images), dtype=torch.long, device=device)  # no labels: acc unused
+    _, preds, confidence = evaluate(model, images, unknown, (info.mean, info.std))
+    return common.write_class_predictions(out, paths, images, preds, confidence, names)
+
+
 # --------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------
@@ -623,28 +642,6 @@ def train(args: Args) -> dict:
         out / "predictions.png", test_set.images.cpu(), preds, confidence, num_clusters=num_classes
     )
     return final_results(out, args, evals, book, labeled_set.classes)
-
-
-# --------------------------------------------------------------------------------------------------
-# Using a finished run
-# --------------------------------------------------------------------------------------------------
-def predict(args: Args) -> dict:
-    """--predict FOLDER: the finished run in --out-dir (its arguments and final EMA model, the
-    one evaluated) classifies every image under FOLDER, read at the run's image size and
-    normalised as in training (`evaluate`), into <out-dir>/predictions (a CSV and a picture)."""
-    run, state = common.finished_run(args.out_dir, Args)
-    device = common.select_device(args.device)
-    info = common.dataset_info(run.dataset, "classify")
-    names = common.load_results(args.out_dir).get("classes")
-    num_classes = state["ema"]["fc.weight"].shape[0]
-    model = WideResNet(num_classes, run.depth, run.widen_factor, run.bn_momentum).to(device)
-    model.load_state_dict(state["ema"])
-    out = common.predictions_dir(args.out_dir, args.overwrite)
-    paths, images = common.read_new_images(args.predict, run.image_size)
-    images = torch.stack(images).to(device)
-    unknown = torch.zeros(len(images), dtype=torch.long, device=device)  # no labels: acc unused
-    _, preds, confidence = evaluate(model, images, unknown, (info.mean, info.std))
-    return common.write_class_predictions(out, paths, images, preds, confidence, names)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -619,6 +619,37 @@ def save_cluster_picture(path, memory: OdcMemory, images: torch.Tensor, rows: in
     common.save_cluster_grid(path, images, rank[memory.labels], closeness, num_clusters=rows)
 
 
+@torch.no_grad()
+def memory_clusters(
+    model: ODC, centroids: torch.Tensor, images: torch.Tensor, stats
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image's memory cluster as step 3 assigns one, argmax_c <centroid_c, f> of its
+    L2-normalised neck feature f (unaugmented, eval mode), and the cosine to that centroid."""
+    neck = nn.Sequential(model.backbone, model.neck)
+    features = F.normalize(network_outputs(neck, images, stats), dim=1)
+    clusters = (features @ centroids.T).argmax(1)
+    return clusters, (features * F.normalize(centroids, dim=1)[clusters]).sum(1)
+
+
+def predict(args: Args) -> dict:
+    """--predict FOLDER: the finished run in --out-dir (its network and memory centroids) puts
+    every image under FOLDER, read at the run's image size, in its memory cluster
+    (`memory_clusters`), into <out-dir>/predictions (a CSV and a picture)."""
+    run, state = common.finished_run(args.out_dir, Args)
+    device = common.select_device(args.device)
+    info = common.dataset_info(run.dataset, "classify")
+    model = ODC(run.num_clusters, run.backbone_width).to(device)
+    model.load_state_dict(state["model"])
+    centroids = state["memory"]["centroids"].to(device)
+    out = common.predictions_dir(args.out_dir, args.overwrite)
+    paths, images = common.read_new_images(args.predict, run.image_size)
+    images = torch.stack(images).to(device)
+    clusters, cosine = memory_clusters(model, centroids, images, (info.mean, info.std))
+    return common.write_class_predictions(
+        out, paths, images, clusters, cosine, num_clusters=run.num_clusters
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------
@@ -873,40 +904,6 @@ def train(args: Args) -> dict:
     results = {**result, **baseline_results, **loaded_results, **book.figures()}
     print("results: " + " ".join(f"{k}={v:.4g}" for k, v in results.items()), flush=True)
     return common.write_results(out, results)
-
-
-# --------------------------------------------------------------------------------------------------
-# Using a finished run
-# --------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def memory_clusters(
-    model: ODC, centroids: torch.Tensor, images: torch.Tensor, stats
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each image's memory cluster as step 3 assigns one, argmax_c <centroid_c, f> of its
-    L2-normalised neck feature f (unaugmented, eval mode), and the cosine to that centroid."""
-    neck = nn.Sequential(model.backbone, model.neck)
-    features = F.normalize(network_outputs(neck, images, stats), dim=1)
-    clusters = (features @ centroids.T).argmax(1)
-    return clusters, (features * F.normalize(centroids, dim=1)[clusters]).sum(1)
-
-
-def predict(args: Args) -> dict:
-    """--predict FOLDER: the finished run in --out-dir (its network and memory centroids) puts
-    every image under FOLDER, read at the run's image size, in its memory cluster
-    (`memory_clusters`), into <out-dir>/predictions (a CSV and a picture)."""
-    run, state = common.finished_run(args.out_dir, Args)
-    device = common.select_device(args.device)
-    info = common.dataset_info(run.dataset, "classify")
-    model = ODC(run.num_clusters, run.backbone_width).to(device)
-    model.load_state_dict(state["model"])
-    centroids = state["memory"]["centroids"].to(device)
-    out = common.predictions_dir(args.out_dir, args.overwrite)
-    paths, images = common.read_new_images(args.predict, run.image_size)
-    images = torch.stack(images).to(device)
-    clusters, cosine = memory_clusters(model, centroids, images, (info.mean, info.std))
-    return common.write_class_predictions(
-        out, paths, images, clusters, cosine, num_clusters=run.num_clusters
-    )
 
 
 def main(argv: list[str] | None = None) -> dict:

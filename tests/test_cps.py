@@ -8,6 +8,7 @@ import copy
 import json
 import math
 import urllib.error
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -811,3 +812,39 @@ def test_a_cps_run_trains_its_supervised_twin_on_the_same_labels_and_resumes_int
     resumed = cps.main(argv + ["--out-dir", str(tmp_path / "b"), "--resume"])
     for key in ("miou", "pixel_acc", "twin_miou", "twin_pixel_acc"):
         assert resumed[key] == result[key], key
+
+
+def test_predict_segments_new_images_each_at_its_own_size(
+    tmp_path, small_shapes_seg, new_images, capsys
+):
+    from PIL import Image
+
+    run = tmp_path / "run"
+    cps.main(SMOKE + ["--iterations", "2", "--out-dir", str(run)])
+    images, _ = common.make_shapes_seg(5, seed=3, size=64)
+    sizes = [(48, 40), (64, 64), (40, 56), (64, 48), (36, 64)]
+    images = [
+        F.interpolate(im[None].float(), size=s)[0].byte()
+        for im, s in zip(images, sizes, strict=True)
+    ]
+    folder, paths = new_images(images)
+    summary = cps.main(["--predict", str(folder), "--out-dir", str(run), "--device", "cpu"])
+    assert "broken.png: not a readable image" in capsys.readouterr().out
+    state = common.load_checkpoint(run / "checkpoint.pt")
+    model = cps.DeepLabV3Plus(5, cps.resnet("resnet18", "none"))
+    model.load_state_dict(state["net1"])
+    info = common.dataset_info("shapes-seg")
+    run_args = cps.Args(image_size=32, crop_size=32)
+    shares = (run / "predictions" / "shares.csv").read_text().splitlines()
+    assert shares[0] == "path," + ",".join(common.SHAPES_SEG_CLASSES) and len(shares) == 6
+    for path, row in zip(paths, shares[1:], strict=True):
+        stem = str(Path(path).with_suffix(".png"))
+        mask = torch.from_numpy(np.array(Image.open(run / "predictions" / "masks" / stem)))
+        image = common._read_image(folder / path)
+        assert mask.shape == image.shape[1:], "the mask at the image's own size"
+        expected = cps.segment(model, image, (info.mean, info.std), run_args)
+        assert torch.equal(mask.long(), expected), path
+        assert (run / "predictions" / "overlays" / stem).exists()
+        counts = torch.bincount(expected.flatten(), minlength=5) / expected.numel()
+        assert [float(v) for v in row.split(",")[1:]] == pytest.approx(counts.tolist(), abs=1e-4)
+    assert summary["images"] == 5

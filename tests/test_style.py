@@ -103,7 +103,15 @@ COPIES = {  # name: the scripts that keep a character-identical copy of it
     "imagenet_resnet": ["picie", "cps"],
 }
 # The skeleton's names: the same role in every script, its own content.
-SKELETON = {"Args", "DATASET_DEFAULTS", "STREAMED", "load_split", "load_data", "evaluate"}
+SKELETON = {
+    "Args",
+    "DATASET_DEFAULTS",
+    "STREAMED",
+    "load_split",
+    "load_data",
+    "evaluate",
+    "predict",
+}
 SKELETON |= {"train_step", "train", "main"}
 
 
