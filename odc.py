@@ -31,7 +31,7 @@ Algorithm (each name is a function or method below):
    stays constant); the class weights again. `train_epoch` runs steps 2-5 over an epoch.
 6. `evaluate` of the frozen backbone: a linear probe (`linear_probe`), weighted kNN accuracy
    (`knn_accuracy`, k = 200 and 20, T = 0.07), k-means with K = number of classes (ACC, NMI with
-   the arithmetic normalisation, ARI), and the NMI of the memory labels (`memory_nmi`), beside
+   the arithmetic normalisation, ARI), and the memory's clusters (`memory_figures`), beside
    the same figures for the untrained network and for the --init-from network before ODC.
 
 Usage:
@@ -603,10 +603,16 @@ def evaluate(model: ODC, data: OdcData, seed: int, amp: bool = False) -> dict:
     }
 
 
-def memory_nmi(memory: OdcMemory, data: OdcData) -> float:
-    """NMI of the memory labels against the true labels of the labelled training images (the
-    memory's first rows)."""
-    return common.nmi(data.train_labels, memory.labels[: len(data.train_labels)])
+def memory_figures(memory: OdcMemory, data: OdcData) -> dict:
+    """The memory's C clusters against the true labels of the labelled training images (the
+    memory's first rows): NMI and many-to-one (majority) accuracy, C being above the number of
+    classes; and, label-free, the size balance of all its clusters."""
+    labels = memory.labels[: len(data.train_labels)]
+    return {
+        "memory_nmi": common.nmi(data.train_labels, labels),
+        "memory_majority_acc": common.majority_accuracy(data.train_labels, labels),
+        "memory_size_balance": common.size_balance(memory.labels, memory.num_clusters),
+    }
 
 
 def save_cluster_picture(path, memory: OdcMemory, images: torch.Tensor, rows: int = 16) -> None:
@@ -751,7 +757,7 @@ def baseline_and_memory(
     features = F.normalize(network_outputs(neck, data.images, data.stats, amp), dim=1)
     memory = OdcMemory.initialise(features, args.num_clusters, args.memory_momentum, args.seed)
     first_row = loaded if init is not None else baseline
-    first_row["memory_nmi"] = memory_nmi(memory, data)
+    first_row.update(memory_figures(memory, data))
     return baseline, loaded, memory
 
 
@@ -877,7 +883,7 @@ def train(args: Args) -> dict:
         evaluated = (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs
         if evaluated:
             result = evaluate(model, data, args.seed, amp)  # step 6
-            result["memory_nmi"] = memory_nmi(memory, data)
+            result.update(memory_figures(memory, data))
             book.log(epoch + 1, {f"eval/{k}": v for k, v in result.items()})
         # due at every evaluation and on the clock, checked at epoch ends (where a run resumes)
         if book.save_due(evaluated):

@@ -676,3 +676,18 @@ def test_predict_puts_new_images_in_their_memory_cluster(tmp_path, new_images, c
     memory.centroids = state["memory"]["centroids"]
     memory.update_samples(torch.arange(6), z)
     assert memory.labels.tolist() == clusters.tolist()
+
+
+def test_memory_figures_score_the_clusters_many_to_one_and_their_balance():
+    # 6 labelled images (classes 0, 0, 1, 1, 2, 2) then 2 unlabelled, in C = 4 clusters
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    memory = odc.OdcMemory(torch.randn(8, 4), torch.tensor([0, 1, 2, 2, 3, 2, 3, 3]), 4)
+    data = odc.OdcData(None, None, labels, None, None, "test", 3, None)
+    figures = odc.memory_figures(memory, data)
+    # clusters 0 and 1 both hold class 0 (one-to-one would count one), 2 holds class 1 twice and
+    # class 2 once, 3 holds class 2: 5 of 6 under majority matching
+    assert figures["memory_majority_acc"] == pytest.approx(5 / 6)
+    sizes = torch.tensor([1, 1, 3, 3]) / 8  # all 8 memory rows
+    entropy = float(-(sizes * sizes.log()).sum())
+    assert figures["memory_size_balance"] == pytest.approx(entropy / math.log(4))
+    assert figures["memory_nmi"] == pytest.approx(common.nmi(labels, memory.labels[:6]))
