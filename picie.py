@@ -94,6 +94,11 @@ class Args:
     """bfloat16 autocast on CUDA (ignored on the CPU)"""
     compile: bool = False
     """torch.compile the network(s)"""
+    predict: str | None = None
+    """a folder of new images: the finished run in --out-dir segments them into its clusters
+    (the last evaluation's centroids) into <out-dir>/predictions, instead of training"""
+    overwrite: bool = False
+    """with --predict: replace the predictions already in <out-dir>/predictions"""
     epochs: int = common.arg(10, at_least=1)
     """training epochs, each of which clusters the features anew"""
     # The labels are held as uint8.
@@ -461,6 +466,7 @@ class PicieData:
     stats: tuple
     fit_idx: torch.Tensor
     description: str
+    classes: list = dataclasses.field(default_factory=list)  # their names, for --predict
 
 
 def load_data(args: Args, device) -> PicieData:
@@ -490,6 +496,7 @@ def load_data(args: Args, device) -> PicieData:
         stats=(info.mean, info.std),
         fit_idx=fit_idx,
         description=description,
+        classes=list(classes),
     )
 
 
@@ -554,7 +561,14 @@ def evaluate(
     matched no class). Every network is judged with batch-norm statistics recomputed on those
     un-augmented images (`clean_batch_norm`), as the official evaluation re-estimates them."""
     with clean_batch_norm(model, data, args):
-        return evaluate_as_is(model, data, args, amp, show)
+        scores, pictures = evaluate_as_is(model, data, args, amp, show)
+        # the statistics it was judged with, kept with its centroids for --predict
+        scores["batch_norm"] = {
+            name.removeprefix("_orig_mod."): buffer.clone()
+            for name, buffer in model.state_dict().items()
+            if "running_" in name
+        }
+    return scores, pictures
 
 
 @torch.no_grad()
@@ -586,6 +600,10 @@ def evaluate_as_is(
         keep = [j for j, i in enumerate(idx.tolist()) if i in picks]
         shown.append((x[keep], y[keep], pred[keep]))
     scores = common.segmentation_scores(conf, hungarian=True)
+    scores["centroids"] = centroids  # the clusters, for --predict
+    scores["size_balance"] = common._entropy(conf.sum(0).cpu().numpy()) / math.log(
+        data.num_clusters
+    )  # label-free: how evenly the evaluated pixels fill the K clusters
     match = torch.tensor([c if c >= 0 else 255 for c in scores["match"]], device=conf.device)
     x, y, pred = (torch.cat(part) for part in zip(*shown, strict=True))
     return scores, (x, y, match[pred])
@@ -640,6 +658,52 @@ def constant_baseline(data: PicieData, args: Args) -> dict:
             one_cluster, y, data.num_classes, num_clusters=data.num_clusters
         )
     return common.segmentation_scores(conf, hungarian=True)
+
+
+@torch.no_grad()
+def segment(model: nn.Module, image: torch.Tensor, centroids, stats, size: int) -> torch.Tensor:
+    """The cluster mask (H, W) of one uint8 image (3, H, W) at its own size, as `evaluate`
+    predicts: the image with its shorter side at --image-size, argmax of z . mu with the logits
+    upsampled bilinearly (here to the image's own size)."""
+    from torchvision.transforms.functional import resize
+
+    model.eval()
+    x = resize(image[None], size, antialias=True).float() / 255
+    logits = cluster_logits(pixel_features(model, x, stats), centroids)
+    logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
+    return logits.argmax(1)[0]
+
+
+def predict(args: Args) -> dict:
+    """--predict FOLDER: the finished run in --out-dir segments every image under FOLDER into
+    its K clusters (`segment`) with the network as its last evaluation judged it (those batch-
+    norm statistics and centroids), into <out-dir>/predictions: a mask and an overlay per image
+    at its own size, and each image's cluster shares, each cluster named by its matched class."""
+    run, state = common.finished_run(args.out_dir, Args)
+    result = state["result"]
+    if "centroids" not in result:
+        raise common.ConfigError(
+            f"--predict: {args.out_dir} was trained before runs kept their clusters; train anew"
+        )
+    device = common.select_device(args.device)
+    info = common.dataset_info(loader_name(run.dataset), "segment")
+    model = PiCIENet("none").to(device)
+    model.load_state_dict({**state["model"], **result["batch_norm"]})
+    classes = common.load_results(args.out_dir).get("classes")
+    names = []
+    for k, c in enumerate(result["match"]):
+        names.append(f"{k} {classes[c] if classes and c >= 0 else 'unmatched'}")
+    out = common.predictions_dir(args.out_dir, args.overwrite)
+    paths, images = common.read_new_images(args.predict)  # each at its own size
+    centroids = result["centroids"].to(device)
+    masks = []
+    for i, image in enumerate(images):
+        masks.append(
+            segment(model, image.to(device), centroids, (info.mean, info.std), run.image_size)
+        )
+        if (i + 1) % 100 == 0:
+            print(f"segmented {i + 1} of {len(images)} images", flush=True)
+    return common.write_mask_predictions(out, paths, images, masks, names, len(names))
 
 
 def log_scores(prefix: str, scores: dict) -> dict:
@@ -758,6 +822,7 @@ def report(
         "baseline_pixel_acc": baseline["pixel_acc"],
         "constant_miou": constant["miou"],
         "constant_pixel_acc": constant["pixel_acc"],
+        "size_balance": result["size_balance"],
         "iou": [None if math.isnan(v) else v for v in result["iou"]],
         "num_clusters": num_clusters,
         "epochs": args.epochs,
@@ -851,7 +916,8 @@ def train(args: Args) -> dict:
         result, shown = evaluate(forward, data, args, amp)
     common.save_segmentation_rows(out / "segmentation.png", *shown)
     constant = constant_baseline(data, args)
-    return report(out, result, baseline, constant, data.num_clusters, args, book.figures())
+    figures = {**book.figures(), "classes": data.classes}
+    return report(out, result, baseline, constant, data.num_clusters, args, figures)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -859,6 +925,8 @@ def main(argv: list[str] | None = None) -> dict:
     description = __doc__.split("\n")[0]
     args = common.parse_args(Args, argv, DATASET_DEFAULTS, description, "picie", "segment")
     with common.user_errors("picie.py", args.out_dir):
+        if args.predict:
+            return predict(args)
         return train(args)
 
 

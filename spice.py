@@ -96,6 +96,11 @@ class Args:
     """bfloat16 autocast on CUDA (ignored on the CPU)"""
     compile: bool = False
     """torch.compile the network(s)"""
+    predict: str | None = None
+    """a folder of new images: the finished run in --out-dir clusters them (its last evaluated
+    model) into <out-dir>/predictions, instead of training"""
+    overwrite: bool = False
+    """with --predict: replace the predictions already in <out-dir>/predictions"""
     stage: Literal["all", "moco", "self", "semi"] = "all"
     """all, or one stage: moco, self (--init-from moco.pt) or semi (--init-from self.pt)"""
     init_from: str | None = None
@@ -738,7 +743,9 @@ def network_outputs(
     return outputs
 
 
-def predict(model: nn.Module, images: torch.Tensor, run: Run) -> tuple[torch.Tensor, torch.Tensor]:
+def clusters_of(
+    model: nn.Module, images: torch.Tensor, run: Run
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Cluster and confidence of every image under a classifier in eval mode."""
     confidence, preds = network_outputs(model, images, run.stats, run.amp).softmax(1).max(1)
     return preds, confidence
@@ -754,14 +761,56 @@ def scores(labels: torch.Tensor, preds: torch.Tensor, prefix: str = "") -> dict:
 
 
 def evaluate(model: nn.Module, data: Data, run: Run, prefix: str = "", picture=None) -> dict:
-    """The `scores` of a classifier's clusters (`predict`) on the evaluated split, keys after
-    `prefix`; with `picture` (a file in the run folder), each cluster's most confident images."""
+    """The `scores` of a classifier's clusters (`clusters_of`) on the evaluated split, keys after
+    `prefix`, with many-to-one accuracy where K is not the number of classes and two label-free
+    figures (the size balance of the clusters, the mean confidence); with `picture` (a file in
+    the run folder), each cluster's most confident images."""
     images = data.eval_images
-    preds, confidence = predict(model, images, run)
+    preds, confidence = clusters_of(model, images, run)
     if picture:
         path = run.book.out / picture
         common.save_cluster_grid(path, images, preds, confidence, num_clusters=run.num_clusters)
-    return scores(data.eval_labels, preds, prefix)
+    figures = scores(data.eval_labels, preds, prefix)
+    if run.num_clusters != data.num_classes:
+        figures[f"{prefix}majority_acc"] = common.majority_accuracy(data.eval_labels, preds)
+    figures[f"{prefix}size_balance"] = common.size_balance(preds, run.num_clusters)
+    figures[f"{prefix}mean_confidence"] = float(confidence.mean())
+    return figures
+
+
+def predict(args: Args) -> dict:
+    """--predict FOLDER: the finished run in --out-dir clusters every image under FOLDER, read at
+    its image size, with the model it evaluated last (SPICE-Semi's final EMA network, or
+    SPICE-Self's selected head on the backbone where stage 3 did not run), into
+    <out-dir>/predictions (a CSV and a picture)."""
+    out_dir = Path(args.out_dir)
+    run_args, state = common.finished_run(out_dir, Args)
+    device = common.select_device(args.device)
+    info = common.dataset_info(run_args.dataset, "classify")
+    k = run_args.num_clusters
+    if state.get("stage") == "semi":
+        model = WideResNet(
+            k, run_args.semi_depth, run_args.semi_widen_factor, run_args.semi_bn_momentum
+        )
+        model.load_state_dict(state["ema"])
+    elif (out_dir / "self.pt").exists():
+        handover = common.load_checkpoint(out_dir / "self.pt")
+        backbone = ResNet18(run_args.backbone_width)
+        backbone.load_state_dict(handover["backbone"])
+        head = Heads(1, backbone.dim, k).heads[0]
+        head.load_state_dict(handover["head"])
+        model = nn.Sequential(backbone, head)
+    else:
+        raise common.ConfigError(
+            f"--predict: the run in {out_dir} made no clusters (a MoCo stage alone): predict with "
+            f"a run that reached SPICE-Self"
+        )
+    run = Run(None, device, (info.mean, info.std), False, k)
+    out = common.predictions_dir(out_dir, args.overwrite)
+    paths, images = common.read_new_images(args.predict, run_args.image_size)
+    images = torch.stack(images).to(device)
+    preds, confidence = clusters_of(model.to(device), images, run)
+    return common.write_class_predictions(out, paths, images, preds, confidence, num_clusters=k)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -987,7 +1036,7 @@ def train_self(args: Args, run: Run, backbone: nn.Module, data: Data) -> tuple[n
     head = heads.heads[best]
     head.load_state_dict(best_weights)
     figures = evaluate(nn.Sequential(backbone, head), data, run, "self_", "self_clusters.png")
-    return head, {**figures, "selected_head": best}
+    return head, {**figures, "selected_head": best, "self_selection_loss": best_loss}
 
 
 def train_semi(args: Args, run: Run, backbone: nn.Module, head: nn.Module, data: Data) -> dict:
@@ -995,7 +1044,7 @@ def train_semi(args: Args, run: Run, backbone: nn.Module, head: nn.Module, data:
     images = data.images
     torch.manual_seed(args.seed + 2)
     embedding = F.normalize(network_outputs(backbone, images, run.stats, run.amp), dim=1)
-    preds, confidence = predict(nn.Sequential(backbone, head), images, run)
+    preds, confidence = clusters_of(nn.Sequential(backbone, head), images, run)
     k = neighbour_count(args.semi_knn, len(images), args.num_clusters)
     if k != args.semi_knn:
         print(
@@ -1126,6 +1175,8 @@ def main(argv: list[str] | None = None) -> dict:
     description = __doc__.split("\n")[0]
     args = common.parse_args(Args, argv, DATASET_DEFAULTS, description, "spice", "classify")
     with common.user_errors("spice.py", args.out_dir):
+        if args.predict:
+            return predict(args)
         return train(args)
 
 

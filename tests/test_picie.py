@@ -8,6 +8,7 @@ import json
 import math
 import shutil
 import urllib.error
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -860,3 +861,37 @@ def test_picie_beats_the_untrained_network_on_shapes_seg(tmp_path):
     result = picie.main(argv)
     assert result["epochs"] == 6 and result["num_clusters"] == 5
     assert result["miou"] >= result["baseline_miou"] + 0.02
+
+
+def test_predict_segments_new_images_into_the_last_evaluations_clusters(
+    tmp_path, small_shapes_seg, new_images, capsys
+):
+    from PIL import Image
+
+    run = tmp_path / "run"
+    picie.main(SMOKE + ["--epochs", "1", "--out-dir", str(run)])
+    images, _ = common.make_shapes_seg(5, seed=3, size=64)
+    sizes = [(48, 40), (64, 64), (40, 56), (64, 48), (36, 64)]
+    pairs = zip(images, sizes, strict=True)
+    images = [F.interpolate(im[None].float(), size=s)[0].byte() for im, s in pairs]
+    folder, paths = new_images(images)
+    summary = picie.main(["--predict", str(folder), "--out-dir", str(run), "--device", "cpu"])
+    assert "broken.png: not a readable image" in capsys.readouterr().out
+    state = common.load_checkpoint(run / "checkpoint.pt")
+    result = state["result"]
+    model = picie.PiCIENet("none")
+    model.load_state_dict({**state["model"], **result["batch_norm"]})
+    info = common.dataset_info("shapes-seg")
+    shares = (run / "predictions" / "shares.csv").read_text().splitlines()
+    assert len(shares[0].split(",")) == 1 + 5 and len(shares) == 6, "a column per cluster"
+    for path in paths:
+        stem = str(Path(path).with_suffix(".png"))
+        mask = torch.from_numpy(np.array(Image.open(run / "predictions" / "masks" / stem)))
+        image = common._read_image(folder / path)
+        assert mask.shape == image.shape[1:], "the mask at the image's own size"
+        expected = picie.segment(model, image, result["centroids"], (info.mean, info.std), 16)
+        assert torch.equal(mask.long(), expected), path
+    assert summary["images"] == 5
+    # the evaluation's statistics differ from training's: predict must use the evaluation's
+    trained = {k: v for k, v in state["model"].items() if "running_mean" in k}
+    assert any(not torch.equal(v, result["batch_norm"][k]) for k, v in trained.items())

@@ -770,7 +770,7 @@ def test_a_spice_semi_step_learns_the_clusters_weak_to_strong(tmp_path, monkeypa
         evaluated.append((all(not p.requires_grad for p in model.parameters()), weights))
         return clusters, torch.ones(len(images))
 
-    monkeypatch.setattr(spice, "predict", predict)
+    monkeypatch.setattr(spice, "clusters_of", predict)
     reliable = torch.tensor([0, 1, 2, 3, 4, 5])
     monkeypatch.setattr(spice, "reliable_samples", lambda *a: reliable)
     weak_inputs = []  # per step: the labelled images, then the unlabelled ones
@@ -868,3 +868,31 @@ def test_the_selected_head_is_the_lowest_loss_over_all_epochs_with_its_weights_t
     assert not torch.equal(weights[1]["0.weight"], weights[2]["0.weight"]), "head 1 trained on"
     for name, tensor in head.state_dict().items():
         assert torch.equal(tensor, weights[1][name]), "the weights of epoch 2, not the last"
+
+
+@pytest.mark.slow  # about 15 s: a run of all three stages and a MoCo run
+def test_predict_clusters_new_images_with_the_last_evaluated_model(tmp_path, new_images, capsys):
+    run = tmp_path / "run"
+    spice.main(TINY + ["--out-dir", str(run)])  # all three stages
+    images, _ = common.make_shapes(6, seed=3, size=16)  # twice the run's size: resized to 8
+    folder, paths = new_images(images)
+    summary = spice.main(["--predict", str(folder), "--out-dir", str(run), "--device", "cpu"])
+    assert "broken.png: not a readable image" in capsys.readouterr().out
+    rows = [r.split(",") for r in (run / "predictions" / "predictions.csv").read_text().split()]
+    assert [r[0] for r in rows[1:]] == paths and summary["images"] == 6
+    # SPICE-Semi's final EMA network, the images read and normalised as in training
+    args = spice.Args(**{k: v for k, v in json.loads((run / "args.json").read_text()).items()})
+    ema = spice.WideResNet(3, args.semi_depth, args.semi_widen_factor, args.semi_bn_momentum)
+    ema.load_state_dict(common.load_checkpoint(run / "checkpoint.pt")["ema"])
+    info = common.dataset_info("shapes")
+    read = torch.stack([common._read_image(folder / path, 8) for path in paths])
+    stats = (info.mean, info.std)
+    preds, confidence = spice.clusters_of(ema, read, spice.Run(None, "cpu", stats, False, 3))
+    assert [int(r[1]) for r in rows[1:]] == preds.tolist()
+    assert all(
+        abs(float(r[3]) - c) < 1e-4 for r, c in zip(rows[1:], confidence.tolist(), strict=True)
+    )
+    moco_only = tmp_path / "moco"
+    spice.main(TINY + ["--stage", "moco", "--out-dir", str(moco_only)])
+    with pytest.raises(SystemExit, match="made no clusters"):
+        spice.main(["--predict", str(folder), "--out-dir", str(moco_only), "--device", "cpu"])
