@@ -661,7 +661,9 @@ def constant_baseline(data: PicieData, args: Args) -> dict:
 
 
 @torch.no_grad()
-def segment(model: nn.Module, image: torch.Tensor, centroids, stats, size: int) -> torch.Tensor:
+def cluster_mask(
+    model: nn.Module, image: torch.Tensor, centroids, stats, size: int
+) -> torch.Tensor:
     """The cluster mask (H, W) of one uint8 image (3, H, W) at its own size, as `evaluate`
     predicts: the image with its shorter side at --image-size, argmax of z . mu with the logits
     upsampled bilinearly (here to the image's own size)."""
@@ -676,7 +678,7 @@ def segment(model: nn.Module, image: torch.Tensor, centroids, stats, size: int) 
 
 def predict(args: Args) -> dict:
     """--predict FOLDER: the finished run in --out-dir segments every image under FOLDER into
-    its K clusters (`segment`) with the network as its last evaluation judged it (those batch-
+    its K clusters (`cluster_mask`) with the network as its last evaluation judged it (those batch-
     norm statistics and centroids), into <out-dir>/predictions: a mask and an overlay per image
     at its own size, and each image's cluster shares, each cluster named by its matched class."""
     run, state = common.finished_run(args.out_dir, Args)
@@ -699,7 +701,7 @@ def predict(args: Args) -> dict:
     masks = []
     for i, image in enumerate(images):
         masks.append(
-            segment(model, image.to(device), centroids, (info.mean, info.std), run.image_size)
+            cluster_mask(model, image.to(device), centroids, (info.mean, info.std), run.image_size)
         )
         if (i + 1) % 100 == 0:
             print(f"segmented {i + 1} of {len(images)} images", flush=True)

@@ -889,7 +889,7 @@ def test_predict_segments_new_images_into_the_last_evaluations_clusters(
         mask = torch.from_numpy(np.array(Image.open(run / "predictions" / "masks" / stem)))
         image = common._read_image(folder / path)
         assert mask.shape == image.shape[1:], "the mask at the image's own size"
-        expected = picie.segment(model, image, result["centroids"], (info.mean, info.std), 16)
+        expected = picie.cluster_mask(model, image, result["centroids"], (info.mean, info.std), 16)
         assert torch.equal(mask.long(), expected), path
     assert summary["images"] == 5
     # the evaluation's statistics differ from training's: predict must use the evaluation's
