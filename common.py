@@ -257,6 +257,17 @@ def segmentation_scores(conf, hungarian: bool = False) -> dict:
     }
 
 
+def majority_segmentation_scores(conf) -> dict:
+    """`segmentation_scores` after many-to-one matching (overclustering, K above the classes):
+    every cluster (column of the (classes, clusters) confusion matrix) merged into the class it
+    overlaps most, which maximises pixel accuracy; `match[k]` is cluster k's class."""
+    conf = torch.as_tensor(conf).detach().cpu().double()
+    target = conf.argmax(0)  # each cluster's majority class
+    merged = torch.zeros(conf.shape[0], conf.shape[0], dtype=torch.float64)
+    merged.index_add_(1, target, conf)
+    return {**segmentation_scores(merged), "match": target.tolist()}
+
+
 # --------------------------------------------------------------------------------------------------
 # k-means in torch: greedy k-means++ seeding, Lloyd iterations in chunks
 # --------------------------------------------------------------------------------------------------

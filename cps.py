@@ -468,8 +468,11 @@ def load_split(args: Args, split: str, device) -> tuple:
 
 def load_data(args: Args, device, cps_weight: float) -> tuple:
     """(training source, labelled and unlabelled indices (`labeled_partition`), evaluation source
-    (val for the STREAMED sets, else test), class names, a line describing them), checked."""
+    (val for the STREAMED sets, else test), class names, a line describing them, the evaluated
+    split's name), checked."""
     eval_split = "val" if args.dataset in STREAMED else "test"
+    if args.dataset == "segfolder":  # its test split, or val where it has none
+        eval_split = common.resolve_split(Path(args.data_dir), eval_split)
     train_source, names, classes = load_split(args, "train", device)
     eval_source, _, _ = load_split(args, eval_split, device)
     labeled, unlabeled, split_description = labeled_partition(
@@ -483,7 +486,7 @@ def load_data(args: Args, device, cps_weight: float) -> tuple:
     num_eval = len(eval_source[0]) if isinstance(eval_source, tuple) else len(eval_source)
     description = f"labelled: {split_description}; {len(unlabeled)} unlabelled (train), "
     description += f"{num_eval} evaluation images ({eval_split})"
-    return train_source, labeled, unlabeled, eval_source, classes, description
+    return train_source, labeled, unlabeled, eval_source, classes, description, eval_split
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int, device) -> torch.Tensor:
@@ -779,7 +782,7 @@ def train(args: Args) -> dict:
     if cps_weight is None:  # the paper's lambda for the data set
         without_cutmix, with_cutmix = CPS_WEIGHTS.get(args.dataset, (1.5, 1.0))
         cps_weight = with_cutmix if args.cutmix else without_cutmix
-    train_source, labeled, unlabeled, eval_source, classes, description = load_data(
+    train_source, labeled, unlabeled, eval_source, classes, description, eval_split = load_data(
         args, device, cps_weight
     )
     num_classes = len(classes)
@@ -853,6 +856,7 @@ def train(args: Args) -> dict:
         results.update(twin_miou=twin["miou"], twin_pixel_acc=twin["pixel_acc"])
     figures = " ".join(f"{k}={v:.4g}" for k, v in results.items() if isinstance(v, float))
     print(f"results: {figures}", flush=True)
+    results["split"] = eval_split  # the split every figure is on
     return common.write_results(out, results)
 
 

@@ -542,7 +542,12 @@ def headline_accuracy(evals: list[tuple[int, float]], steps: int) -> tuple[float
 
 
 def final_results(
-    out: Path, args: Args, evals: list[tuple[int, float]], book: common.RunBook, classes: list
+    out: Path,
+    args: Args,
+    evals: list[tuple[int, float]],
+    book: common.RunBook,
+    classes: list,
+    split: str,
 ) -> dict:
     """results.json, printed: acc, the median of the evaluations in the last 2% of training (at
     most 20, the paper's figure; `headline_accuracy` says why), acc_evals, how many that is (1:
@@ -558,6 +563,7 @@ def final_results(
     }
     print("results: " + " ".join(f"{k}={v:.4g}" for k, v in results.items()), flush=True)
     results["classes"] = classes  # their names, for --predict
+    results["split"] = split  # the split every accuracy is on
     return common.write_results(out, results)
 
 
@@ -641,7 +647,7 @@ def train(args: Args) -> dict:
     common.save_cluster_grid(
         out / "predictions.png", test_set.images.cpu(), preds, confidence, num_clusters=num_classes
     )
-    return final_results(out, args, evals, book, labeled_set.classes)
+    return final_results(out, args, evals, book, labeled_set.classes, test_set.split)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -909,6 +909,7 @@ def train(args: Args) -> dict:
     loaded_results = {f"init_{k}": v for k, v in loaded.items()}
     results = {**result, **baseline_results, **loaded_results, **book.figures()}
     print("results: " + " ".join(f"{k}={v:.4g}" for k, v in results.items()), flush=True)
+    results["split"] = data.test_split  # the split of every figure but the memory's (train)
     return common.write_results(out, results)
 
 

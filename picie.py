@@ -467,6 +467,7 @@ class PicieData:
     fit_idx: torch.Tensor
     description: str
     classes: list = dataclasses.field(default_factory=list)  # their names, for --predict
+    eval_split: str = "test"  # the split every figure is on
 
 
 def load_data(args: Args, device) -> PicieData:
@@ -497,6 +498,7 @@ def load_data(args: Args, device) -> PicieData:
         fit_idx=fit_idx,
         description=description,
         classes=list(classes),
+        eval_split=eval_split,
     )
 
 
@@ -600,6 +602,10 @@ def evaluate_as_is(
         keep = [j for j, i in enumerate(idx.tolist()) if i in picks]
         shown.append((x[keep], y[keep], pred[keep]))
     scores = common.segmentation_scores(conf, hungarian=True)
+    if data.num_clusters != data.num_classes:  # overclustering: many-to-one beside one-to-one
+        many = common.majority_segmentation_scores(conf)
+        scores["majority_miou"] = many["miou"]
+        scores["majority_pixel_acc"] = many["pixel_acc"]
     scores["centroids"] = centroids  # the clusters, for --predict
     scores["size_balance"] = common._entropy(conf.sum(0).cpu().numpy()) / math.log(
         data.num_clusters
@@ -825,6 +831,7 @@ def report(
         "constant_miou": constant["miou"],
         "constant_pixel_acc": constant["pixel_acc"],
         "size_balance": result["size_balance"],
+        **{k: result[k] for k in ("majority_miou", "majority_pixel_acc") if k in result},
         "iou": [None if math.isnan(v) else v for v in result["iou"]],
         "num_clusters": num_clusters,
         "epochs": args.epochs,
@@ -918,7 +925,7 @@ def train(args: Args) -> dict:
         result, shown = evaluate(forward, data, args, amp)
     common.save_segmentation_rows(out / "segmentation.png", *shown)
     constant = constant_baseline(data, args)
-    figures = {**book.figures(), "classes": data.classes}
+    figures = {**book.figures(), "classes": data.classes, "split": data.eval_split}
     return report(out, result, baseline, constant, data.num_clusters, args, figures)
 
 

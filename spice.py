@@ -1161,6 +1161,7 @@ def train(args: Args) -> dict:
         if stage != "semi":  # the hand-over file, with the totals and the arguments
             book.save({**handover, "stage": stage, "results": results}, f"{stage}.pt")
     results.update(book.figures())
+    results["split"] = "test" if args.protocol == "split" else "train+test"  # every figure's
     text = (f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in results.items())
     print("results: " + " ".join(text), flush=True)
     results = common.write_results(book.out, results)

@@ -176,3 +176,21 @@ def test_size_balance_is_the_normalised_entropy_of_the_cluster_sizes():
     assert common.size_balance(torch.tensor([1, 1, 1, 1]), 3) == 0.0
     half = common.size_balance(torch.tensor([0, 0, 1, 1]), 4)
     assert half == pytest.approx(math.log(2) / math.log(4)), "two of four clusters used, equally"
+
+
+def test_majority_segmentation_scores_merge_each_cluster_into_its_best_class():
+    g = np.random.default_rng(1)
+    for trial in range(20):
+        conf = torch.from_numpy(g.integers(0, 9, (3, 5)))  # 3 classes, 5 clusters
+        scores = common.majority_segmentation_scores(conf)
+        best = max(  # every map of the 5 clusters to the 3 classes
+            sum(int(conf[c, k]) for k, c in enumerate(m))
+            for m in itertools.product(range(3), repeat=5)
+        )
+        assert scores["pixel_acc"] == pytest.approx(best / int(conf.sum())), trial
+        merged = torch.zeros(3, 3, dtype=torch.long)
+        for k, c in enumerate(scores["match"]):
+            merged[:, c] += conf[:, k]
+        assert scores["miou"] == pytest.approx(common.segmentation_scores(merged)["miou"])
+        one_to_one = common.segmentation_scores(conf, hungarian=True)
+        assert scores["pixel_acc"] >= one_to_one["pixel_acc"] - 1e-12

@@ -899,3 +899,16 @@ def test_predict_segments_new_images_into_the_last_evaluations_clusters(
     # the evaluation's statistics differ from training's: predict must use the evaluation's
     trained = {k: v for k, v in state["model"].items() if "running_mean" in k}
     assert any(not torch.equal(v, result["batch_norm"][k]) for k, v in trained.items())
+
+
+def test_overclustering_is_also_scored_many_to_one():
+    # 4 clusters for 3 colour bands the features separate: one band is split in two clusters,
+    # one-to-one matching leaves one of them unmatched, many-to-one merges it back
+    data = band_data(num_clusters=4)
+    args = picie.Args(image_size=16, seed=0, kmeans_pixels=10_000, batch_size=5)
+    scores, _ = picie.evaluate(Colours(), data, args)
+    assert scores["majority_pixel_acc"] == pytest.approx(1.0)
+    assert scores["majority_miou"] == pytest.approx(1.0)
+    assert scores["pixel_acc"] < 1.0
+    exact, _ = picie.evaluate(Colours(), band_data(num_clusters=3), args)
+    assert "majority_pixel_acc" not in exact, "K = the classes: one-to-one only"
