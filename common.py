@@ -720,8 +720,8 @@ class SegmentationSet(torch.utils.data.Dataset):
         if decoded is self:
             sizes = sorted({tuple(image.shape[1:]) for image in self.images})
             raise ConfigError(
-                f"the {self.split} images differ in size ({sizes[0]} to {sizes[-1]}): pass "
-                f"--image-size to resize them alike, or crop them to one size"
+                f"the {self.split} images differ in size ({sizes[0]} to {sizes[-1]}): resize "
+                f"or crop them to one size"
             )
         return decoded
 
@@ -1118,9 +1118,8 @@ def cutout(
     if x.dtype == torch.uint8:
         colour = (colour * 255).round()
     colour = colour.to(x.dtype)
-    return (
-        x * (1 - mask) + colour * mask
-    )  # arithmetic, not torch.where: several times faster on CPU
+    # arithmetic, not torch.where: several times faster on CPU
+    return x * (1 - mask) + colour * mask
 
 
 def _grayscale(x):  # ITU-R 601 luma, as PIL's convert("L")

@@ -19,8 +19,9 @@ Stage 1, MoCo v2 (`train_moco`): the backbone learns by instance discrimination.
  3. `network_outputs`: the backbone feature of every image, unaugmented, in order, then
     L2-normalised: the embedding of stages 2 and 3 and of the k-means baseline
     (`kmeans_baseline`).
-Stage 2, SPICE-Self (`train_self`): 10 heads on the frozen backbone, about 300 draws of N
-images (`self_schedule`: the official CIFAR-10 run's 30 epochs x 10 draws); per draw:
+Stage 2, SPICE-Self (`train_self`): 10 heads on the frozen backbone, 30 epochs of draws of N
+images, more where that makes fewer than the official CIFAR-10 run's 300 (`self_schedule`);
+per draw:
  4. Every head scores the weak views: P (N x K).
  5. `prototype_pseudo_labels`: prototype c = mean embedding of the 0.5 N / K images with the
     highest P[:, c]; the N / K images most similar to it get label c.
@@ -128,8 +129,8 @@ class Args:
     moco_temperature: float = common.arg(0.2, above=0)
     """temperature T of MoCo's InfoNCE loss (MoCo v2's)"""
     self_epochs: int | None = common.arg(None, at_least=1)
-    """SPICE-Self epochs (default: enough for as many draws of --self-batch images as the
-    official CIFAR-10 run's 30 epochs x 10 draws, `SELF_DRAWS`)"""
+    """SPICE-Self epochs (default: the official 30, more on a data set too small for the official
+    CIFAR-10 run's 300 draws of --self-batch images, `SELF_DRAWS`)"""
     self_batch: int = common.arg(5000, at_least=1)  # Deviation: the official N (paper: 1000)
     """SPICE-Self images per draw, N (the paper's text: 1000; the official configuration: 5000)"""
     num_heads: int = common.arg(10, at_least=1)
@@ -200,9 +201,11 @@ DATASET_DEFAULTS = {
 
 # SPICE-Self's schedule in draws of N images: the official CIFAR-10 run makes 30 epochs x
 # (50,000 / 5,000) = 300 (configs/cifar10/spice_self.py). A smaller data set makes fewer draws an
-# epoch, so its default epochs grow until it makes as many prototype rounds.
-# Deviation: about 300 draws on any data set (official: 30 epochs, however many draws they make).
+# epoch, so its default epochs grow until it makes as many prototype rounds; a larger one keeps
+# the official 30 epochs.
+# Deviation: at least about 300 draws on any data set (official: 30 epochs, however many draws).
 SELF_DRAWS = 300
+SELF_EPOCHS = 30
 # The paper's k = 100 neighbours are 2% of a CIFAR-10 cluster (5,000 images) and 7.7% of an STL-10
 # one (1,300). A cluster with fewer than ratio x k images can never be reliable, so k is capped at
 # this share of the expected cluster size N / K: small data sets keep a k their clusters can pass.
@@ -958,13 +961,13 @@ def kmeans_baseline(args: Args, run: Run, backbone: nn.Module, data: Data) -> di
 
 def self_schedule(n: int, args: Args) -> tuple[int, int, int]:
     """SPICE-Self's draw size N (--self-batch, at most the n images), draws per epoch and epochs:
-    --self-epochs, or enough epochs for about SELF_DRAWS draws."""
+    --self-epochs, or the official SELF_EPOCHS, more where that makes fewer than SELF_DRAWS."""
     size = min(args.self_batch, n)
     if size < args.self_batch:
         note = f"self: N = {size}, all the images (fewer than --self-batch {args.self_batch})"
         print(note, flush=True)
     draws = n // size
-    epochs = args.self_epochs or math.ceil(SELF_DRAWS / draws)
+    epochs = args.self_epochs or max(SELF_EPOCHS, math.ceil(SELF_DRAWS / draws))
     if args.self_epochs is None:
         print(f"self: {epochs} epochs of {draws} draws (about {SELF_DRAWS} draws)", flush=True)
     return size, draws, epochs

@@ -213,6 +213,7 @@ def test_spice_self_makes_about_the_official_number_of_draws_unless_told():
     assert spice.self_schedule(50_000, args) == (5000, 10, 30), "the official CIFAR-10 schedule"
     assert spice.self_schedule(5_000, spice.Args(self_batch=1000)) == (1000, 5, 60)
     assert spice.self_schedule(3_000, args) == (3000, 1, 300), "N capped at the images"
+    assert spice.self_schedule(1_000_000, args) == (5000, 200, 30), "never under the official 30"
     assert spice.self_schedule(5_000, spice.Args(self_batch=1000, self_epochs=4))[2] == 4
 
 
