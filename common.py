@@ -158,11 +158,16 @@ def majority_accuracy(y_true, y_pred) -> float:
 
 def size_balance(y_pred, num_clusters: int) -> float:
     """Label-free: the entropy of the cluster sizes over log K, 1 for equal sizes, 0 when every
-    sample is in one cluster."""
-    sizes = np.bincount(
-        np.asarray(torch.as_tensor(y_pred).cpu()).reshape(-1), minlength=num_clusters
-    )
-    return _entropy(sizes) / math.log(num_clusters) if num_clusters > 1 else 1.0
+    sample is in one cluster (`count_balance` of the sizes)."""
+    labels = np.asarray(torch.as_tensor(y_pred).cpu()).reshape(-1)
+    return count_balance(np.bincount(labels, minlength=num_clusters))
+
+
+def count_balance(counts) -> float:
+    """The entropy of K counts (cluster sizes, pixel counts) over log K: 1 when equal, 0 when all
+    fall in one."""
+    counts = np.asarray(torch.as_tensor(counts).cpu(), dtype=np.float64).reshape(-1)
+    return _entropy(counts) / math.log(len(counts)) if len(counts) > 1 else 1.0
 
 
 def _entropy(counts: np.ndarray) -> float:
@@ -2152,7 +2157,7 @@ def write_mask_predictions(out: Path, paths, images, masks, names=None, num_clas
     shares = total / total.sum()
     summary = {
         "images": len(paths),
-        "size_balance": float(_entropy(total.numpy()) / math.log(k)) if k > 1 else 1.0,
+        "size_balance": count_balance(total),
         "pixel_shares": [round(v, 4) for v in shares.tolist()],
     }
     print(f"predictions of {len(paths)} images in {out}: " + json.dumps(summary), flush=True)

@@ -607,9 +607,8 @@ def evaluate_as_is(
         scores["majority_miou"] = many["miou"]
         scores["majority_pixel_acc"] = many["pixel_acc"]
     scores["centroids"] = centroids  # the clusters, for --predict
-    scores["size_balance"] = common._entropy(conf.sum(0).cpu().numpy()) / math.log(
-        data.num_clusters
-    )  # label-free: how evenly the evaluated pixels fill the K clusters
+    # label-free: how evenly the evaluated pixels fill the K clusters
+    scores["size_balance"] = common.count_balance(conf.sum(0))
     match = torch.tensor([c if c >= 0 else 255 for c in scores["match"]], device=conf.device)
     x, y, pred = (torch.cat(part) for part in zip(*shown, strict=True))
     return scores, (x, y, match[pred])
@@ -830,8 +829,11 @@ def report(
         "baseline_pixel_acc": baseline["pixel_acc"],
         "constant_miou": constant["miou"],
         "constant_pixel_acc": constant["pixel_acc"],
-        "size_balance": result["size_balance"],
-        **{k: result[k] for k in ("majority_miou", "majority_pixel_acc") if k in result},
+        **{
+            k: result[k]
+            for k in ("size_balance", "majority_miou", "majority_pixel_acc")
+            if k in result
+        },
         "iou": [None if math.isnan(v) else v for v in result["iou"]],
         "num_clusters": num_clusters,
         "epochs": args.epochs,
