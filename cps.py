@@ -471,7 +471,7 @@ def load_data(args: Args, device, cps_weight: float) -> tuple:
     (val for the STREAMED sets, else test), class names, a line describing them, the evaluated
     split's name), checked."""
     eval_split = "val" if args.dataset in STREAMED else "test"
-    if args.dataset == "segfolder":  # its test split, or val where it has none
+    if args.dataset == "segfolder" and args.data_dir:  # its test split, or val if it has none
         eval_split = common.resolve_split(Path(args.data_dir), eval_split)
     train_source, names, classes = load_split(args, "train", device)
     eval_source, _, _ = load_split(args, eval_split, device)
