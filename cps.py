@@ -707,8 +707,9 @@ def train_step(
     (images, labels), *unlabeled = batches  # (B, 3, crop, crop), (B, crop, crop) each
     amp = args.amp and images.device.type == "cuda"
     # 2. L_s of both networks. OHEM keeps at least the 50,000 hardest of an 800 x 800 crop's
-    # pixels per image, the same fraction of other crops.
-    # Deviation: the official min_kept is 50,000 x the total batch (8) per GPU process of one image.
+    # pixels per image, the same fraction of other crops (official: 50000 * batch_size //
+    # world_size per GPU process, one image each: the same 50,000 per image).
+    # Deviation: the hard pixels are mined over the whole batch (official: within each image).
     kept = round(50_000 * args.crop_size**2 / 800**2) * len(labels) if args.ohem else 0  # min_kept
     logits1 = forward_logits(forward1, images, amp)
     logits2 = forward_logits(forward2, images, amp)

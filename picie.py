@@ -110,8 +110,8 @@ class Args:
     weights: Literal["imagenet", "none"] = "imagenet"
     """ResNet-18 initialisation: torchvision's ImageNet weights (the paper) or random"""
     balance: Literal["proportional", "inverse", "none"] = "proportional"
-    """cross-entropy class weights from cluster sizes: proportional (official code), inverse (the
-    paper's aim), none"""
+    """cross-entropy class weights from cluster sizes: proportional (the official code's; it
+    weighs large clusters more), inverse (the paper's stated aim: every cluster alike), none"""
     lr: float = common.arg(1e-4, above=0)
     """Adam learning rate (1e-3 for Cityscapes), no weight decay"""
     min_scale: float = common.arg(0.5, above=0, at_most=1)
