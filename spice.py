@@ -746,6 +746,29 @@ def network_outputs(
     return outputs
 
 
+@torch.no_grad()
+def knn_accuracy(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    k: int = 200,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+) -> float:
+    """Weighted kNN on L2-normalised features (Wu et al. 2018): each of the k most similar
+    training images votes for its class with weight exp(cosine / T)."""
+    num_classes = int(train_labels.max()) + 1
+    correct = 0
+    for i in range(0, len(test_features), chunk):
+        similarities = test_features[i : i + chunk] @ train_features.T  # (chunk, N)
+        sims, idx = similarities.topk(min(k, len(train_features)), dim=1)  # (chunk, k)
+        votes = torch.zeros(len(idx), num_classes, device=idx.device)
+        votes.scatter_add_(1, train_labels[idx], (sims / temperature).exp())
+        correct += int((votes.argmax(1) == test_labels[i : i + chunk]).sum())
+    return correct / len(test_features)
+
+
 def clusters_of(
     model: nn.Module, images: torch.Tensor, run: Run
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -884,8 +907,10 @@ def start_run(args: Args) -> tuple[Args, Run, Data, dict]:
     return args, Run(book, device, (info.mean, info.std), amp, args.num_clusters), data, handover
 
 
-def train_moco(args: Args, run: Run, images: torch.Tensor) -> dict:
-    """Stage 1 (steps 1-2) on uint8 `images`; returns the backbone's weights."""
+def train_moco(args: Args, run: Run, images: torch.Tensor, data: Data | None = None) -> dict:
+    """Stage 1 (steps 1-2) on uint8 `images`; returns the backbone's weights. With `data`, a
+    tenth of the way through and at the end, the kNN accuracy of the embedding is logged: a
+    diagnostic against the true labels (`oracle/moco_knn_acc`) that chooses nothing."""
     torch.manual_seed(args.seed)  # every stage seeds itself: a stage run alone repeats the same run
     model = run.place(MoCo(args.backbone_width))
     key_encoder = copy.deepcopy(model).requires_grad_(False)
@@ -940,9 +965,21 @@ def train_moco(args: Args, run: Run, images: torch.Tensor) -> dict:
                 }
                 run.book.log(epoch + (b + 1) / steps, metrics)
                 losses, accs = [], []
+        every = max(1, args.moco_epochs // 10)
+        if data is not None and ((epoch + 1) % every == 0 or epoch + 1 == args.moco_epochs):
+            knn = moco_knn_accuracy(model.backbone, data, run)
+            run.book.log(epoch + 1, {"oracle/moco_knn_acc": knn})
         if run.book.save_due(epoch + 1 == args.moco_epochs):  # at epoch ends (resumable), the last
             run.save("moco", parts, epoch=epoch + 1, queue=queue.keys, queue_ptr=queue.ptr)
     return model.backbone.state_dict()
+
+
+def moco_knn_accuracy(backbone: nn.Module, data: Data, run: Run) -> float:
+    """Weighted kNN accuracy (k = 20, T = 0.07) of the evaluated split's embedding against the
+    training split's labels: how much class structure stage 1 has learned so far."""
+    train = F.normalize(network_outputs(backbone, data.images, run.stats, run.amp), dim=1)
+    test = F.normalize(network_outputs(backbone, data.eval_images, run.stats, run.amp), dim=1)
+    return knn_accuracy(train, data.labels, test, data.eval_labels, k=20)
 
 
 def kmeans_baseline(args: Args, run: Run, backbone: nn.Module, data: Data) -> dict:
@@ -1146,7 +1183,9 @@ def train(args: Args) -> dict:
             backbone.load_state_dict(handover["backbone"])
             continue
         if stage == "moco":  # steps 1-3, then the k-means baseline on the embedding
-            backbone.load_state_dict(train_moco(args, run, data.pretrain))
+            # the kNN diagnostic needs a test split apart from the training one (protocol split)
+            diagnosed = data if args.protocol == "split" else None
+            backbone.load_state_dict(train_moco(args, run, data.pretrain, diagnosed))
             results.update(kmeans_baseline(args, run, backbone, data))
             print("baseline: " + " ".join(f"{k}={v:.4g}" for k, v in results.items()), flush=True)
             handover = {"backbone": backbone.state_dict()}

@@ -406,7 +406,8 @@ def test_smoke_every_stage_alone_and_resumed(tmp_path, monkeypatch):
             spice.main(TINY + ["--out-dir", str(resumed)])
     assert stop.value.code == 130
     assert (resumed / "moco.pt").exists() and not (resumed / "self.pt").exists()
-    assert len(without_perf(resumed)) == 2 + 3, "two MoCo epochs, three SPICE-Self draws"
+    logged = len(without_perf(resumed))
+    assert logged == 2 * 2 + 3, "two MoCo epochs and their kNN diagnostics, three SPICE-Self draws"
     # Resumed with another flag that decides the result: refused, the run's arguments unchanged.
     before = (resumed / "args.json").read_bytes()
     with pytest.raises(SystemExit, match=r"--self-epochs 1 \(now 2\)"):
@@ -897,3 +898,33 @@ def test_predict_clusters_new_images_with_the_last_evaluated_model(tmp_path, new
     spice.main(TINY + ["--stage", "moco", "--out-dir", str(moco_only)])
     with pytest.raises(SystemExit, match="made no clusters"):
         spice.main(["--predict", str(folder), "--out-dir", str(moco_only), "--device", "cpu"])
+
+
+def test_moco_logs_the_knn_accuracy_of_its_embedding_as_a_diagnostic(tmp_path, monkeypatch):
+    args, run, data = tiny_run(
+        tmp_path, moco_epochs=3, batch_size=12, bn_groups=2, moco_queue=12, backbone_width=2
+    )
+    seen = []
+    real = spice.moco_knn_accuracy
+
+    def knn(backbone, data, run):
+        seen.append({k: v.clone() for k, v in backbone.state_dict().items()})
+        return real(backbone, data, run)
+
+    monkeypatch.setattr(spice, "moco_knn_accuracy", knn)
+    weights = spice.train_moco(args, run, data.images, data)
+    lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    logged = [(r["step"], r["oracle/moco_knn_acc"]) for r in lines if "oracle/moco_knn_acc" in r]
+    assert [step for step, _ in logged] == [1, 2, 3], "every tenth of the epochs (here each)"
+    assert all(0 <= acc <= 1 for _, acc in logged)
+    assert all(torch.equal(seen[-1][k], v) for k, v in weights.items()), "the final backbone"
+    # the figure: the weighted kNN of the test embedding against the labelled training one
+    backbone = spice.ResNet18(2)
+    backbone.load_state_dict(weights)
+
+    def embed(images):
+        return F.normalize(spice.network_outputs(backbone, images, run.stats), dim=1)
+
+    train, test = embed(data.images), embed(data.eval_images)
+    expected = spice.knn_accuracy(train, data.labels, test, data.eval_labels, k=20)
+    assert logged[-1][1] == pytest.approx(expected)
