@@ -544,15 +544,20 @@ def test_the_command_line_refuses_values_outside_their_range(tmp_path, capsys, a
 
 
 @pytest.mark.slow
-def test_fixmatch_beats_the_supervised_baseline_on_shapes(tmp_path):
+def test_fixmatch_learns_from_its_pseudo_labels_on_shapes(tmp_path):
     # 25 labels per class (250, as the paper's middle CIFAR-10 setting), the shapes defaults
-    # (WRN-10-1, 1200 steps) at 16 px: about 75 s per run on 2 CPU cores. Measured final EMA
-    # accuracy, FixMatch vs --lambda-u 0, seeds 0 / 1 / 2: 0.922 vs 0.874, 0.902 vs 0.881,
-    # 0.899 vs 0.866, a gain of 2.1 to 4.8 points (a quarter to a third fewer errors). With 10
-    # labels per class the gain was 0.9 to 4.8 points (0.382 vs 0.373, 0.432 vs 0.389,
-    # 0.518 vs 0.470).
-    # After the resized_crop edge fix (commit fc4138b; RandAugment's rotations and shears read the
-    # edge pixels near the border), 250 labels: 0.919 vs 0.853, 0.908 vs 0.878, 0.900 vs 0.872.
+    # (WRN-10-1, 1200 steps) at 16 px, seed 0: 40-110 s a run on 2 CPU cores. Measured on
+    # 2026-12-02 (the official RandAugment, a fresh torch 2.14.1 environment), final EMA
+    # accuracy, FixMatch vs --lambda-u 0, seeds 0 / 1 / 2:
+    #   --threads 1: 0.891 vs 0.887, 0.907 vs 0.901, 0.896 vs 0.880 (+0.4, +0.6, +1.6 points)
+    #   --threads 2: 0.894 vs 0.890, 0.899 vs 0.891, 0.888 vs 0.889 (+0.4, +0.8, -0.1)
+    # The supervised twin already reaches 0.88-0.90, so at this budget FixMatch's gain is within
+    # its seed spread (2,400 steps, seed 0: +2.4 with one thread, +0.9 with two). What holds at
+    # every seed and thread count: the unlabelled term works, with 69-83% of the unlabelled
+    # images above the threshold by the end and their pseudo-labels 93-96% right, and FixMatch
+    # ends at worst 0.1 point under its twin (the test allows 0.5). An earlier version of this
+    # test asserted a gain of a point, from runs before the official RandAugment (0.919 vs 0.853
+    # at seed 0); here that gain is not there (README, FixMatch: Results).
     argv = [
         "--dataset",
         "shapes",
@@ -571,7 +576,11 @@ def test_fixmatch_beats_the_supervised_baseline_on_shapes(tmp_path):
     )
     # The baseline learns too: the comparison is not against chance.
     assert supervised["acc_last"] > 0.6
-    assert fixmatch_run["acc_last"] >= supervised["acc_last"] + 0.01
+    assert fixmatch_run["acc_last"] >= supervised["acc_last"] - 0.005
+    last = [json.loads(line) for line in (tmp_path / "fixmatch" / "log.jsonl").open()]
+    last = [r for r in last if "train/mask" in r][-1]
+    assert last["train/mask"] > 0.5, "most unlabelled images pass the threshold by the end"
+    assert last["diag/pseudo_acc"] > 0.85, "and their pseudo-labels are mostly right"
 
 
 def test_predict_classifies_a_folder_as_the_evaluation_does(tmp_path, new_images, capsys):
