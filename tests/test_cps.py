@@ -848,3 +848,11 @@ def test_predict_segments_new_images_each_at_its_own_size(
         counts = torch.bincount(expected.flatten(), minlength=5) / expected.numel()
         assert [float(v) for v in row.split(",")[1:]] == pytest.approx(counts.tolist(), abs=1e-4)
     assert summary["images"] == 5
+    # at the run's own size (shorter side 32), a mask is the evaluation's prediction exactly
+    image = images[0][:, :32, :48]
+    evaluated = cps.sliding_window(
+        model.eval(), common.normalize(image[None], info.mean, info.std), 32
+    )
+    assert torch.equal(
+        cps.segment(model, image, (info.mean, info.std), run_args), evaluated.argmax(1)[0]
+    )
