@@ -216,6 +216,29 @@ def ari(y_true, y_pred) -> float:
     return 2.0 * (tp * tn - fn * fp) / ((tp + fn) * (fn + tn) + (tp + fp) * (fp + tn))
 
 
+@torch.no_grad()
+def knn_accuracy(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    k: int = 200,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+) -> float:
+    """Weighted kNN on L2-normalised features (Wu et al. 2018): each of the k most similar
+    training images votes for its class with weight exp(cosine / T)."""
+    num_classes = int(train_labels.max()) + 1
+    correct = 0
+    for i in range(0, len(test_features), chunk):
+        similarities = test_features[i : i + chunk] @ train_features.T  # (chunk, N)
+        sims, idx = similarities.topk(min(k, len(train_features)), dim=1)  # (chunk, k)
+        votes = torch.zeros(len(idx), num_classes, device=idx.device)
+        votes.scatter_add_(1, train_labels[idx], (sims / temperature).exp())
+        correct += int((votes.argmax(1) == test_labels[i : i + chunk]).sum())
+    return correct / len(test_features)
+
+
 def confusion_matrix(
     pred: torch.Tensor,
     target: torch.Tensor,

@@ -30,8 +30,8 @@ Algorithm (each name is a function or method below):
    centroids, and each freed id is refilled by splitting the largest cluster with 2-means (C
    stays constant); the class weights again. `train_epoch` runs steps 2-5 over an epoch.
 6. `evaluate` of the frozen backbone: a linear probe (`linear_probe`), weighted kNN accuracy
-   (`knn_accuracy`, k = 200 and 20, T = 0.07), k-means with K = number of classes (ACC, NMI with
-   the arithmetic normalisation, ARI), and the memory's clusters (`memory_figures`), beside
+   (`common.knn_accuracy`, k = 200 and 20, T = 0.07), k-means with K = number of classes (ACC,
+   NMI with the arithmetic normalisation, ARI), and the memory's clusters (`memory_figures`), beside
    the same figures for the untrained network and for the --init-from network before ODC.
 
 Usage:
@@ -524,29 +524,6 @@ def recompute_batch_norm(model: nn.Module, batches) -> None:
         bn.momentum = momentum
 
 
-@torch.no_grad()
-def knn_accuracy(
-    train_features: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_features: torch.Tensor,
-    test_labels: torch.Tensor,
-    k: int = 200,
-    temperature: float = 0.07,
-    chunk: int = 1024,
-) -> float:
-    """Weighted kNN on L2-normalised features (Wu et al. 2018): each of the k most similar
-    training images votes for its class with weight exp(cosine / T)."""
-    num_classes = int(train_labels.max()) + 1
-    correct = 0
-    for i in range(0, len(test_features), chunk):
-        similarities = test_features[i : i + chunk] @ train_features.T  # (chunk, N)
-        sims, idx = similarities.topk(min(k, len(train_features)), dim=1)  # (chunk, k)
-        votes = torch.zeros(len(idx), num_classes, device=idx.device)
-        votes.scatter_add_(1, train_labels[idx], (sims / temperature).exp())
-        correct += int((votes.argmax(1) == test_labels[i : i + chunk]).sum())
-    return correct / len(test_features)
-
-
 def linear_probe(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
@@ -595,8 +572,10 @@ def evaluate(model: ODC, data: OdcData, seed: int, amp: bool = False) -> dict:
     probe = linear_probe(train_raw, data.train_labels, test_raw, data.test_labels, seed=seed)
     return {
         "linear_acc": probe,
-        "knn_acc": knn_accuracy(train_f, data.train_labels, test_f, data.test_labels, k=200),
-        "knn20_acc": knn_accuracy(train_f, data.train_labels, test_f, data.test_labels, k=20),
+        "knn_acc": common.knn_accuracy(train_f, data.train_labels, test_f, data.test_labels, k=200),
+        "knn20_acc": common.knn_accuracy(
+            train_f, data.train_labels, test_f, data.test_labels, k=20
+        ),
         "acc": common.cluster_accuracy(data.test_labels, predicted),
         "nmi": common.nmi(data.test_labels, predicted),
         "ari": common.ari(data.test_labels, predicted),

@@ -746,29 +746,6 @@ def network_outputs(
     return outputs
 
 
-@torch.no_grad()
-def knn_accuracy(
-    train_features: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_features: torch.Tensor,
-    test_labels: torch.Tensor,
-    k: int = 200,
-    temperature: float = 0.07,
-    chunk: int = 1024,
-) -> float:
-    """Weighted kNN on L2-normalised features (Wu et al. 2018): each of the k most similar
-    training images votes for its class with weight exp(cosine / T)."""
-    num_classes = int(train_labels.max()) + 1
-    correct = 0
-    for i in range(0, len(test_features), chunk):
-        similarities = test_features[i : i + chunk] @ train_features.T  # (chunk, N)
-        sims, idx = similarities.topk(min(k, len(train_features)), dim=1)  # (chunk, k)
-        votes = torch.zeros(len(idx), num_classes, device=idx.device)
-        votes.scatter_add_(1, train_labels[idx], (sims / temperature).exp())
-        correct += int((votes.argmax(1) == test_labels[i : i + chunk]).sum())
-    return correct / len(test_features)
-
-
 def clusters_of(
     model: nn.Module, images: torch.Tensor, run: Run
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -979,7 +956,7 @@ def moco_knn_accuracy(backbone: nn.Module, data: Data, run: Run) -> float:
     training split's labels: how much class structure stage 1 has learned so far."""
     train = F.normalize(network_outputs(backbone, data.images, run.stats, run.amp), dim=1)
     test = F.normalize(network_outputs(backbone, data.eval_images, run.stats, run.amp), dim=1)
-    return knn_accuracy(train, data.labels, test, data.eval_labels, k=20)
+    return common.knn_accuracy(train, data.labels, test, data.eval_labels, k=20)
 
 
 def kmeans_baseline(args: Args, run: Run, backbone: nn.Module, data: Data) -> dict:

@@ -234,14 +234,14 @@ def test_weighted_knn_on_constructed_neighbourhoods():
     )
     train_labels = torch.tensor([0, 0, 1, 1, 1])
     test = F.normalize(torch.tensor([[1.0, 0.05], [0.05, 1.0]]), dim=1)
-    assert odc.knn_accuracy(train, train_labels, test, torch.tensor([0, 1]), k=2) == 1.0
-    assert odc.knn_accuracy(train, train_labels, test, torch.tensor([1, 1]), k=2) == 0.5
+    assert common.knn_accuracy(train, train_labels, test, torch.tensor([0, 1]), k=2) == 1.0
+    assert common.knn_accuracy(train, train_labels, test, torch.tensor([1, 1]), k=2) == 0.5
     # with all 5 neighbours, the temperature decides: at T = 0.07 the close pair outvotes the
     # three far ones, at T = 100 the votes are nearly equal and the three win
-    sharp = odc.knn_accuracy(
+    sharp = common.knn_accuracy(
         train, train_labels, test[:1], torch.tensor([0]), k=5, temperature=0.07
     )
-    flat = odc.knn_accuracy(
+    flat = common.knn_accuracy(
         train, train_labels, test[:1], torch.tensor([1]), k=5, temperature=100.0
     )
     assert sharp == 1.0

@@ -926,5 +926,5 @@ def test_moco_logs_the_knn_accuracy_of_its_embedding_as_a_diagnostic(tmp_path, m
         return F.normalize(spice.network_outputs(backbone, images, run.stats), dim=1)
 
     train, test = embed(data.images), embed(data.eval_images)
-    expected = spice.knn_accuracy(train, data.labels, test, data.eval_labels, k=20)
+    expected = common.knn_accuracy(train, data.labels, test, data.eval_labels, k=20)
     assert logged[-1][1] == pytest.approx(expected)

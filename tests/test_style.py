@@ -99,7 +99,6 @@ COPIES = {  # name: the scripts that keep a character-identical copy of it
     "BasicBlock": ["odc", "spice"],
     "ResNet18": ["odc", "spice"],
     "network_outputs": ["odc", "spice"],
-    "knn_accuracy": ["odc", "spice"],
     "recompute_batch_norm": ["odc", "picie"],
     "imagenet_resnet": ["picie", "cps"],
 }
