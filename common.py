@@ -1570,6 +1570,160 @@ def normalize_padded(images: torch.Tensor, sizes: torch.Tensor, mean, std) -> to
 
 
 # --------------------------------------------------------------------------------------------------
+# Several processes: torchrun, one process per GPU, on one machine or several
+# --------------------------------------------------------------------------------------------------
+# `torchrun --nproc_per_node 8 fixmatch.py ...` starts 8 copies of the script with RANK,
+# LOCAL_RANK and WORLD_SIZE in their environment. Every copy holds the whole data set and the
+# same networks; each step, every process draws the same global batch of indices and trains on its
+# own slice of it (`share`), and the gradients are averaged over the processes before the
+# optimiser step (`synchronize`), so that every process takes the same step. Rank 0 alone prints
+# and writes files. Without torchrun all of this is a no-op: one process, rank 0 of 1.
+def rank() -> int:
+    """This process's index among the run's processes (0 without torchrun)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
+def world_size() -> int:
+    """How many processes share the run (1 without torchrun)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def is_writer() -> bool:
+    """Whether this process writes the run's files and prints its log: rank 0 only."""
+    return rank() == 0
+
+
+def start_processes(device_name: str = "auto") -> torch.device:
+    """The run's device, as `select_device`; under torchrun, also join the process group: GPU
+    `LOCAL_RANK` with NCCL when the machine has a GPU per process, else gloo (the CPU, or several
+    processes sharing one GPU). Processes other than rank 0 print nothing."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes == 1:
+        return select_device(device_name)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = select_device(device_name)
+    count = torch.cuda.device_count()
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank % count)
+    if not torch.distributed.is_initialized():
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", processes))
+        nccl = device.type == "cuda" and count >= local_processes
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if nccl else "gloo")
+    if not is_writer():
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (open for the life of the process)
+    return device
+
+
+def check_batches(batches: dict[str, int]) -> None:
+    """Each global batch (`{"--batch-size": 64}`) must split evenly among the processes."""
+    processes = world_size()
+    for name, size in batches.items():
+        if size % processes:
+            raise ConfigError(
+                f"{name} {size} is the batch over all {processes} processes and must divide "
+                f"evenly among them: choose a multiple of {processes}, or another number of "
+                f"processes (torchrun --nproc_per_node)"
+            )
+
+
+def share(indices: torch.Tensor) -> torch.Tensor:
+    """This process's contiguous slice of a global batch of indices (all of it in one process):
+    the union of the slices is the batch one process would draw (`check_batches` first)."""
+    return indices.view(world_size(), -1)[rank()]
+
+
+def synchronize(*modules: torch.nn.Module) -> None:
+    """Between backward and the optimiser step: average every gradient over the processes and
+    give every process rank 0's buffers (batch-norm statistics), so that all take the same step
+    and hold the same networks. This is what DistributedDataParallel does (apex's, which the
+    official CPS uses, does exactly this after backward); done here in one call so that a loop
+    may run its networks in several passes, in parts and with frozen pieces, as the methods do."""
+    if world_size() == 1:
+        return
+    grads = [p.grad for m in modules for p in m.parameters() if p.grad is not None]
+    if grads:
+        flat = torch.cat([g.flatten() for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= world_size()
+        for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+            g.copy_(part.view_as(g))
+    for m in modules:
+        for b in m.buffers():
+            torch.distributed.broadcast(b, 0)
+
+
+def broadcast_(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's `tensor` in every process, in place: for what is computed in every process but
+    decides the training (k-means centroids, chosen samples), so that no rounding can part them."""
+    if world_size() > 1:
+        torch.distributed.broadcast(tensor, 0)
+    return tensor
+
+
+def gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Every process's `tensor` (the same shape in each), concatenated in rank order along dim 0:
+    e.g. a step's features and indices from all processes, for a memory every process updates
+    alike."""
+    if world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    torch.distributed.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def agree(value):
+    """Rank 0's `value` (any picklable object) in every process: for a decision that must be the
+    same everywhere though each process could reach it alone (it is time to checkpoint)."""
+    if world_size() == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, 0)
+    return box[0]
+
+
+def rank_generator(seed: int, device) -> torch.Generator:
+    """A generator for this process's augmentations: seeded `seed` in rank 0 (the one-process
+    run's stream) and differently in every other rank, so that the processes' images are not
+    augmented alike. Its state goes into checkpoints through `generator_state`."""
+    return torch.Generator(device=device).manual_seed(seed + 7919 * rank())
+
+
+def generator_state(generator: torch.Generator):
+    """For a checkpoint: the generator's state; under torchrun, the list of every process's."""
+    if world_size() == 1:
+        return generator.get_state()
+    states = [None] * world_size()
+    torch.distributed.all_gather_object(states, generator.get_state())
+    return states
+
+
+def restore_generator(generator: torch.Generator, saved) -> None:
+    """The inverse of `generator_state`, in the process whose state it was."""
+    if isinstance(saved, torch.Tensor):
+        saved = [saved]
+    if len(saved) != world_size():
+        raise ConfigError(
+            f"this checkpoint was written by {len(saved)} processes and this run has "
+            f"{world_size()}: resume it with the same number (torchrun --nproc_per_node "
+            f"{len(saved)}; without torchrun for 1)"
+        )
+    generator.set_state(saved[rank()].cpu())
+
+
+def weights_checksum(*modules: torch.nn.Module) -> list[float]:
+    """Every process's sum of its networks' parameters and buffers, in rank order: all equal when
+    the processes hold the same networks (results.json keeps it, as evidence)."""
+    total = sum(t.double().sum() for m in modules for t in m.state_dict().values())
+    return gather(torch.as_tensor(total, dtype=torch.float64).reshape(1)).tolist()
+
+
+# --------------------------------------------------------------------------------------------------
 # Run plumbing: command line, out dir, device, logging, checkpoints, results, pictures
 # --------------------------------------------------------------------------------------------------
 # The flags every script shares (DESIGN.md, Runs), in this order. Where the help is given, each
@@ -1737,6 +1891,8 @@ def parse_args(
         problem = range_error(value, fields[name].metadata.get("range", {}))
         if problem:
             parser.error(f"argument --{name.replace('_', '-')}: {value} is out of range: {problem}")
+    if values.get("predict") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        parser.error("--predict runs in one process: run it without torchrun")
     if values.get("threads"):
         torch.set_num_threads(values["threads"])
     if script and "out_dir" in values and values["out_dir"] is None:
@@ -1783,6 +1939,8 @@ def prepare_out_dir(out_dir, resume: bool = False, args=None) -> Path:
         if args is not None:
             _check_resume_args(out / "args.json", _plain(dataclasses.asdict(args)))
         return out
+    if not is_writer():
+        return out  # under torchrun, rank 0 alone writes
     out.mkdir(parents=True, exist_ok=True)
     # A folder without a checkpoint holds at most a run stopped before its first one: start over.
     (out / "log.jsonl").unlink(missing_ok=True)
@@ -1822,11 +1980,12 @@ CHECKPOINT_SECONDS = 600  # at most this much training is lost to a crash betwee
 @contextlib.contextmanager
 def user_errors(script: str, out_dir=None):
     """Around a script's run: bad input (ConfigError) ends in one line `script: error: ...`, and
-    Ctrl-C in one line saying where the last checkpoint is and how to go on from it."""
+    Ctrl-C in one line saying where the last checkpoint is and how to go on from it. Under
+    torchrun, rank 0 alone says it, and the process group is closed at the end."""
     try:
         yield
     except ConfigError as e:
-        raise SystemExit(f"{script}: error: {e}") from None
+        raise SystemExit(f"{script}: error: {e}" if is_writer() else 2) from None
     except KeyboardInterrupt:
         checkpoint = Path(out_dir or ".") / "checkpoint.pt"
         if out_dir is not None and checkpoint.exists():
@@ -1840,8 +1999,12 @@ def user_errors(script: str, out_dir=None):
                 f"{script}: interrupted before the first checkpoint, nothing to resume: run the "
                 f"same command again to start over"
             )
-        print(message, file=sys.stderr, flush=True)
+        if is_writer():
+            print(message, file=sys.stderr, flush=True)
         raise SystemExit(130) from None  # 128 + SIGINT, the shell's status for Ctrl-C
+    finally:
+        if world_size() > 1:
+            torch.distributed.destroy_process_group()
 
 
 class RunBook:
@@ -1918,15 +2081,17 @@ class RunBook:
         self._images_since_log = 0
         fields = (f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
         print(" ".join(fields), flush=True)
-        with open(self.out / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if is_writer():
+            with open(self.out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
         self._log_lines += 1
         return record
 
     def save_due(self, evaluated: bool = False) -> bool:
         """Whether to checkpoint now: after every evaluation, and at least every
-        CHECKPOINT_SECONDS of wall time, so that a crash loses little."""
-        return evaluated or time.perf_counter() - self._last_save >= CHECKPOINT_SECONDS
+        CHECKPOINT_SECONDS of wall time, so that a crash loses little. Under torchrun, rank 0's
+        clock decides for all: every process must take part in a save (`generator_state`)."""
+        return agree(evaluated or time.perf_counter() - self._last_save >= CHECKPOINT_SECONDS)
 
     def tick(self) -> dict:
         """The totals, with the wall time brought up to now."""
@@ -1963,7 +2128,10 @@ class RunBook:
 
 def _atomic_write(path: Path, data) -> None:
     """Write a temporary file beside `path`, flush it to disk, rename it over `path`: a crash at
-    any moment leaves the old file or the new one, never half of one."""
+    any moment leaves the old file or the new one, never half of one. Under torchrun only rank 0
+    writes (the others return at once), so that every run file has one writer."""
+    if not is_writer():
+        return
     tmp = Path(path).with_name(f".{Path(path).name}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -2045,16 +2213,19 @@ def save_cluster_grid(
     per_row: int = 10,
     num_clusters: int | None = None,
 ) -> None:
-    """A PNG, a row per cluster: its `per_row` images of highest `scores` (confidence), or blank."""
+    """A PNG, a row per cluster: its `per_row` images of highest `scores` (confidence), or blank.
+    Only the images shown are read (`images` may be a memory-mapped set); rank 0 writes it."""
     from torchvision.utils import save_image
 
-    images, labels = _to_float(images.cpu()), labels.cpu()
+    if not is_writer():
+        return
+    labels = labels.cpu()
     scores = torch.zeros(len(labels)) if scores is None else scores.cpu()
     grid = torch.zeros(num_clusters or int(labels.max()) + 1, per_row, *images.shape[1:])
     for c in range(len(grid)):
         idx = torch.nonzero(labels == c).squeeze(1)
         idx = idx[scores[idx].argsort(descending=True, stable=True)][:per_row]
-        grid[c, : len(idx)] = images[idx]
+        grid[c, : len(idx)] = _to_float(images[idx.to(images.device)].cpu())
     save_image(grid.flatten(0, 1), path, nrow=per_row, padding=1)
 
 
@@ -2064,6 +2235,8 @@ def save_segmentation_rows(
     """A PNG of rows image | ground truth | prediction (all one size), labels in VOC colours."""
     from torchvision.utils import save_image
 
+    if not is_writer():
+        return
     rows = torch.stack([_to_float(images.cpu()), colorize(targets.cpu()), colorize(preds.cpu())], 1)
     save_image(rows.flatten(0, 1), path, nrow=3, padding=2)
 

@@ -369,7 +369,8 @@ def draw_batches(
     args: Args, labeled_set: common.ImageSet, unlabeled_set: common.ImageSet, step: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Step 1: the step's B labelled images (uint8 (B, 3, H, W)) and their labels (B,), its mu B
-    unlabelled images (uint8 (mu B, 3, H, W)) and their held-back labels (for the diagnostic)."""
+    unlabelled images (uint8 (mu B, 3, H, W)) and their held-back labels (for the diagnostic).
+    Under torchrun, B and mu B are the global batches: this process takes its share of each."""
     device = labeled_set.images.device
     labeled = batch_indices(len(labeled_set), args.batch_size, step, args.seed, device)
     # The unlabelled stream's seed is seed + 1 (our choice: any other than the labelled
@@ -377,6 +378,7 @@ def draw_batches(
     unlabeled = batch_indices(
         len(unlabeled_set), args.mu * args.batch_size, step, args.seed + 1, device
     )
+    labeled, unlabeled = common.share(labeled), common.share(unlabeled)
     return (
         labeled_set.images[labeled],
         labeled_set.labels[labeled],
@@ -491,7 +493,7 @@ def training_state(
         "model": model.state_dict(),
         "ema": ema.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "augment_rng": augment_rng.get_state(),
+        "augment_rng": common.generator_state(augment_rng),  # every process's, under torchrun
     }
 
 
@@ -506,7 +508,7 @@ def restore_training_state(
     model.load_state_dict(state["model"])
     ema.load_state_dict(state["ema"])
     optimizer.load_state_dict(state["optimizer"])
-    augment_rng.set_state(state["augment_rng"].cpu())
+    common.restore_generator(augment_rng, state["augment_rng"])
 
 
 def last_step_metrics(
@@ -548,10 +550,12 @@ def final_results(
     book: common.RunBook,
     classes: list,
     split: str,
+    weights: list[float],
 ) -> dict:
     """results.json, printed: acc, the median of the evaluations in the last 2% of training (at
     most 20, the paper's figure; `headline_accuracy` says why), acc_evals, how many that is (1:
-    acc is the last evaluation), acc_last, the run's size, time and throughput."""
+    acc is the last evaluation), acc_last, the run's size, time and throughput; and `weights`, the checksum of the EMA model
+    in each process (`common.weights_checksum`)."""
     acc, acc_evals = headline_accuracy(evals, args.steps)
     results = {
         "acc": acc,
@@ -564,12 +568,14 @@ def final_results(
     print("results: " + " ".join(f"{k}={v:.4g}" for k, v in results.items()), flush=True)
     results["classes"] = classes  # their names, for --predict
     results["split"] = split  # the split every accuracy is on
+    results["weights_checksum"] = weights  # one per process: equal when they agree
     return common.write_results(out, results)
 
 
 def train(args: Args) -> dict:
     """Steps 1-7 of the module docstring, --steps times; returns results.json's figures."""
-    device = common.select_device(args.device)
+    device = common.start_processes(args.device)  # under torchrun, this process's device
+    common.check_batches({"--batch-size": args.batch_size, "--mu x --batch-size": args.mu * args.batch_size})
     common.set_seed(args.seed)
     info = common.dataset_info(args.dataset, "classify")
     stats = (info.mean, info.std)  # the data set's channel statistics (ImageNet's for folders)
@@ -579,7 +585,7 @@ def train(args: Args) -> dict:
     model, ema, optimizer, forward = wide_resnet_and_optimizer(args, num_classes, device)
     out = open_run_folder(args, device, unlabeled_set, test_set)
 
-    augment_rng = torch.Generator(device=device).manual_seed(args.seed)
+    augment_rng = common.rank_generator(args.seed, device)  # another stream in each process
     book = common.RunBook(out, args, device)
     start = book.checkpoint.get("step", 0)
     evals = book.checkpoint.get("evals", [])  # (step, the EMA model's test accuracy), each one
@@ -621,6 +627,7 @@ def train(args: Args) -> dict:
             # 5. The SGD step, at the cosine learning rate set above.
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            common.synchronize(model)  # under torchrun: the gradient averaged over processes
             optimizer.step()
             # 6. The EMA of the weights, the model that is evaluated.
             # Deviation: the batch-norm buffers are copied from the trained network, not averaged.
@@ -647,7 +654,8 @@ def train(args: Args) -> dict:
     common.save_cluster_grid(
         out / "predictions.png", test_set.images.cpu(), preds, confidence, num_clusters=num_classes
     )
-    return final_results(out, args, evals, book, labeled_set.classes, test_set.split)
+    weights = common.weights_checksum(ema)
+    return final_results(out, args, evals, book, labeled_set.classes, test_set.split, weights)
 
 
 def main(argv: list[str] | None = None) -> dict:

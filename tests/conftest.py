@@ -66,3 +66,34 @@ def new_images(tmp_path):
         return folder, sorted(paths)
 
     return write
+
+
+@pytest.fixture
+def torchrun(tmp_path):
+    """`torchrun(script, argv, processes=2, stop=False, record=None)`: `script` (e.g. "odc.py")
+    run by torch.distributed.run in `processes` CPU processes (gloo; one thread each) through
+    tests/distributed_run.py; `stop` ends every process after the first checkpoint (status
+    130), `record` is a file for the gathered batch indices. Returns the CompletedProcess; a
+    failure other than the stop fails the test with the processes' output."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def run(script, argv, processes=2, stop=False, record=None):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        command += ["--nproc_per_node", str(processes), str(root / "tests" / "distributed_run.py")]
+        command += ["--stop-after-first-checkpoint"] if stop else []
+        command += ["--record-batches", str(record)] if record else []
+        command += [str(root / script), *map(str, argv)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+        done = subprocess.run(
+            command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        )
+        if done.returncode != 0 and not stop:
+            pytest.fail(f"torchrun {script} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
+        return done
+
+    return run

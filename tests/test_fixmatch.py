@@ -614,3 +614,49 @@ def test_predict_classifies_a_folder_as_the_evaluation_does(tmp_path, new_images
     )
     with pytest.raises(SystemExit, match="holds no results.json"):
         fixmatch.main(["--predict", str(folder), "--out-dir", str(tmp_path / "none")])
+
+
+def _checksum(state: dict) -> float:  # as common.weights_checksum sums one process's networks
+    return float(sum(t.double().sum() for t in state.values()))
+
+
+@pytest.mark.slow  # three launches of two processes: about 40 s on two cores
+def test_two_processes_train_one_model_write_once_and_resume(tmp_path, torchrun):
+    argv = SMOKE + ["--seed", "1"]
+    torchrun("fixmatch.py", argv + ["--out-dir", tmp_path / "a"], record=tmp_path / "two.pt")
+    a = tmp_path / "a"
+    results = json.loads((a / "results.json").read_text())
+    # Both processes ended with the same EMA model, the one rank 0 saved.
+    checksums = results["weights_checksum"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    saved = common.load_checkpoint(a / "checkpoint.pt")
+    assert checksums[0] == pytest.approx(_checksum(saved["ema"]), rel=1e-12)
+    assert len(saved["augment_rng"]) == 2, "each process's augmentation stream is kept"
+    # One writer: one log, its lines once each (steps 2, 3, 4, 6 and the evaluations at 3, 6).
+    assert [r["step"] for r in _log(a)] == [2, 3, 4, 6, 6]
+    assert math.isfinite(results["acc"]) and 0 <= results["acc"] <= 1
+
+    # The same global batches as one process: every step's labelled and unlabelled indices,
+    # gathered from the two processes' shares, are those that one process draws alone.
+    torchrun("fixmatch.py", argv + ["--out-dir", tmp_path / "one"], 1, record=tmp_path / "one.pt")
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert len(one) == len(two) == 12  # 6 steps, a labelled and an unlabelled batch each
+    assert all(torch.equal(x, y) for x, y in zip(one, two, strict=True))
+
+    # Stopped after its first checkpoint (step 3) and resumed under two processes, the run ends
+    # with the uninterrupted run's figures and weights.
+    stopped = torchrun("fixmatch.py", argv + ["--out-dir", tmp_path / "b"], stop=True)
+    assert stopped.returncode != 0
+    assert common.load_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 3
+    torchrun("fixmatch.py", argv + ["--out-dir", tmp_path / "b", "--resume"])
+    resumed = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert resumed["acc"] == results["acc"]
+    assert resumed["weights_checksum"] == checksums
+    assert _log(tmp_path / "b") == _log(a)
+
+
+def test_a_global_batch_that_does_not_split_among_the_processes_is_refused(monkeypatch):
+    monkeypatch.setattr(common, "world_size", lambda: 3)
+    with pytest.raises(common.ConfigError, match="--batch-size 8 .* multiple of 3"):
+        common.check_batches({"--batch-size": 8})
+    common.check_batches({"--batch-size": 9})
