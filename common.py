@@ -501,9 +501,11 @@ def _read_image(path: Path, size: int | None = None) -> torch.Tensor:
 
 def load_image_folder(root, split: str = "train", image_size: int = 32, cache_dir=None) -> ImageSet:
     """`<root>/<split>/<class>/<image>` as uint8 tensors at image_size, the class indices those of
-    the training split's class names (sorted) in every split. Decoded once, then cached as a
-    tensor file in `cache_dir` (default ~/.cache/unlabelled-refs, never in the data folder) under
-    a key of the folder, the size and every file's name, size and mtime."""
+    the training split's class names (sorted) in every split. Decoded once into a uint8 array
+    file (numpy's .npy) in `cache_dir` (default ~/.cache/unlabelled-refs, never in the data
+    folder) under a key of the folder, the size and every file's name, size and mtime. The
+    images returned are that file memory-mapped: a folder larger than memory is read a batch at a
+    time (`place_images` decides what goes to the device whole)."""
     split = resolve_split(Path(root), split)
     folder = Path(root) / split
     if not folder.is_dir():
@@ -537,18 +539,69 @@ def load_image_folder(root, split: str = "train", image_size: int = 32, cache_di
         key.update(f"|{p.relative_to(folder)}|{p.stat().st_size}|{p.stat().st_mtime_ns}".encode())
     cache_home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     cache_dir = Path(cache_dir or cache_home / "unlabelled-refs")
-    cache = cache_dir / f"imagefolder-{key.hexdigest()[:20]}.pt"
+    cache = cache_dir / f"imagefolder-{key.hexdigest()[:20]}.npy"
     # The labels are not taken from the cache: they depend on train/'s class folders too, which
     # the key of a test split does not cover.
     labels = torch.tensor([c for _, c in files])
-    if cache.exists():
-        images = torch.load(cache, weights_only=True)["images"]
-    else:
+    if not cache.exists():
         print(f"decoding {len(files)} images from {folder} (once; cached in {cache})", flush=True)
-        images = torch.stack(_read_all(lambda p: _read_image(p, image_size), [p for p, _ in files]))
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(cache, {"images": images, "labels": labels})
+        _decode_to_map([p for p, _ in files], image_size, cache)
+    # Copy-on-write: the tensor may be written in memory, the file never is.
+    images = torch.from_numpy(np.load(cache, mmap_mode="c"))
     return ImageSet(images, labels, classes, split)
+
+
+def _decode_to_map(paths: list[Path], image_size: int, cache: Path) -> None:
+    """Decode the images one by one into a .npy array file of uint8 (N, 3, S, S), so that no
+    more than one image is in memory; written beside `cache` and renamed onto it when complete
+    (a crash leaves no half cache; processes decoding at once each write whole files)."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+    try:
+        shape = (len(paths), 3, image_size, image_size)
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+
+        def write(item):
+            i, path = item
+            array[i] = _read_image(path, image_size).numpy()
+
+        _read_all(write, list(enumerate(paths)))
+        array.flush()
+        os.replace(tmp, cache)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def place_images(
+    images: torch.Tensor, device, memmap: str = "auto", name: str = ""
+) -> torch.Tensor:
+    """Where a data set's images live for training: on the device whole (as every small set), or,
+    for `memmap="on"` or a set too large ("auto": more than half of the device's free memory; of
+    the machine's available memory on the CPU), left on the CPU, memory-mapped when it was read
+    from an image folder's cache; then each batch is gathered from it (`take`). Says which."""
+    device = torch.device(device)
+    size = images.numel() * images.element_size()
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    mapped = memmap == "on" or (memmap == "auto" and size > free / 2)
+    where = "kept on the CPU, batches gathered from it" if mapped else f"on {device}"
+    print(
+        f"data{' ' + name if name else ''}: {size / 2**30:.2f} GiB ({len(images)} images), "
+        f"{free / 2**30:.1f} GiB free on {device}: {where} (--memmap {memmap})",
+        flush=True,
+    )
+    if mapped:
+        return images
+    if images.device == device:
+        return images.clone()  # into memory, from a memory-mapped file
+    return images.to(device)
+
+
+def take(images: torch.Tensor, indices: torch.Tensor, device) -> torch.Tensor:
+    """images[indices] on `device`, wherever `images` live (`place_images`)."""
+    return images[indices.to(images.device)].to(device, non_blocking=True)
 
 
 def _torchvision_set(name: str, root: Path, split: str, download: bool) -> ImageSet:
@@ -1759,6 +1812,7 @@ MAY_CHANGE_ON_RESUME = (
     "log_every",
     "compile",
     "download",
+    "memmap",
 )
 
 

@@ -133,6 +133,9 @@ class Args:
     # The WideResNet halves the side twice: at 8 px its last stage sees 2 x 2 pixels.
     image_size: int = common.arg(32, at_least=8)
     """image side: image folders are resized to it, shapes drawn at it"""
+    memmap: Literal["auto", "on", "off"] = "auto"
+    """keep the unlabelled and test images on the CPU (an image folder memory-mapped from its
+    cache) and gather each batch from there: auto when they would fill over half the device"""
     log_every: int = common.arg(64, at_least=1)
     """steps between log lines"""
 
@@ -356,12 +359,12 @@ def load_data(
         images=train_set.images[labeled_indices].to(device),
         labels=train_set.labels[labeled_indices].to(device),
     )
+    unlabeled_images = common.place_images(unlabeled_images, device, args.memmap, "unlabelled")
     unlabeled_set = dataclasses.replace(
-        train_set, images=unlabeled_images.to(device), labels=unlabeled_labels.to(device)
+        train_set, images=unlabeled_images, labels=unlabeled_labels.to(device)
     )
-    test_set = dataclasses.replace(
-        test_set, images=test_set.images.to(device), labels=test_set.labels.to(device)
-    )
+    test_images = common.place_images(test_set.images, device, args.memmap, "test")
+    test_set = dataclasses.replace(test_set, images=test_images, labels=test_set.labels.to(device))
     return labeled_set, unlabeled_set, test_set
 
 
@@ -371,7 +374,7 @@ def draw_batches(
     """Step 1: the step's B labelled images (uint8 (B, 3, H, W)) and their labels (B,), its mu B
     unlabelled images (uint8 (mu B, 3, H, W)) and their held-back labels (for the diagnostic).
     Under torchrun, B and mu B are the global batches: this process takes its share of each."""
-    device = labeled_set.images.device
+    device = labeled_set.images.device  # the run's; the unlabelled set may be on the CPU
     labeled = batch_indices(len(labeled_set), args.batch_size, step, args.seed, device)
     # The unlabelled stream's seed is seed + 1 (our choice: any other than the labelled
     # stream's), so that its passes are shuffled in another order.
@@ -382,7 +385,7 @@ def draw_batches(
     return (
         labeled_set.images[labeled],
         labeled_set.labels[labeled],
-        unlabeled_set.images[unlabeled],
+        common.take(unlabeled_set.images, unlabeled, device),
         unlabeled_set.labels[unlabeled],
     )
 
@@ -402,11 +405,12 @@ def evaluate(
     """Accuracy of `model` (in eval mode) on uint8 images; also its predictions and confidences.
     `stats`: the data set's channel mean and std."""
     model.eval()
+    device = labels.device  # the images may be kept on the CPU (--memmap)
     preds = []
     confidence = []
     for i in range(0, len(images), batch_size):
-        x = common.normalize(images[i : i + batch_size], *stats)
-        with torch.autocast(images.device.type, torch.bfloat16, enabled=amp):
+        x = common.normalize(images[i : i + batch_size].to(device), *stats)
+        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
             probs = torch.softmax(model(x).float(), dim=1)
         confidence.append(probs.max(1).values)
         preds.append(probs.argmax(1))
@@ -554,8 +558,8 @@ def final_results(
 ) -> dict:
     """results.json, printed: acc, the median of the evaluations in the last 2% of training (at
     most 20, the paper's figure; `headline_accuracy` says why), acc_evals, how many that is (1:
-    acc is the last evaluation), acc_last, the run's size, time and throughput; and `weights`, the checksum of the EMA model
-    in each process (`common.weights_checksum`)."""
+    acc is the last evaluation), acc_last, the run's size, time and throughput; and `weights`,
+    the checksum of the EMA model in each process (`common.weights_checksum`)."""
     acc, acc_evals = headline_accuracy(evals, args.steps)
     results = {
         "acc": acc,
@@ -575,7 +579,9 @@ def final_results(
 def train(args: Args) -> dict:
     """Steps 1-7 of the module docstring, --steps times; returns results.json's figures."""
     device = common.start_processes(args.device)  # under torchrun, this process's device
-    common.check_batches({"--batch-size": args.batch_size, "--mu x --batch-size": args.mu * args.batch_size})
+    common.check_batches(
+        {"--batch-size": args.batch_size, "--mu x --batch-size": args.mu * args.batch_size}
+    )
     common.set_seed(args.seed)
     info = common.dataset_info(args.dataset, "classify")
     stats = (info.mean, info.std)  # the data set's channel statistics (ImageNet's for folders)
@@ -652,7 +658,7 @@ def train(args: Args) -> dict:
         _, preds, confidence = evaluate(ema, test_set.images, test_set.labels, stats, amp)
     # The test images grouped by predicted class, most confident first.
     common.save_cluster_grid(
-        out / "predictions.png", test_set.images.cpu(), preds, confidence, num_clusters=num_classes
+        out / "predictions.png", test_set.images, preds, confidence, num_clusters=num_classes
     )
     weights = common.weights_checksum(ema)
     return final_results(out, args, evals, book, labeled_set.classes, test_set.split, weights)

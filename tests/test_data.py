@@ -92,7 +92,7 @@ def test_image_folder_loads_converts_and_caches(folder, tmp_path, monkeypatch):
     assert data.images.shape == (4, 3, 12, 12) and data.images.dtype == torch.uint8
     gray = data.images[0]
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])  # grayscale -> RGB
-    assert len(list(cache.glob("*.pt"))) == 1
+    assert len(list(cache.glob("*.npy"))) == 1
     # the second load reads the cache, decoding nothing
     monkeypatch.setattr(
         common, "_read_image", lambda *a: (_ for _ in ()).throw(AssertionError("decoded"))
@@ -155,7 +155,7 @@ def test_every_unreadable_image_is_named_at_once(folder, tmp_path, monkeypatch):
         common.load_dataset("imagefolder", data_dir=folder, cache_dir=tmp_path / "c")
     message = str(e.value)
     assert message.startswith("2 bad files:") and "broken.jpg" in message and "empty.png" in message
-    assert not list((tmp_path / "c").glob("*.pt"))  # nothing cached
+    assert not list((tmp_path / "c").glob("*"))  # nothing cached, no half-written file
     (folder / "train" / "cat" / "third.png").write_bytes(b"")
     monkeypatch.setattr(common, "MAX_LISTED", 2)  # beyond it, the others are counted
     with pytest.raises(common.ConfigError, match="3 bad files") as e:
@@ -412,3 +412,36 @@ def test_torchvisions_sets_are_resized_to_the_image_size_asked_for(monkeypatch, 
     expected = torch.nn.functional.avg_pool2d(images.float(), 2)  # bilinear at half size
     assert (small.images.float() - expected).abs().max() <= 0.5
     assert torch.equal(small.labels, native.labels)
+
+
+def test_a_folder_is_memory_mapped_from_its_cache_and_batches_gathered_from_the_map(
+    folder, tmp_path, monkeypatch, capsys
+):
+    cache = tmp_path / "cache"
+    first = common.load_dataset("imagefolder", data_dir=folder, image_size=12, cache_dir=cache)
+    monkeypatch.setattr(  # the second load decodes nothing: it maps the cache file
+        common, "_read_image", lambda *a: (_ for _ in ()).throw(AssertionError("decoded"))
+    )
+    data = common.load_dataset("imagefolder", data_dir=folder, image_size=12, cache_dir=cache)
+    monkeypatch.undo()
+    (file,) = cache.glob("*.npy")
+    mapped = np.load(file, mmap_mode="c")
+    assert isinstance(mapped, np.memmap) and mapped.shape == (4, 3, 12, 12)
+    assert torch.equal(data.images, torch.from_numpy(mapped)) and torch.equal(
+        data.images, first.images
+    )
+    # A batch gathered from it is the images decoded directly.
+    paths = [p for c in ("cat", "dog") for p in sorted((folder / "train" / c).iterdir())]
+    paths = [p for p in paths if p.suffix != ".txt"]  # the order the set lists its images
+    batch = common.take(data.images, torch.tensor([3, 0]), "cpu")
+    assert torch.equal(batch[0], common._read_image(paths[3], 12))
+    assert torch.equal(batch[1], common._read_image(paths[0], 12))
+    # --memmap on keeps the map; off copies it into memory; auto does for a set this small.
+    assert common.place_images(data.images, "cpu", "on") is data.images
+    copy = common.place_images(data.images, "cpu", "off")
+    assert torch.equal(copy, data.images) and copy.data_ptr() != data.images.data_ptr()
+    auto = common.place_images(data.images, "cpu", "auto", "train")
+    assert auto.data_ptr() != data.images.data_ptr()
+    said = capsys.readouterr().out
+    assert "kept on the CPU, batches gathered from it (--memmap on)" in said
+    assert "data train: 0.00 GiB (4 images)" in said and "on cpu (--memmap auto)" in said

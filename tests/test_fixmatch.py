@@ -660,3 +660,27 @@ def test_a_global_batch_that_does_not_split_among_the_processes_is_refused(monke
     with pytest.raises(common.ConfigError, match="--batch-size 8 .* multiple of 3"):
         common.check_batches({"--batch-size": 8})
     common.check_batches({"--batch-size": 9})
+
+
+def test_a_memory_mapped_folder_trains_to_the_figures_of_one_in_memory(
+    tmp_path, monkeypatch, capsys
+):
+    from PIL import Image
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the decoded folder's cache
+    images, labels = common.make_shapes(80, seed=3, size=16)
+    for split, part in (("train", slice(0, 60)), ("test", slice(60, 80))):
+        for i, (image, label) in enumerate(zip(images[part], labels[part], strict=True)):
+            path = tmp_path / "folder" / split / common.SHAPE_NAMES[label] / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
+    argv = ["--dataset", "imagefolder", "--data-dir", tmp_path / "folder", "--image-size", "16"]
+    argv += SMOKE[2:] + ["--device", "cpu"]
+    argv = [str(a) for a in argv]
+    mapped = fixmatch.main(argv + ["--memmap", "on", "--out-dir", str(tmp_path / "on")])
+    said = capsys.readouterr().out
+    assert "data unlabelled: " in said and "kept on the CPU, batches gathered from it" in said
+    in_memory = fixmatch.main(argv + ["--memmap", "off", "--out-dir", str(tmp_path / "off")])
+    assert mapped["acc"] == in_memory["acc"] and mapped["acc_last"] == in_memory["acc_last"]
+    assert mapped["weights_checksum"] == in_memory["weights_checksum"]
+    assert _log(tmp_path / "on") == _log(tmp_path / "off")
