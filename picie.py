@@ -32,6 +32,8 @@ Usage:
     python picie.py --dataset cocostuff27 --data-dir DIR
     # 27 classes, trains on test + train_extra
     python picie.py --dataset cityscapes --data-dir DIR
+    # on 8 GPUs: --batch-size stays the batch of all 8 processes together
+    torchrun --nproc_per_node 8 picie.py --dataset cocostuff27 --data-dir DIR
     # a small complete run on a CPU
     python picie.py --dataset shapes-seg
     python picie.py --dataset camvid --data-dir DIR --weights none --image-size 128 --epochs 3 \
@@ -480,11 +482,14 @@ def load_data(args: Args, device) -> PicieData:
     fit_idx = torch.randperm(num_train, generator=fit_generator)[: args.kmeans_images].to(device)
     num_clusters = choose_num_clusters(args, len(classes), len(fit_idx))
     # Batch norm in train mode needs more than one value per channel: res5 is 1 x 1 up to 32 px.
-    if min(args.batch_size, num_train) == 1 and args.image_size <= 32:
+    # Under torchrun, each process normalises its own share of the batch.
+    processes = common.world_size()
+    if min(args.batch_size, num_train) < 2 * processes and args.image_size <= 32:
+        each = f" ({processes} processes: one image each)" if processes > 1 else ""
         raise common.ConfigError(
             f"--batch-size {args.batch_size} with {num_train} training images makes batches of "
-            f"one image, which batch norm cannot take at --image-size {args.image_size}: use a "
-            f"batch of at least 2, or --image-size above 32"
+            f"one image{each}, which batch norm cannot take at --image-size {args.image_size}: "
+            f"use a batch of at least {2 * processes}, or --image-size above 32"
         )
     description = f"{num_train} training ({train_split}) and {num_eval} evaluation ({eval_split})"
     return PicieData(
@@ -502,12 +507,26 @@ def load_data(args: Args, device) -> PicieData:
     )
 
 
-def without_lone_image(idx: torch.Tensor, batch_size: int) -> torch.Tensor:
+def without_lone_image(idx: torch.Tensor, batch_size: int, processes: int = 1) -> torch.Tensor:
     """`idx` less its last image where that image would make a batch of its own: batch norm in
-    train mode cannot take one value per channel."""
-    if len(idx) % batch_size == 1 and len(idx) > 1:
-        return idx[:-1]
-    return idx
+    train mode cannot take one value per channel. Under torchrun (`processes` > 1), the last,
+    partial batch is cut to a multiple of the processes, and left out where that would give each
+    process one image."""
+    # Deviation: under torchrun up to `processes` images an epoch are left out (official: one
+    # process, nn.DataParallel splits any batch; DDP's DistributedSampler would repeat images).
+    last = len(idx) % batch_size
+    cut = last % processes
+    if last - cut == processes and len(idx) > processes:
+        cut = last
+    return idx[: len(idx) - cut]
+
+
+def process_share(idx: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """This process's share (`common.share`) of every batch of `idx`, `batch_size` at a time, in
+    order: batches of `batch_size // common.world_size()` (the last one smaller); all of `idx` in
+    one process. The last batch must split evenly (`without_lone_image`)."""
+    starts = range(0, len(idx), batch_size)
+    return torch.cat([common.share(idx[start : start + batch_size]) for start in starts])
 
 
 def batches(source, idx: torch.Tensor, batch_size: int, workers: int = 0):
@@ -588,6 +607,9 @@ def evaluate_as_is(
     centroids, _ = cluster_pixels(
         features_of, data.train_source, fit_idx, data.num_clusters, args.seed, args
     )
+    # Under torchrun every process evaluates the whole split (rank 0 alone writes); rank 0's
+    # centroids, so that all hold the clusters that are reported and kept for --predict.
+    common.broadcast_(centroids)
     conf = torch.zeros(data.num_classes, data.num_clusters, dtype=torch.long, device=fit_idx.device)
     shown = []
     picks = set(torch.linspace(0, data.num_eval - 1, show).round().long().tolist())
@@ -620,6 +642,10 @@ def fit_batch_norm(model: nn.Module, data: PicieData, args: Args) -> None:
     fit_batches = batches(data.train_source, fit_even, args.batch_size, args.workers)
     inputs = (common.normalize(shrink(x, args.image_size), *data.stats) for _, x, _ in fit_batches)
     recompute_batch_norm(model, inputs)
+    # Under torchrun every process fits the same images; rank 0's statistics, so that no rounding
+    # can part them (the baseline's are those training starts from).
+    for buffer in model.buffers():
+        common.broadcast_(buffer)
 
 
 @contextlib.contextmanager
@@ -781,7 +807,9 @@ def cluster_and_label(features, data: PicieData, fit_idx, transforms: dict, seed
         mu, inertia = cluster_pixels(
             features_of, data.train_source, fit_idx, data.num_clusters, seed + view, args
         )
-        centroids.append(mu)
+        # Under torchrun every process clusters the same features; rank 0's centroids decide, so
+        # that no rounding can part the processes' labels.
+        centroids.append(common.broadcast_(mu))
         record[f"cluster/kmeans_loss{view}"] = inertia
     labels = []
     weights = []
@@ -789,8 +817,9 @@ def cluster_and_label(features, data: PicieData, fit_idx, transforms: dict, seed
         y, counts, label_miou = label_view(
             features, data, transforms, view, centroids[view - 1], args
         )
-        labels.append(y)
-        weights.append(cluster_weights(counts, args.balance))
+        # rank 0's labels and weights too: they are the targets of every process's share
+        labels.append(common.broadcast_(y))
+        weights.append(common.broadcast_(cluster_weights(counts, args.balance)))
         sizes = counts.float() / counts.sum()
         record[f"cluster/min_size{view}"] = sizes.min()
         record[f"cluster/max_size{view}"] = sizes.max()
@@ -798,25 +827,39 @@ def cluster_and_label(features, data: PicieData, fit_idx, transforms: dict, seed
     return (centroids, labels, weights), record
 
 
-def train_step(features, optimizer, idx, images, transforms: dict, clusters: tuple) -> torch.Tensor:
+def train_step(
+    model: nn.Module, features, optimizer, idx, images, transforms: dict, clusters: tuple
+) -> torch.Tensor:
     """Steps 5-6 on one batch: `picie_loss` on both views against the epoch's `clusters`, one Adam
-    step. Returns L, L_within, L_cross, detached."""
+    step of `model` (`features` runs it). Returns L, L_within, L_cross, detached. Under torchrun
+    the batch is this process's share, and the gradient is averaged over the processes."""
     centroids, labels, weights = clusters
     z1 = features(idx, images, transforms, 1)
     z2 = features(idx, images, transforms, 2)
     loss, within, cross = picie_loss(z1, z2, *centroids, labels[0][idx], labels[1][idx], *weights)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    # Under torchrun: the average of the processes' gradients (each a mean over its own share, as
+    # DistributedDataParallel's), and rank 0's batch-norm statistics. The centroids are frozen.
+    common.synchronize(model)
     optimizer.step()
     return torch.stack([loss.detach(), within.detach(), cross.detach()])
 
 
 def report(
-    out, result: dict, baseline: dict, constant: dict, num_clusters: int, args: Args, figures
+    out,
+    result: dict,
+    baseline: dict,
+    constant: dict,
+    num_clusters: int,
+    args: Args,
+    figures,
+    weights: list[float],
 ) -> dict:
     """results.json, and its floats printed: the last evaluation beside the untrained network
     (`baseline_*`) and the one-cluster answer (`constant_*`) (`iou`: None for a class never
-    present), K, the epochs and the run's `figures` (`common.RunBook.figures`)."""
+    present), K, the epochs and the run's `figures` (`common.RunBook.figures`); and `weights`,
+    the network's checksum in each process (`common.weights_checksum`)."""
     rows = {"constant answer (one cluster)": constant, "untrained network": baseline}
     rows["after PiCIE"] = result
     common.print_table(
@@ -841,13 +884,17 @@ def report(
     }
     floats = " ".join(f"{key}={v:.4g}" for key, v in results.items() if isinstance(v, float))
     print(f"results: {floats}", flush=True)
+    results["weights_checksum"] = weights  # one per process: equal when they agree
     return common.write_results(out, results)
 
 
 def train(args: Args) -> dict:
     """The data and the network; the baseline (step 7 on the untrained network); then per epoch
-    steps 1-6 and the evaluation. Resumable from the end of any checkpointed epoch."""
-    device = common.select_device(args.device)
+    steps 1-6 and the evaluation. Resumable from the end of any checkpointed epoch. Under
+    torchrun, every process runs every pass over the whole data set but the training, of which it
+    takes its share of each batch."""
+    device = common.start_processes(args.device)  # under torchrun, this process's device
+    common.check_batches({"--batch-size": args.batch_size})
     common.set_seed(args.seed)
     data = load_data(args, device)
     model, optimizer, forward = picie_net_and_optimizer(args, device)
@@ -897,13 +944,18 @@ def train(args: Args) -> dict:
 
             # Steps 5-6: Adam on the loss of both views, the images in this epoch's order.
             model.train()
-            trained = without_lone_image(order, args.batch_size)
+            trained = without_lone_image(order, args.batch_size, common.world_size())
             steps = math.ceil(len(trained) / args.batch_size)
             loss_sums = torch.zeros(3, device=device)
-            epoch_batches = batches(data.train_source, trained, args.batch_size, args.workers)
+            # Under torchrun this process loads (streamed sets: decodes) its share of each batch.
+            mine = process_share(trained, args.batch_size)
+            share_size = args.batch_size // common.world_size()
+            epoch_batches = batches(data.train_source, mine, share_size, args.workers)
             for step, (idx, images, _) in enumerate(epoch_batches):
-                loss_sums += train_step(features, optimizer, idx, images, transforms, clusters)
-                book.count(len(idx))
+                loss_sums += train_step(
+                    model, features, optimizer, idx, images, transforms, clusters
+                )
+                book.count(len(idx) * common.world_size())  # the images of all processes
                 if (step + 1) % args.log_every == 0 or step + 1 == steps:
                     mean_losses = loss_sums / (step % args.log_every + 1)
                     metrics = {
@@ -928,7 +980,8 @@ def train(args: Args) -> dict:
     common.save_segmentation_rows(out / "segmentation.png", *shown)
     constant = constant_baseline(data, args)
     figures = {**book.figures(), "classes": data.classes, "split": data.eval_split}
-    return report(out, result, baseline, constant, data.num_clusters, args, figures)
+    weights = common.weights_checksum(model)  # the network saved in the checkpoint
+    return report(out, result, baseline, constant, data.num_clusters, args, figures, weights)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -486,7 +486,7 @@ def test_train_step_is_one_adam_step_on_the_loss_of_both_views_of_its_images():
     weights = [torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.2, 0.2, 0.6])]
     optimizer = torch.optim.Adam(net.parameters(), lr=0.1)
     got = picie.train_step(
-        features_of(net), optimizer, idx, images[idx], None, (centroids, labels, weights)
+        net, features_of(net), optimizer, idx, images[idx], None, (centroids, labels, weights)
     )
     f = features_of(twin)
     z1, z2 = f(idx, images[idx], None, 1), f(idx, images[idx], None, 2)
@@ -573,11 +573,12 @@ def watch_loop(monkeypatch) -> dict:
         seen["epochs"].append({**epoch, "steps": [], "same": []})
         return clusters, record
 
-    def train_step(features, optimizer, idx, images, transforms, clusters):
+    def train_step(model, features, optimizer, idx, images, transforms, clusters):
         epoch = seen["epochs"][-1]
         epoch["steps"].append(idx.clone())
         epoch["same"].append(transforms is epoch["transforms"] and clusters is epoch["clusters"])
-        return in_phase("train", real_step, features, optimizer, idx, images, transforms, clusters)
+        step = (model, features, optimizer, idx, images, transforms, clusters)
+        return in_phase("train", real_step, *step)
 
     def forward(self, x):
         seen["modes"].add((phase[0], self.training))
@@ -697,10 +698,9 @@ def test_smoke_run_checkpoints_at_evaluations_and_resume_reaches_the_same_result
     assert records_of(b) == expected
 
 
-def test_cityscapes_trains_on_test_and_train_extra_and_evaluates_27_classes_on_val_and_train(
-    tmp_path, capsys
-):
-    # A tiny Cityscapes tree, 40 x 80 images: the official protocol's splits, streamed from disk.
+def write_cityscapes(root: Path, counts: dict) -> None:
+    """A tiny Cityscapes tree under `root`, random 40 x 80 images and label ids: `counts` images
+    per split ({"test": 2, ...})."""
     from PIL import Image
 
     def write(path, array):
@@ -708,18 +708,25 @@ def test_cityscapes_trains_on_test_and_train_extra_and_evaluates_27_classes_on_v
         Image.fromarray(array).save(path)
 
     g = np.random.default_rng(0)
-    for split, count in (("test", 2), ("train_extra", 3), ("val", 1), ("train", 2)):
+    for split, count in counts.items():
         for i in range(count):
             stem = f"bonn_{split}_{i}"
             write(
-                tmp_path / "leftImg8bit" / split / "bonn" / f"{stem}_leftImg8bit.png",
+                root / "leftImg8bit" / split / "bonn" / f"{stem}_leftImg8bit.png",
                 g.integers(0, 256, (40, 80, 3), dtype=np.uint8),
             )
             if split != "train_extra":  # train_extra has no labels
                 write(
-                    tmp_path / "gtFine" / split / "bonn" / f"{stem}_gtFine_labelIds.png",
+                    root / "gtFine" / split / "bonn" / f"{stem}_gtFine_labelIds.png",
                     g.integers(0, 34, (40, 80), dtype=np.uint8),
                 )
+
+
+def test_cityscapes_trains_on_test_and_train_extra_and_evaluates_27_classes_on_val_and_train(
+    tmp_path, capsys
+):
+    # A tiny Cityscapes tree, 40 x 80 images: the official protocol's splits, streamed from disk.
+    write_cityscapes(tmp_path, {"test": 2, "train_extra": 3, "val": 1, "train": 2})
     result = picie.main(
         [
             "--dataset",
@@ -912,3 +919,100 @@ def test_overclustering_is_also_scored_many_to_one():
     assert scores["pixel_acc"] < 1.0
     exact, _ = picie.evaluate(Colours(), band_data(num_clusters=3), args)
     assert "majority_pixel_acc" not in exact, "K = the classes: one-to-one only"
+
+
+@pytest.mark.parametrize("processes", [2, 3])
+def test_under_torchrun_each_process_loads_its_share_of_every_batch(monkeypatch, processes):
+    # The epoch's last, partial batch is cut to a multiple of the processes, and left out where
+    # each process would get one image; in one process only a lone image is left out, as before.
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(0))
+    assert len(picie.without_lone_image(order[:33], 16)) == 32
+    assert len(picie.without_lone_image(order[:34], 16)) == 34
+    assert len(picie.without_lone_image(order[:36], 16, 2)) == 36
+    assert len(picie.without_lone_image(order[:34], 16, 2)) == 32, "one image each: left out"
+    assert len(picie.without_lone_image(order[:35], 16, 2)) == 32, "cut to 2, one image each"
+    assert len(picie.without_lone_image(order[:37], 16, 2)) == 36
+    trained = picie.without_lone_image(order, 12, processes)  # 40 % 12 = 4
+    assert len(trained) == {2: 40, 3: 36}[processes]
+    global_batches = trained.split(12)
+    images = torch.arange(40 * 3 * 2 * 2, dtype=torch.uint8).reshape(40, 3, 2, 2)
+    labels = torch.arange(40 * 2 * 2).reshape(40, 2, 2)
+    streamed = picie.Squares(
+        common.SegmentationSet(["a"], "train", images=images, labels=labels), 2
+    )
+    monkeypatch.setattr(common, "world_size", lambda: processes)
+    loaded = []  # per process, the batches its DataLoader decoded
+    for rank in range(processes):
+        monkeypatch.setattr(common, "rank", lambda rank=rank: rank)
+        mine = picie.process_share(trained, 12)
+        loaded.append(list(picie.batches(streamed, mine, 12 // processes)))
+    for step, batch in enumerate(global_batches):
+        together = torch.cat([loaded[rank][step][0] for rank in range(processes)])
+        assert torch.equal(together, batch), "the processes' shares make up the global batch"
+        assert torch.equal(torch.cat([loaded[r][step][1] for r in range(processes)]), images[batch])
+    assert all(len(batches) == len(global_batches) for batches in loaded)
+
+
+def test_batches_of_one_image_per_process_are_refused_at_small_sizes(monkeypatch, small_shapes_seg):
+    args = picie.Args(dataset="shapes-seg", image_size=16, batch_size=2, weights="none")
+    args.kmeans_images = 24
+    picie.load_data(args, torch.device("cpu"))  # one process: two images a batch
+    monkeypatch.setattr(common, "world_size", lambda: 2)
+    with pytest.raises(common.ConfigError, match="2 processes: one image each.*at least 4"):
+        picie.load_data(args, torch.device("cpu"))
+
+
+def _checksum(state: dict) -> float:  # as common.weights_checksum sums one process's networks
+    return float(sum(t.double().sum() for t in state.values()))
+
+
+@pytest.mark.slow
+def test_two_processes_train_one_model_write_once_and_resume(tmp_path, monkeypatch, torchrun):
+    # A streamed set (Cityscapes, decoded by the DataLoader): 48 training images, 3 steps of 16
+    # an epoch, each process loading its 8 of each.
+    write_cityscapes(tmp_path / "city", {"test": 24, "train_extra": 24, "val": 4, "train": 4})
+    argv = ["--dataset", "cityscapes", "--data-dir", tmp_path / "city", "--workers", "0"]
+    argv += SMOKE[2:]
+    a = tmp_path / "a"
+    torchrun("picie.py", argv + ["--out-dir", a], record=tmp_path / "two.pt")
+    results = json.loads((a / "results.json").read_text())
+    # Both processes ended with the same network, the one rank 0 saved.
+    checksums = results["weights_checksum"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    saved = common.load_checkpoint(a / "checkpoint.pt")
+    assert checksums[0] == pytest.approx(_checksum(saved["model"]), rel=1e-12)
+    # One writer: one log, its lines once each (the baseline; per epoch its clustering, training
+    # at 2 of 3 steps and the end, and the evaluation).
+    steps = [r["step"] for r in records_of(a)]
+    assert steps == pytest.approx([0, 0, 2 / 3, 1, 1, 1, 1 + 2 / 3, 2, 2])
+    figures = ("miou", "pixel_acc", "baseline_miou", "baseline_pixel_acc", "constant_miou")
+    assert all(0 <= results[k] <= 1 for k in figures)
+    # Every training image once an epoch: the global batches, gathered from the shares.
+    drawn = torch.load(tmp_path / "two.pt")
+    assert [len(b) for b in drawn] == [16] * 6
+    for epoch in (drawn[:3], drawn[3:]):
+        assert sorted(torch.cat(epoch).tolist()) == list(range(48))
+    # They are the batches that one process draws alone.
+    alone = []
+    real_share = common.share
+
+    def recorded_share(indices):
+        alone.append(indices.clone())
+        return real_share(indices)
+
+    monkeypatch.setattr(common, "share", recorded_share)
+    picie.main([str(x) for x in argv] + ["--out-dir", str(tmp_path / "one")])
+    assert len(alone) == len(drawn) and all(map(torch.equal, alone, drawn))
+
+    # Stopped after its first checkpoint (epoch 1) and resumed under two processes, the run ends
+    # with the uninterrupted run's figures and weights.
+    b = tmp_path / "b"
+    stopped = torchrun("picie.py", argv + ["--out-dir", b], stop=True)
+    assert stopped.returncode != 0
+    assert common.load_checkpoint(b / "checkpoint.pt")["epoch"] == 1
+    torchrun("picie.py", argv + ["--out-dir", b, "--resume"])
+    resumed = json.loads((b / "results.json").read_text())
+    for k in figures:
+        assert resumed[k] == results[k], k
+    assert resumed["weights_checksum"] == checksums
+    assert records_of(b) == records_of(a)
