@@ -182,7 +182,17 @@ class OdcMemory:
         # runs faiss k-means from random centres for 20 iterations (`third_party/clustering.py`).
         features = F.normalize(features, dim=1)
         _, labels = common.kmeans(features, num_clusters, iters=20, seed=seed)
-        return cls(features, labels, num_clusters, momentum)
+        common.broadcast_(features)  # under torchrun: rank 0's features and clusters everywhere
+        memory = cls(features, labels, num_clusters, momentum)
+        memory.agree()
+        return memory
+
+    def agree(self) -> None:
+        """Under torchrun, rank 0's labels and centroids in every process: every process computes
+        them alike, but k-means and the index sums behind the centroids may round differently
+        on GPUs (atomic adds), and the processes must hold one memory (no-op in one process)."""
+        common.broadcast_(self.labels)
+        common.broadcast_(self.centroids)
 
     def update_samples(self, idx: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """f_I <- normalise((1 - m) f_I + m normalise(z)); label_I <- nearest centroid (largest
@@ -324,14 +334,21 @@ def train_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Steps 2-4, in the paper's order: forward, the loss against the memory labels as they were
     before this step, the memory update (features, then labels), the optimiser step. Returns the
-    loss and the fraction of the batch whose label changed."""
+    loss and the fraction of the batch whose label changed. Under torchrun, `x` and `idx` are
+    this process's share of the batch: the loss is on the share, the memory update on all of it."""
+    # Deviation: under torchrun, batch norm normalises each process's share (the official config
+    # uses SyncBN, which gloo on the CPU lacks); `common.synchronize` keeps rank 0's statistics.
     with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
-        z, logits = model(x)  # (B, 256), (B, C)
+        z, logits = model(x)  # (B, 256), (B, C); B: this process's share under torchrun
     # a copy of the labels: the memory update below moves them
     loss = odc_loss(logits, memory.labels[idx].clone(), weights)
-    changed = memory.update_samples(idx, z)
+    # Every process's features and indices, in rank order (the global batch), so that every
+    # process updates its memory alike, as the official `ODCMemory._gather` (all_gather; it then
+    # keeps the features in rank 0 alone and broadcasts the batch's new ones: the same figures).
+    changed = memory.update_samples(common.gather(idx), common.gather(z.detach()))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    common.synchronize(model)  # under torchrun: backbone, neck and head gradients averaged
     optimizer.step()
     return loss.detach(), changed
 
@@ -754,8 +771,8 @@ def resume_from(
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     memory = OdcMemory.from_state_dict(state["memory"], args.memory_momentum)
-    augment_rng.set_state(state["augment_rng"].cpu())
-    book.restore_global_rng()
+    common.restore_generator(augment_rng, state["augment_rng"])
+    book.restore_global_rng()  # dropout's: the same in every process (one seed, equal draws)
     print(f"resumed after epoch {state['epoch']}", flush=True)
     return state["baseline"], state.get("loaded", {}), memory, state["result"]
 
@@ -783,6 +800,10 @@ def refresh_memory(memory: OdcMemory, step: int, args: Args) -> tuple[int, torch
         memory.update_centroids()
     seed = args.seed * 1_000_003 + step
     handled = memory.handle_small_clusters(args.min_cluster, seed=seed)
+    # Under torchrun, rank 0's re-clustering in every process, every step: a broadcast whether or
+    # not anything moved, so that no rounding difference can decide it (the labels: 8 bytes an
+    # image; the official broadcasts rank 0's splits and dissolutions, and its centroids).
+    memory.agree()
     return handled, class_weights(memory.labels, args.num_clusters)
 
 
@@ -804,13 +825,14 @@ def train_epoch(
     losses = []
     changes = []
     for b, idx in enumerate(batches):
-        with book.timed(images=len(idx)):
-            x = augmented_view(data, idx, augment_rng)
+        with book.timed(images=len(idx)):  # the global batch, all processes together
+            mine = common.share(idx)  # under torchrun, this process's slice of the batch
+            x = augmented_view(data, mine, augment_rng)
             # steps 2-4: forward, loss on the old labels, memory update, SGD step
-            loss, changed = train_step(forward, memory, optimizer, x, idx, weights, amp)
+            loss, changed = train_step(forward, memory, optimizer, x, mine, weights, amp)
             done, weights = refresh_memory(memory, epoch * len(batches) + b, args)  # step 5
         handled += done
-        losses.append(loss)
+        losses.append(loss)  # under torchrun, the loss on rank 0's share (the one that logs)
         changes.append(changed)
         if (b + 1) % args.log_every == 0 or b + 1 == len(batches):
             lr = optimizer.param_groups[0]["lr"]
@@ -823,7 +845,13 @@ def train_epoch(
 
 
 def train(args: Args) -> dict:
-    device = common.select_device(args.device)
+    device = common.start_processes(args.device)  # under torchrun, this process's device
+    common.check_batches({"--batch-size": args.batch_size})
+    if args.batch_size // common.world_size() < 2:
+        raise common.ConfigError(
+            f"--batch-size {args.batch_size} gives each of the {common.world_size()} processes "
+            f"fewer than 2 images: the neck's batch norm needs two values per channel"
+        )
     common.set_seed(args.seed)
     data = load_data(args, device)
     n = len(data.images)
@@ -838,7 +866,7 @@ def train(args: Args) -> dict:
         flush=True,
     )
     amp = args.amp and device.type == "cuda"
-    augment_rng = torch.Generator(device=device).manual_seed(args.seed)
+    augment_rng = common.rank_generator(args.seed, device)  # another stream in each process
     book = common.RunBook(out, args, device)
     start = book.checkpoint.get("epoch", 0)
     book.start_log(total=args.epochs, start=start)
@@ -870,7 +898,7 @@ def train(args: Args) -> dict:
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "memory": memory.state_dict(),
-                "augment_rng": augment_rng.get_state(),
+                "augment_rng": common.generator_state(augment_rng),  # every process's, torchrun
                 "epoch": epoch + 1,
                 "baseline": baseline,
                 "loaded": loaded,
@@ -889,6 +917,10 @@ def train(args: Args) -> dict:
     results = {**result, **baseline_results, **loaded_results, **book.figures()}
     print("results: " + " ".join(f"{k}={v:.4g}" for k, v in results.items()), flush=True)
     results["split"] = data.test_split  # the split of every figure but the memory's (train)
+    # one per process, equal when they agree: the network, and the memory (features, labels,
+    # centroids: its state_dict of tensors sums as a network's does)
+    results["weights_checksum"] = common.weights_checksum(model)
+    results["memory_checksum"] = common.weights_checksum(memory)
     return common.write_results(out, results)
 
 

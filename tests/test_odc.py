@@ -691,3 +691,116 @@ def test_memory_figures_score_the_clusters_many_to_one_and_their_balance():
     entropy = float(-(sizes * sizes.log()).sum())
     assert figures["memory_size_balance"] == pytest.approx(entropy / math.log(4))
     assert figures["memory_nmi"] == pytest.approx(common.nmi(labels, memory.labels[:6]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Several processes (torchrun)
+# --------------------------------------------------------------------------------------------------
+def test_under_two_processes_each_trains_on_its_share_and_updates_the_memory_from_all(monkeypatch):
+    # Rank 0 of 2, simulated: its share is the batch's first half; `common.gather` hands it the
+    # other process's half too. Its memory must end as one process's on the whole batch, its loss
+    # be the loss on its own half.
+    torch.manual_seed(0)
+    model = Toy()
+    x = torch.randn(6, 4)
+    idx = torch.tensor([0, 1, 4, 5, 8, 0])  # image 0 twice, once in each share
+    one = axis_memory([4, 4, 4])
+    two = axis_memory([4, 4, 4])
+    weights = odc.class_weights(one.labels, 3)
+    with torch.no_grad():
+        z_other = model(x[3:])[0]
+        expected = odc.odc_loss(model(x[:3])[1], two.labels[idx[:3]], weights)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the network stays put
+    odc.train_step(model, one, optimizer, x, idx, weights)  # one process, the whole batch
+
+    def gather(tensor):
+        other = idx[3:] if tensor.dtype == torch.long else z_other
+        return torch.cat([tensor, other])
+
+    monkeypatch.setattr(common, "gather", gather)
+    loss, changed = odc.train_step(model, two, optimizer, x[:3], idx[:3], weights)
+    assert torch.allclose(loss, expected), "the loss is on this process's share"
+    assert torch.allclose(two.features, one.features) and torch.equal(two.labels, one.labels)
+
+
+def test_each_step_ends_with_rank_0s_labels_and_centroids_in_every_process(monkeypatch):
+    # Under torchrun, `common.broadcast_` writes rank 0's tensor into every process's; here it
+    # writes a fixed "rank 0" clustering, and the step's class weights must follow it.
+    memory = axis_memory([20, 20, 20])
+    args = odc.Args(num_clusters=3, min_cluster=0)
+    rank_0 = {"labels": torch.zeros_like(memory.labels), "centroids": torch.eye(3, 8)}
+    broadcast = []
+
+    def broadcast_(tensor):
+        name = "labels" if tensor is memory.labels else "centroids"
+        assert tensor is getattr(memory, name), "in place, in the memory itself"
+        broadcast.append(name)
+        return tensor.copy_(rank_0[name])
+
+    monkeypatch.setattr(common, "broadcast_", broadcast_)
+    _, weights = odc.refresh_memory(memory, step=3, args=args)
+    assert broadcast == ["labels", "centroids"]
+    assert torch.equal(memory.labels, rank_0["labels"])
+    assert torch.equal(memory.centroids, rank_0["centroids"])
+    assert torch.equal(weights, odc.class_weights(rank_0["labels"], 3))
+
+    # The initial k-means: rank 0's features, then its labels and centroids.
+    shapes = []
+    monkeypatch.setattr(common, "broadcast_", lambda t: shapes.append((t.shape, t.dtype)) or t)
+    odc.OdcMemory.initialise(memory.features, 3)
+    floats, longs = torch.float32, torch.int64
+    assert shapes == [((60, 8), floats), ((60,), longs), ((3, 8), floats)]
+
+
+def test_a_batch_that_leaves_a_process_fewer_than_two_images_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setattr(common, "start_processes", lambda device: torch.device("cpu"))
+    monkeypatch.setattr(common, "world_size", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: None)  # none made
+    argv = SMOKE + ["--out-dir", str(tmp_path / "run"), "--batch-size"]
+    with pytest.raises(SystemExit, match="--batch-size 3 .* multiple of 2"):
+        odc.main(argv + ["3"])
+    with pytest.raises(SystemExit, match="--batch-size 2 gives each of the 2 processes"):
+        odc.main(argv + ["2"])
+    assert not (tmp_path / "run").exists(), "nothing is written"
+
+
+def _checksum(state: dict) -> float:  # as common.weights_checksum sums one process's state
+    return float(sum(t.double().sum() for t in state.values()))
+
+
+def _log(folder) -> list[dict]:  # log.jsonl without the timing entries
+    lines = (folder / "log.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if "perf/" not in k} for line in lines]
+
+
+@pytest.mark.slow  # three launches of two processes
+def test_two_processes_train_one_model_and_memory_write_once_and_resume(tmp_path, torchrun):
+    argv = SMOKE + ["--image-size", "8", "--seed", "1"]  # 8 px: the smallest, for speed
+    torchrun("odc.py", argv + ["--out-dir", tmp_path / "a"])
+    a = tmp_path / "a"
+    results = json.loads((a / "results.json").read_text())
+    # Both processes ended with the same network and the same memory, those rank 0 saved.
+    saved = common.load_checkpoint(a / "checkpoint.pt")
+    for key, part in (("weights_checksum", "model"), ("memory_checksum", "memory")):
+        checksums = results[key]
+        assert len(checksums) == 2 and checksums[0] == checksums[1], key
+        assert checksums[0] == pytest.approx(_checksum(saved[part]), rel=1e-12), key
+    assert len(saved["augment_rng"]) == 2, "each process's augmentation stream is kept"
+    # One writer: one log, its lines once each (the baseline; 20 steps an epoch, logged after
+    # 10 and 20; an evaluation after each epoch), as one process logs them.
+    steps = [r["step"] for r in _log(a)]
+    assert steps == [0, 0.5, 1.0, 1, 1.5, 2.0, 2]
+    assert all(math.isfinite(v) for k, v in results.items() if isinstance(v, float)), results
+    assert 0 <= results["knn_acc"] <= 1
+
+    # Stopped after its first checkpoint (epoch 1) and resumed under two processes, the run ends
+    # with the uninterrupted run's figures, network and memory.
+    stopped = torchrun("odc.py", argv + ["--out-dir", tmp_path / "b"], stop=True)
+    assert stopped.returncode != 0
+    assert common.load_checkpoint(tmp_path / "b" / "checkpoint.pt")["epoch"] == 1
+    torchrun("odc.py", argv + ["--out-dir", tmp_path / "b", "--resume"])
+    resumed = json.loads((tmp_path / "b" / "results.json").read_text())
+    for key in ("linear_acc", "knn_acc", "acc", "nmi", "memory_nmi", "weights_checksum"):
+        assert resumed[key] == results[key], key
+    assert resumed["memory_checksum"] == results["memory_checksum"]
+    assert _log(tmp_path / "b") == _log(a)
