@@ -14,7 +14,8 @@ Algorithm (each name is a function below; `--stage moco|self|semi|all`, hand-ove
 Stage 1, MoCo v2 (`train_moco`): the backbone learns by instance discrimination.
  1. Two views per image (`moco_augment`): the query encoder sees one, its momentum copy
     (`momentum_update`) the other, on shuffled groups (`shuffled_key_forward`: shuffle-BN on one
-    device, so batch norm cannot tell which key belongs to which query).
+    device, so batch norm cannot tell which key belongs to which query; under torchrun across the
+    processes, `distributed_key_forward`, as the official code does across GPUs).
  2. `moco_loss`: InfoNCE of each query against its key and the `MocoQueue` of earlier keys.
  3. `network_outputs`: the backbone feature of every image, unaugmented, in order, then
     L2-normalised: the embedding of stages 2 and 3 and of the k-means baseline
@@ -123,7 +124,8 @@ class Args:
     moco_queue: int = common.arg(12800, at_least=1)
     """MoCo queue of negative keys (capped at half the images on small data sets)"""
     bn_groups: int = common.arg(4, at_least=1)
-    """groups the MoCo batch is split into for batch norm (shuffle-BN; 4 x 32 at batch 128)"""
+    """groups the MoCo batch is split into for batch norm (shuffle-BN; 4 x 32 at batch 128); under
+    torchrun each process is one group, as each GPU in the official code"""
     moco_weight_decay: float = common.arg(1e-4, at_least=0)
     """MoCo SGD weight decay (MoCo v2's)"""
     moco_temperature: float = common.arg(0.2, above=0)
@@ -262,6 +264,22 @@ def shuffled_key_forward(
     return grouped_forward(key_encoder, x[perm], groups)[perm.argsort()]
 
 
+def distributed_key_forward(
+    key_encoder: nn.Module, x: torch.Tensor, generator=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shuffle-BN across the processes under torchrun (the official `_batch_shuffle_ddp` and
+    `_batch_unshuffle_ddp`): gather every process's key images (B, 3, H, W), shuffle them by rank
+    0's permutation, run the key encoder on this process's share of the shuffled batch (batch
+    norm over a random mix of every process's images), gather the keys and undo the shuffle.
+    Returns this process's keys (B / processes, dim) and the whole batch's (B, dim), for the
+    queue. In one process: the key encoder on the whole batch, one group, and its keys twice."""
+    everyone = common.gather(x)  # (B, 3, H, W), in rank order: process r's share is slice r
+    perm = torch.randperm(len(everyone), generator=generator, device=x.device)
+    common.broadcast_(perm)  # rank 0's shuffle in every process
+    keys = common.gather(key_encoder(everyone[common.share(perm)]))[perm.argsort()]  # (B, dim)
+    return keys.chunk(common.world_size())[common.rank()], keys
+
+
 def moco_augment(images: torch.Tensor, generator=None) -> torch.Tensor:
     """MoCo v2's view: random resized crop (scale 0.2-1) + flip, colour jitter (0.4, 0.4, 0.4,
     0.1) with p = 0.8, grayscale p = 0.2, Gaussian blur sigma 0.1-2 with p = 0.5."""
@@ -377,6 +395,9 @@ def train_heads(
             losses = torch.stack(losses)
             optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()
+            # Under torchrun every process trains the heads on the same whole draw: averaging
+            # their equal gradients changes nothing, and keeps the heads equal come what may.
+            common.synchronize(heads)
             optimizer.step()
             total = total + losses.detach()
             steps += 1
@@ -727,6 +748,16 @@ def uniform_indices(n: int, batch_size: int, step: int, seed: int, device) -> to
     return torch.randint(n, (batch_size,), generator=generator).to(device)
 
 
+def augment_stream(shared: torch.Generator, seed: int) -> torch.Generator:
+    """The generator of this process's augmentations in an epoch whose `shared` generator (seeded
+    `seed`) draws the order: `shared` itself in one process, as ever; under torchrun, one of this
+    process's own (`common.rank_generator`), so that the processes' shares are augmented
+    differently while `shared` goes on drawing alike in all of them."""
+    if common.world_size() == 1:
+        return shared
+    return common.rank_generator(seed, shared.device)
+
+
 # --------------------------------------------------------------------------------------------------
 # Evaluation: ACC, NMI and ARI of the clusters on the evaluated split
 # --------------------------------------------------------------------------------------------------
@@ -865,10 +896,20 @@ def start_run(args: Args) -> tuple[Args, Run, Data, dict]:
             "--init-from goes with --stage self (moco.pt) or --stage semi (self.pt), and only "
             f"with them (here: --stage {args.stage}, --init-from {args.init_from})"
         )
-    device = common.select_device(args.device)
+    device = common.start_processes(args.device)  # under torchrun, this process's device
     common.set_seed(args.seed)
     info = common.dataset_info(args.dataset, "classify")
     data = load_data(args, device)
+    # Every batch is the global one, shared among the processes (SPICE-Self's N: its draw).
+    b = args.semi_batch_size
+    common.check_batches(
+        {
+            "--batch-size": args.batch_size,
+            "--self-batch (or the images, if fewer)": min(args.self_batch, len(data.images)),
+            "--semi-batch-size": b,
+            "--semi-mu x --semi-batch-size": args.semi_mu * b,
+        }
+    )
     args = dataclasses.replace(args, num_clusters=args.num_clusters or data.num_classes)
     handover = load_handover(args) if args.init_from else {}
     out = common.prepare_out_dir(args.out_dir, args.resume, args)
@@ -907,31 +948,44 @@ def train_moco(args: Args, run: Run, images: torch.Tensor, data: Data | None = N
         queue.keys = state["queue"]
         queue.ptr = state["queue_ptr"]
     start = state.get("epoch", 0)
+    one_process = common.world_size() == 1
+    # batch-norm groups: --bn-groups in one process; under torchrun, each process is one group
+    groups = args.bn_groups if one_process else 1
     run.book.start_log(total=args.moco_epochs, start=start)
     for epoch in range(start, args.moco_epochs):
         lr = args.moco_lr * 0.5 * (1 + math.cos(math.pi * epoch / args.moco_epochs))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        rng = torch.Generator(run.device).manual_seed(args.seed * 1_000_003 + epoch)
-        order = torch.randperm(n, generator=rng, device=run.device)
+        seed = args.seed * 1_000_003 + epoch
+        order_rng = torch.Generator(run.device).manual_seed(seed)
+        order = torch.randperm(n, generator=order_rng, device=run.device)  # alike in every process
+        rng = augment_stream(order_rng, seed)
         model.train()
         key_encoder.train()
         losses, accs = [], []
         for b in range(steps):
-            with run.book.timed(images=2 * args.batch_size):
-                x = images[order[b * args.batch_size : (b + 1) * args.batch_size]]
+            with run.book.timed(images=2 * args.batch_size):  # the global batch's images
+                x = images[common.share(order[b * args.batch_size : (b + 1) * args.batch_size])]
                 x_q = run.inputs(moco_augment(x, rng))  # step 1: two views
                 x_k = run.inputs(moco_augment(x, rng))
                 with torch.autocast(run.device.type, torch.bfloat16, enabled=run.amp):
-                    q = grouped_forward(forward, x_q, args.bn_groups)
+                    q = grouped_forward(forward, x_q, groups)
                     with torch.no_grad():
                         momentum_update(key_encoder, model, args.moco_momentum)
-                        k = shuffled_key_forward(key_encoder, x_k, args.bn_groups, rng)
+                        if one_process:
+                            k = all_keys = shuffled_key_forward(key_encoder, x_k, groups, rng)
+                        else:
+                            k, all_keys = distributed_key_forward(key_encoder, x_k, rng)
                 loss, acc = moco_loss(q.float(), k.float(), queue.keys, args.moco_temperature)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                # Under torchrun: the gradient averaged over the processes, and rank 0's batch-norm
+                # statistics in both encoders, so that every process holds the same networks.
+                # Deviation: the key encoder's statistics are rank 0's in every process (official:
+                # each GPU keeps its own; they are never used, keys are computed in train mode).
+                common.synchronize(model, key_encoder)
                 optimizer.step()
-                queue.enqueue(k)
+                queue.enqueue(all_keys)  # every process's keys: the queue is alike in all of them
             losses.append(loss.detach())
             accs.append(acc)
             if (b + 1) % args.log_every == 0 or b + 1 == steps:
@@ -993,6 +1047,7 @@ def train_self(args: Args, run: Run, backbone: nn.Module, data: Data) -> tuple[n
     torch.manual_seed(args.seed + 1)
     backbone.eval().requires_grad_(False)  # Deviation: eval mode (official: train, BN drifts)
     features = network_outputs(backbone, images, run.stats, run.amp)  # (n, d), for selection
+    common.broadcast_(features)  # under torchrun: rank 0's, it decides the labels and the head
     embedding = F.normalize(features, dim=1)  # prototypes and similarities live here
     heads = Heads(args.num_heads, backbone.dim, args.num_clusters).to(run.device)
     optimizer = torch.optim.Adam(heads.parameters(), lr=args.self_lr)
@@ -1008,18 +1063,26 @@ def train_self(args: Args, run: Run, backbone: nn.Module, data: Data) -> tuple[n
     best_weights = state.get("best_weights")
     run.book.start_log(total=epochs, start=start)
     for epoch in range(start, epochs):
-        rng = torch.Generator(run.device).manual_seed(args.seed * 1_000_003 + 500_000 + epoch)
+        seed = args.seed * 1_000_003 + 500_000 + epoch
+        rng = torch.Generator(run.device).manual_seed(seed)  # alike in every process
         order = torch.randperm(n, generator=rng, device=run.device)
+        augment_rng = augment_stream(rng, seed)
         for d in range(draws):
-            with run.book.timed(images=2 * size):
+            with run.book.timed(images=2 * size):  # the global draw's images
                 draw = order[d * size : (d + 1) * size]
-                weak_views = common.weak_augment(images[draw], generator=rng)
+                # Under torchrun, each process runs the backbone on its share of the draw's views
+                # and gathers the features: the heads then see the whole draw in every process.
+                mine = images[common.share(draw)]
+                weak_views = common.weak_augment(mine, generator=augment_rng)
                 weak = network_outputs(backbone, weak_views, run.stats, run.amp)  # (N, d)
-                strong_views = scan_strong_augment(images[draw], run.stats[0], generator=rng)
+                strong_views = scan_strong_augment(mine, run.stats[0], generator=augment_rng)
                 strong = network_outputs(backbone, strong_views, run.stats, run.amp)
+                weak, strong = common.gather(weak), common.gather(strong)
                 with torch.no_grad():
                     probs = heads(weak).softmax(-1)  # step 4: (heads, N, K)
                 targets = [prototype_pseudo_labels(p, embedding[draw]) for p in probs]  # step 5
+                for idx, _ in targets:  # under torchrun: rank 0's picks, in every process
+                    common.broadcast_(idx)
                 losses = train_heads(  # step 6
                     heads, optimizer, strong, targets, args.self_passes, args.double_softmax, rng
                 )
@@ -1035,6 +1098,9 @@ def train_self(args: Args, run: Run, backbone: nn.Module, data: Data) -> tuple[n
         with torch.no_grad():
             logits = heads(features)
         chosen, selection = select_head(logits, embedding, args.double_softmax)  # step 7
+        # under torchrun, rank 0's choice everywhere (on the CPU: a CUDA tensor would unpickle
+        # onto rank 0's GPU in every process)
+        chosen, selection = common.agree((chosen, selection.cpu()))
         if float(selection[chosen]) < best_loss:
             best, best_loss = chosen, float(selection[chosen])
             best_weights = {k: v.clone() for k, v in heads.heads[best].state_dict().items()}
@@ -1056,8 +1122,11 @@ def train_self(args: Args, run: Run, backbone: nn.Module, data: Data) -> tuple[n
     return head, {**figures, "selected_head": best, "self_selection_loss": best_loss}
 
 
-def train_semi(args: Args, run: Run, backbone: nn.Module, head: nn.Module, data: Data) -> dict:
-    """Stage 3 (steps 8-9); returns the final EMA model's figures and the reliable count."""
+def train_semi(
+    args: Args, run: Run, backbone: nn.Module, head: nn.Module, data: Data
+) -> tuple[dict, nn.Module]:
+    """Stage 3 (steps 8-9); returns the final EMA model's figures with the reliable count, and the
+    model."""
     images = data.images
     torch.manual_seed(args.seed + 2)
     embedding = F.normalize(network_outputs(backbone, images, run.stats, run.amp), dim=1)
@@ -1070,6 +1139,9 @@ def train_semi(args: Args, run: Run, backbone: nn.Module, head: nn.Module, data:
             flush=True,
         )
     neighbours = knn_indices(embedding, k=k)
+    # Under torchrun: rank 0's clusters, confidences and neighbours, which choose the labelled set
+    for chosen in (preds, confidence, neighbours):
+        common.broadcast_(chosen)
     ratio = args.consistency_ratio
     passed = reliable_mask(preds, confidence, neighbours, ratio, args.confidence)
     per_cluster = torch.bincount(preds[passed], minlength=run.num_clusters).tolist()
@@ -1094,21 +1166,22 @@ def train_semi(args: Args, run: Run, backbone: nn.Module, head: nn.Module, data:
     groups = parameter_groups(model, args.semi_weight_decay)
     optimizer = torch.optim.SGD(groups, lr=args.semi_lr, momentum=0.9, nesterov=True)
     forward = torch.compile(model) if args.compile else model
-    rng = torch.Generator(run.device).manual_seed(args.seed)
+    rng = common.rank_generator(args.seed, run.device)  # another stream in each process
     parts = {"model": model, "ema": ema, "optimizer": optimizer}
     state = run.resume("semi", parts)
     if state:
-        rng.set_state(state["rng"].cpu())
+        common.restore_generator(rng, state["rng"])
     start = state.get("step", 0)
     run.book.start_log(total=args.semi_steps, start=start)
     b = args.semi_batch_size
     for step in range(start, args.semi_steps):  # step 9
         model.train()
-        with run.book.timed(images=(1 + 2 * args.semi_mu) * b):
+        with run.book.timed(images=(1 + 2 * args.semi_mu) * b):  # the global batches' images
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(step, args.semi_steps, args.semi_lr)
             xi = uniform_indices(len(x_images), b, step, args.seed, run.device)
             ui = uniform_indices(len(images), args.semi_mu * b, step, args.seed + 1, run.device)
+            xi, ui = common.share(xi), common.share(ui)  # under torchrun, this process's shares
             u = images[ui]
             x = common.weak_augment(x_images[xi], generator=rng)
             u_weak = common.weak_augment(u, generator=rng)
@@ -1122,6 +1195,7 @@ def train_semi(args: Args, run: Run, backbone: nn.Module, head: nn.Module, data:
             )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            common.synchronize(model)  # under torchrun: the gradient averaged over processes
             optimizer.step()
             ema_update(ema, model, args.ema_decay)
         if (step + 1) % args.log_every == 0 or step + 1 == args.semi_steps:
@@ -1137,10 +1211,10 @@ def train_semi(args: Args, run: Run, backbone: nn.Module, head: nn.Module, data:
             figures = evaluate(ema, data, run)
             run.book.log(step + 1, {f"eval/{k}": v for k, v in figures.items()})
         if run.book.save_due(evaluated):
-            run.save("semi", parts, step=step + 1, rng=rng.get_state())
+            run.save("semi", parts, step=step + 1, rng=common.generator_state(rng))
     # the final EMA model, never a chosen one
     figures = evaluate(ema, data, run, picture="clusters.png")
-    return {**figures, "num_reliable": len(reliable), "oracle_reliable_acc": oracle}
+    return {**figures, "num_reliable": len(reliable), "oracle_reliable_acc": oracle}, ema
 
 
 def train(args: Args) -> dict:
@@ -1150,6 +1224,7 @@ def train(args: Args) -> dict:
     backbone = ResNet18(args.backbone_width).to(run.device)
     if handover:
         backbone.load_state_dict(handover["backbone"])
+    final = None  # SPICE-Semi's EMA model, once trained: what --predict uses
     for stage in ["moco", "self", "semi"] if args.stage == "all" else [args.stage]:
         finished = book.out / f"{stage}.pt"
         if args.resume and finished.exists():  # finished before the interruption
@@ -1174,7 +1249,8 @@ def train(args: Args) -> dict:
             head = Heads(1, backbone.dim, args.num_clusters).heads[0].to(run.device)
             head.load_state_dict(handover["head"])
             try:
-                results.update(train_semi(args, run, backbone, head, data))
+                figures, final = train_semi(args, run, backbone, head, data)
+                results.update(figures)
             except common.ConfigError as e:  # no reliable images: keep what stages 1-2 measured
                 results.update(stopped_at="semi", stopped_because=str(e))
         if stage != "semi":  # the hand-over file, with the totals and the arguments
@@ -1183,6 +1259,13 @@ def train(args: Args) -> dict:
     results["split"] = "test" if args.protocol == "split" else "train+test"  # every figure's
     text = (f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in results.items())
     print("results: " + " ".join(text), flush=True)
+    if final is None:  # no SPICE-Semi model: SPICE-Self's head on the backbone, or MoCo's backbone
+        final = backbone
+        if "head" in handover:
+            head = Heads(1, backbone.dim, args.num_clusters).heads[0].to(run.device)
+            head.load_state_dict(handover["head"])
+            final = nn.Sequential(backbone, head)
+    results["weights_checksum"] = common.weights_checksum(final)  # one per process: equal
     results = common.write_results(book.out, results)
     if "stopped_at" in results:  # a run that could not finish: its figures so far, status 1
         written = book.out / "results.json"

@@ -928,3 +928,92 @@ def test_moco_logs_the_knn_accuracy_of_its_embedding_as_a_diagnostic(tmp_path, m
     train, test = embed(data.images), embed(data.eval_images)
     expected = common.knn_accuracy(train, data.labels, test, data.eval_labels, k=20)
     assert logged[-1][1] == pytest.approx(expected)
+
+
+def test_distributed_key_forward_shuffles_across_processes_and_restores_the_order(monkeypatch):
+    # Two processes played in turn: gather hands back the whole batch of images, then every
+    # process's keys (the encoder is per-sample, so their concatenation is the encoder's output on
+    # the shuffled batch). Each process must run the key encoder on its half of rank 0's shuffle
+    # and get back its own images' keys, in order, and the whole batch's for the queue.
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(1))
+    linear = nn.Linear(3, 2)
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(common, "world_size", lambda: 2)
+    monkeypatch.setattr(
+        common, "broadcast_", lambda t: t
+    )  # rank 0's: here every "process" draws it
+    for r in range(2):
+        monkeypatch.setattr(common, "rank", lambda r=r: r)
+        encoded = []  # what the key encoder saw
+        gathered = iter([x, linear(x[perm])])
+
+        def gather(t, gathered=gathered):
+            return next(gathered)
+
+        def encoder(batch, encoded=encoded):
+            encoded.append(batch)
+            return linear(batch)
+
+        monkeypatch.setattr(common, "gather", gather)
+        mine, everyone = spice.distributed_key_forward(
+            encoder, x.chunk(2)[r], torch.Generator().manual_seed(0)
+        )
+        assert torch.equal(encoded[0], x[perm.chunk(2)[r]]), "its share of the shuffled batch"
+        assert torch.allclose(everyone, linear(x)), "every key back in its image's place"
+        assert torch.allclose(mine, linear(x.chunk(2)[r])), "this process's own images' keys"
+
+
+def test_augmentations_have_a_stream_per_process_only_under_torchrun(monkeypatch):
+    shared = torch.Generator().manual_seed(5)
+    assert spice.augment_stream(shared, 5) is shared, "one process: the one stream, as ever"
+    monkeypatch.setattr(common, "world_size", lambda: 2)
+    streams = []
+    for r in range(2):
+        monkeypatch.setattr(common, "rank", lambda r=r: r)
+        streams.append(spice.augment_stream(shared, 5))
+    assert all(s is not shared for s in streams)
+    draws = [torch.rand(4, generator=s) for s in streams]
+    assert not torch.equal(draws[0], draws[1]), "the processes augment differently"
+
+
+def _checksum(state: dict) -> float:  # as common.weights_checksum sums one process's networks
+    return float(sum(t.double().sum() for t in state.values()))
+
+
+@pytest.mark.slow  # three launches of two processes: about 60 s on two cores
+def test_two_processes_train_one_model_write_once_and_resume(tmp_path, torchrun):
+    # All three stages under two processes: one writer, the same final EMA model in both.
+    torchrun("spice.py", TINY + ["--out-dir", tmp_path / "a"])
+    a = tmp_path / "a"
+    results = json.loads((a / "results.json").read_text())
+    checksums = results["weights_checksum"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    saved = common.load_checkpoint(a / "checkpoint.pt")
+    assert saved["stage"] == "semi" and len(saved["rng"]) == 2, "each process's stream is kept"
+    assert checksums[0] == pytest.approx(_checksum(saved["ema"]), rel=1e-12)
+    # One log, its lines once each: MoCo's 2 epochs and their kNN diagnostics, SPICE-Self's 5
+    # draws of 1000 and its epoch, SPICE-Semi's evaluation at step 3, its log line and evaluation
+    # at step 6 (what one process logs).
+    steps = [r["step"] for r in without_perf(a)]
+    assert steps == [1, 1, 2, 2, 0.2, 0.4, 0.6, 0.8, 1.0, 1, 3, 6, 6]
+    assert all(math.isfinite(v) for v in figures(results).values() if isinstance(v, float))
+    assert 0 <= results["acc"] <= 1 and 0 <= results["self_acc"] <= 1
+    # SPICE-Semi alone from stage 2's file, stopped after its first checkpoint (step 3) and
+    # resumed under two processes: the uninterrupted run's figures and weights.
+    semi = TINY + ["--stage", "semi", "--init-from", a / "self.pt", "--out-dir", tmp_path / "b"]
+    stopped = torchrun("spice.py", semi, stop=True)
+    assert stopped.returncode != 0
+    assert common.load_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 3
+    torchrun("spice.py", semi + ["--resume"])
+    resumed = json.loads((tmp_path / "b" / "results.json").read_text())
+    for key in ("acc", "nmi", "ari", "num_reliable", "weights_checksum"):
+        assert resumed[key] == results[key], key
+    assert without_perf(tmp_path / "b") == without_perf(a)[-3:], "SPICE-Semi's lines, once each"
+
+
+def test_a_global_batch_that_does_not_split_among_the_processes_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "world_size", lambda: 3)  # as if under torchrun with 3 processes
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: None)  # there is none
+    with pytest.raises(SystemExit, match="--batch-size 256 is the batch over all 3 processes"):
+        spice.main(TINY + ["--out-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists(), "refused before anything is written"
