@@ -2057,7 +2057,7 @@ def user_errors(script: str, out_dir=None):
             print(message, file=sys.stderr, flush=True)
         raise SystemExit(130) from None  # 128 + SIGINT, the shell's status for Ctrl-C
     finally:
-        if world_size() > 1:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 

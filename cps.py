@@ -30,6 +30,8 @@ Usage:
     python cps.py --dataset voc --data-dir DIR --labeled-ratio 1/8 --cps-weight 0  # supervised
     python cps.py --dataset cityscapes --data-dir DIR --no-cutmix     # OHEM, lambda 6, crop 800
     python cps.py --dataset shapes-seg                                # CPU, offline, about 3 min
+Several GPUs: `torchrun --nproc_per_node 4 cps.py ...` splits every batch among the processes
+(--batch-size stays the total) and synchronises batch norm (--sync-bn).
 Single GPU: the defaults are the official 4-GPU run's total batch (8 + 8) and lr 0.01; with a
 smaller batch scale the learning rate linearly (batch 4 + 4: --batch-size 4 --lr 0.005).
 
@@ -84,7 +86,8 @@ class Args:
     or small machine)"""
     # 2: batch norm in the image-pooling branch sees one value per channel and image
     batch_size: int = common.arg(8, at_least=2)
-    """labelled images per step, B (as many unlabelled; two unlabelled batches with CutMix)"""
+    """labelled images per step, B (as many unlabelled; two unlabelled batches with CutMix); under
+    torchrun, over all processes"""
     eval_every: int = common.arg(5000, at_least=1)
     """iterations between evaluations of network 1 (a checkpoint follows each)"""
     resume: bool = False
@@ -113,6 +116,12 @@ class Args:
     """torchvision ResNet under each DeepLabv3+ (resnet18 for small machines)"""
     weights: Literal["imagenet", "none"] = "imagenet"
     """both backbones' initialisation (the same): torchvision's ImageNet weights or random"""
+    # True: the official multi-GPU run builds both networks with synchronised batch norm
+    # (TorchSemiSeg exp.voc/voc8.res50v3+.CPS+CutMix/train.py: `if engine.distributed:
+    # BatchNorm2d = SyncBatchNorm`, apex's)
+    sync_bn: bool = True
+    """under torchrun on CUDA, batch norm over the whole global batch (torch's SyncBatchNorm; not
+    on the CPU, where each process normalises its own share)"""
     cutmix: bool = True
     """CutMix on the unlabelled images (two unlabelled batches per step)"""
     cps_weight: float | None = common.arg(None, at_least=0)
@@ -505,9 +514,10 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int, device) -> torc
 def training_batches(source, pool, seed: int, start: int, args: Args, stats, generator):
     """Endless batches of the images `pool` (indices), one per step from `start` on, a function of
     the step (`batch_indices`), on the generator's device, normalised (0 in any padding), augmented
-    by `random_scale_crop` (draws from `generator`): (B, 3, crop, crop), (B, crop, crop)."""
+    by `random_scale_crop` (draws from `generator`): (B, 3, crop, crop), (B, crop, crop). Under
+    torchrun, B is the global batch: this process loads and returns its share."""
     draws = (
-        pool[batch_indices(len(pool), args.batch_size, step, seed, pool.device)]
+        common.share(pool[batch_indices(len(pool), args.batch_size, step, seed, pool.device)])
         for step in itertools.count(start)
     )
     batches = common.segmentation_batches(source, draws, generator.device, args.workers)
@@ -630,12 +640,36 @@ def predict(args: Args) -> dict:
 # --------------------------------------------------------------------------------------------------
 # Training: steps 1-6 of the module docstring
 # --------------------------------------------------------------------------------------------------
+def sync_batch_norm(args: Args, device: torch.device) -> bool:
+    """Whether the networks get synchronised batch norm: --sync-bn under torchrun on CUDA, one GPU
+    per process (torch's SyncBatchNorm runs on CUDA only, and gathers through NCCL). Without it
+    each process's batch norm sees its share of the batch, which must then hold at least 2
+    images (the image-pooling branch, --batch-size)."""
+    processes = common.world_size()
+    nccl = torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl"
+    synced = args.sync_bn and processes > 1 and device.type == "cuda" and nccl
+    if args.sync_bn and processes > 1 and not synced:
+        where = "on the CPU" if device.type == "cpu" else "without a GPU per process (NCCL)"
+        print(f"--sync-bn: not {where}; each process's batch norm sees its own share", flush=True)
+    if not synced and args.batch_size // processes < 2:
+        raise common.ConfigError(
+            f"--batch-size {args.batch_size} leaves {args.batch_size // processes} image per "
+            f"process, and batch norm needs at least 2: a --batch-size of at least "
+            f"{2 * processes}, or fewer processes"
+        )
+    return synced
+
+
 def networks_and_optimizer(
-    args: Args, num_classes: int, device: torch.device
+    args: Args, num_classes: int, device: torch.device, sync_bn: bool = False
 ) -> tuple[DeepLabV3Plus, DeepLabV3Plus, torch.optim.Optimizer, tuple[nn.Module, nn.Module]]:
-    """The two networks (`build_networks`), step 5's SGD over both, and the forwards that train
-    them: with --compile, their torch.compile'd wrappers (checkpoints save the networks)."""
+    """The two networks (`build_networks`), with synchronised batch norm where `sync_bn`, step 5's
+    SGD over both, and the forwards that train them: with --compile, their torch.compile'd
+    wrappers (checkpoints save the networks)."""
     net1, net2 = build_networks(num_classes, args.backbone, args.weights, device)
+    if sync_bn:  # the same modules, their BatchNorm2d layers replaced in place
+        net1 = nn.SyncBatchNorm.convert_sync_batchnorm(net1)
+        net2 = nn.SyncBatchNorm.convert_sync_batchnorm(net2)
     # Channels-last, except with --compile (channels-last weights failed its stride check, picie.py)
     if device.type == "cuda" and not args.compile:
         net1.to(memory_format=torch.channels_last)
@@ -732,6 +766,8 @@ def train_step(
     loss = loss_sup + cps_weight * loss_cps
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    # Under torchrun: both networks' gradients averaged over the processes (official: apex DDP)
+    common.synchronize(*forwards)
     optimizer.step()
     return torch.stack([loss_sup.detach(), loss_cps.detach(), agreement, pseudo_acc])
 
@@ -775,7 +811,9 @@ def train_twin(args: Args, out: Path) -> dict:
 
 
 def train(args: Args) -> dict:
-    device = common.select_device(args.device)
+    device = common.start_processes(args.device)  # under torchrun, this process's device
+    common.check_batches({"--batch-size": args.batch_size})  # each stream's global batch
+    synced = sync_batch_norm(args, device)
     common.set_seed(args.seed)
     info = common.dataset_info(args.dataset, "segment")
     stats = (info.mean, info.std)
@@ -788,21 +826,21 @@ def train(args: Args) -> dict:
     )
     num_classes = len(classes)
     # Built before anything is written: a missing ImageNet weights file stops the run here.
-    net1, net2, optimizer, forwards = networks_and_optimizer(args, num_classes, device)
+    net1, net2, optimizer, forwards = networks_and_optimizer(args, num_classes, device, synced)
     out = common.prepare_out_dir(args.out_dir, args.resume, args)
     print(
         f"cps: {args.dataset} on {device}; {description}; DeepLabv3+ {args.backbone} "
         f"({args.weights}), lambda {cps_weight:g}, CutMix {args.cutmix}",
         flush=True,
     )
-    augment_rng = torch.Generator(device=device).manual_seed(args.seed)
+    augment_rng = common.rank_generator(args.seed, device)  # another stream in each process
     book = common.RunBook(out, args, device)  # with --resume, the checkpoint's state
     start = book.checkpoint.get("step", 0)
     evals = book.checkpoint.get("evals", [])
     if args.resume:
         for key, part in (("net1", net1), ("net2", net2), ("optimizer", optimizer)):
             part.load_state_dict(book.checkpoint[key])
-        augment_rng.set_state(book.checkpoint["augment_rng"].cpu())
+        common.restore_generator(augment_rng, book.checkpoint["augment_rng"])
         print(f"resumed at iteration {start}", flush=True)
 
     # 1. The step's batches, each stream with its own seed: the labelled images; for CPS, the
@@ -828,7 +866,9 @@ def train(args: Args) -> dict:
                 group["lr"] = poly_lr(step, args.iterations, args.lr)
             batches = [next(stream) for stream in streams]  # 1.
             # 2-5. L = L_s + lambda L_cps, one SGD step for both networks
-            sums += train_step(forwards, batches, optimizer, augment_rng, cps_weight, args)
+            figures = train_step(forwards, batches, optimizer, augment_rng, cps_weight, args)
+            # the mean over the processes' shares, the same in each (it is checkpointed)
+            sums += common.gather(figures[None]).mean(0)
 
         if (step + 1) % args.log_every == 0 or step + 1 == args.iterations:
             book.log(step + 1, train_metrics(sums / (step + 1 - logged), step, cps_weight, args))
@@ -842,7 +882,8 @@ def train(args: Args) -> dict:
             book.log(step + 1, {"eval/miou": scores["miou"], "eval/pixel_acc": scores["pixel_acc"]})
         if book.save_due(evaluated):  # after every evaluation, and on the clock between them
             state = {"net1": net1.state_dict(), "net2": net2.state_dict(), "evals": evals}
-            state.update(optimizer=optimizer.state_dict(), augment_rng=augment_rng.get_state())
+            rng = common.generator_state(augment_rng)  # every process's, under torchrun
+            state.update(optimizer=optimizer.state_dict(), augment_rng=rng)
             book.save({**state, "step": step + 1, "sums": sums.tolist(), "logged": logged})
 
     if shown is None:  # resumed from the final checkpoint: evaluate again for the picture
@@ -858,6 +899,8 @@ def train(args: Args) -> dict:
     figures = " ".join(f"{k}={v:.4g}" for k, v in results.items() if isinstance(v, float))
     print(f"results: {figures}", flush=True)
     results["split"] = eval_split  # the split every figure is on
+    # one per process, both networks: equal when the processes agree
+    results["weights_checksum"] = common.weights_checksum(net1, net2)
     return common.write_results(out, results)
 
 

@@ -2,7 +2,8 @@
 pseudo-labels, the CutMix CPS loss and one training step against hand computations, OHEM, the two
 networks' initialisation, output stride 16, the schedule and weight decay groups, sliding-window
 evaluation, the split, a smoke run that records the loop's wiring and resumes (in memory and
-streamed from a tiny VOC tree), bad input, and a learning test on shapes-seg."""
+streamed from a tiny VOC tree), bad input, a learning test on shapes-seg, and torchrun (two CPU
+processes: one writer, the same networks, resume)."""
 
 import copy
 import json
@@ -856,3 +857,112 @@ def test_predict_segments_new_images_each_at_its_own_size(
     assert torch.equal(
         cps.segment(model, image, (info.mean, info.std), run_args), evaluated.argmax(1)[0]
     )
+
+
+# --- Several processes: torchrun ----------------------------------------------------------------
+def test_sync_bn_only_under_torchrun_on_cuda_and_each_share_holds_2_images(
+    monkeypatch, capsys, tmp_path
+):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not cps.sync_batch_norm(cps.Args(batch_size=2), cpu), "one process: plain batch norm"
+    assert capsys.readouterr().out == ""
+    # two processes, each on its GPU (NCCL), or all on the CPU (gloo)
+    monkeypatch.setattr(common, "world_size", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda: "nccl")
+    assert cps.sync_batch_norm(cps.Args(batch_size=2), cuda), "synchronised: 1 image a process"
+    assert not cps.sync_batch_norm(cps.Args(batch_size=4, sync_bn=False), cuda)
+    assert capsys.readouterr().out == ""
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda: "gloo")
+    assert not cps.sync_batch_norm(cps.Args(batch_size=4), cpu)
+    assert capsys.readouterr().out == (
+        "--sync-bn: not on the CPU; each process's batch norm sees its own share\n"
+    ), "one line says it is not applied"
+    with pytest.raises(common.ConfigError, match="--batch-size 2 leaves 1 image per process"):
+        cps.sync_batch_norm(cps.Args(batch_size=2), cpu)
+    # A global batch that does not split among the processes: refused before anything is written
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    never = tmp_path / "never"
+    with pytest.raises(common.ConfigError, match="--batch-size 3 .* multiple of 2"):
+        cps.train(cps.Args(dataset="shapes-seg", batch_size=3, device="cpu", out_dir=str(never)))
+    assert not never.exists()
+    # --sync-bn converts every batch norm of both networks, keeping their parameters
+    args = cps.Args(backbone="resnet18", weights="none")
+    net1, net2, optimizer, _ = cps.networks_and_optimizer(args, 5, cpu, sync_bn=True)
+    for net in (net1, net2):
+        kinds = {type(m) for m in net.modules()}
+        assert nn.SyncBatchNorm in kinds and nn.BatchNorm2d not in kinds
+    params = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert params == {id(p) for p in [*net1.parameters(), *net2.parameters()]}
+
+
+def _segfolder(root: Path) -> Path:
+    """A tiny in-memory folder: 16 training and 8 test images of shapes-seg, 32 px."""
+    from PIL import Image
+
+    for split, n, seed in (("train", 16, 0), ("test", 8, 1)):
+        images, labels = common.make_shapes_seg(n, seed=seed, size=32)
+        for sub in ("images", "masks"):
+            (root / split / sub).mkdir(parents=True)
+        for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(
+                root / split / "images" / f"{i}.png"
+            )
+            Image.fromarray(label.byte().numpy()).save(root / split / "masks" / f"{i}.png")
+    return root
+
+
+def _checksum(state: dict) -> float:  # as common.weights_checksum sums one process's networks
+    return float(sum(t.double().sum() for t in state.values()))
+
+
+@pytest.mark.slow  # three launches of two processes: 80-120 s on two busy cores
+def test_two_processes_train_both_networks_and_the_twin_write_once_and_resume(tmp_path, torchrun):
+    data = _segfolder(tmp_path / "data")
+    argv = ["--dataset", "segfolder", "--data-dir", data, "--crop-size", "32", "--batch-size", "4"]
+    argv += ["--backbone", "resnet18", "--weights", "none", "--labeled-ratio", "1/2"]
+    argv += ["--iterations", "4", "--eval-every", "2", "--log-every", "2", "--workers", "0"]
+    argv += ["--device", "cpu"]
+    done = torchrun("cps.py", argv + ["--out-dir", tmp_path / "a"], record=tmp_path / "two.pt")
+    assert done.stdout.count("--sync-bn: not on the CPU") == 2, "once per run (CPS, twin), rank 0"
+    a = tmp_path / "a"
+    results = json.loads((a / "results.json").read_text())
+    # Both processes ended with the same two networks, those rank 0 saved; the twin's too.
+    checksums = results["weights_checksum"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    saved = common.load_checkpoint(a / "checkpoint.pt")
+    total = _checksum(saved["net1"]) + _checksum(saved["net2"])
+    assert checksums[0] == pytest.approx(total, rel=1e-12)
+    assert len(saved["augment_rng"]) == 2, "each process's augmentation stream is kept"
+    twin = json.loads((a / "twin" / "results.json").read_text())
+    assert len(twin["weights_checksum"]) == 2 and len(set(twin["weights_checksum"])) == 1
+    # One writer: one log each, its lines once (training and evaluation at iterations 2 and 4)
+    for folder in (a, a / "twin"):
+        assert [r["step"] for r in records(folder / "log.jsonl")] == [2, 2, 4, 4], folder
+    for key in ("miou", "pixel_acc", "twin_miou", "twin_pixel_acc"):
+        assert math.isfinite(results[key]) and 0 <= results[key] <= 1, key
+
+    # The global batches are those one process draws: every step's labelled, U_a and U_b indices
+    # gathered from the two shares, then the twin's labelled ones (the same stream as CPS's).
+    labeled, unlabeled, _ = cps.labeled_partition([""] * 16, 0.5, 0)
+    expected = [
+        pool[cps.batch_indices(len(pool), 4, step, seed, "cpu")]
+        for step in range(4)
+        for pool, seed in ((labeled, 0), (unlabeled, 1), (unlabeled, 2))
+    ]
+    expected += [labeled[cps.batch_indices(len(labeled), 4, step, 0, "cpu")] for step in range(4)]
+    drawn = torch.load(tmp_path / "two.pt")
+    assert len(drawn) == len(expected) == 16
+    assert all(torch.equal(x, y) for x, y in zip(drawn, expected, strict=True))
+
+    # Stopped after its first checkpoint (iteration 2) and resumed under two processes, the run
+    # ends with the uninterrupted run's figures, networks and logs.
+    stopped = torchrun("cps.py", argv + ["--out-dir", tmp_path / "b"], stop=True)
+    assert stopped.returncode != 0
+    assert common.load_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 2
+    torchrun("cps.py", argv + ["--out-dir", tmp_path / "b", "--resume"])
+    resumed = json.loads((tmp_path / "b" / "results.json").read_text())
+    for key in ("miou", "pixel_acc", "twin_miou", "weights_checksum"):
+        assert resumed[key] == results[key], key
+    for folder in ("", "twin"):
+        assert records(tmp_path / "b" / folder / "log.jsonl") == records(a / folder / "log.jsonl")
