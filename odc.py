@@ -61,6 +61,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -135,6 +136,9 @@ class Args:
     """steps between recomputations of all centroids"""
     image_size: int = common.arg(32, at_least=8)
     """image side: image folders are resized to it, shapes drawn at it (at least 8)"""
+    memmap: Literal["auto", "on", "off"] = "auto"
+    """keep the training and test images on the CPU (an image folder memory-mapped from its
+    cache) and gather each batch from there: auto when they would fill over half the device"""
     log_every: int = common.arg(50, at_least=1)
     """steps between log lines"""
 
@@ -471,11 +475,12 @@ def load_data(args: Args, device: torch.device) -> OdcData:
             f"--num-clusters {args.num_clusters} x --min-cluster {args.min_cluster} exceeds the "
             f"{n} training images: the clusters cannot hold their minimum size; lower one of them"
         )
+    images = common.place_images(images, device, args.memmap, "training")
     return OdcData(
-        images=images.to(device),
-        train_images=train_set.images.to(device),
+        images=images,
+        train_images=images[: len(train_set)],  # the labelled split: the first rows, not a copy
         train_labels=train_set.labels.to(device),
-        test_images=test_set.images.to(device),
+        test_images=common.place_images(test_set.images, device, args.memmap, "test"),
         test_labels=test_set.labels.to(device),
         test_split=test_set.split,
         num_classes=train_set.num_classes,
@@ -486,7 +491,8 @@ def load_data(args: Args, device: torch.device) -> OdcData:
 def augmented_view(data: OdcData, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """The network's input for the images `idx`: one augmented view, normalised with the data
     set's statistics (B, 3, H, W), channels-last on CUDA (faster convolutions)."""
-    x = common.normalize(augment(data.images[idx], generator), *data.stats)
+    x = common.take(data.images, idx, data.train_labels.device)  # the run's device
+    x = common.normalize(augment(x, generator), *data.stats)
     if x.device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     return x
@@ -513,12 +519,15 @@ def network_outputs(
     model: nn.Module, images: torch.Tensor, stats, amp: bool = False, batch_size: int = 512
 ) -> torch.Tensor:
     """`model`'s outputs in eval mode for uint8 images (N, 3, H, W), without augmentation, in
-    their order: (N, ...) float, e.g. a backbone's (N, d) features."""
+    their order: (N, ...) float, e.g. a backbone's (N, d) features. The images may be kept on
+    the CPU (a memory-mapped folder): each batch goes to the model's device."""
     model.eval()
+    device = next(model.parameters()).device
     out = []
     for i in range(0, len(images), batch_size):
-        with torch.autocast(images.device.type, torch.bfloat16, enabled=amp):
-            out.append(model(common.normalize(images[i : i + batch_size], *stats)).float())
+        x = common.normalize(images[i : i + batch_size].to(device), *stats)
+        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+            out.append(model(x).float())
     outputs = torch.cat(out)
     assert len(outputs) == len(images), "one row per image, in order"
     return outputs
@@ -735,7 +744,8 @@ def baseline_and_memory(
 
     def batches():
         for i in range(0, n, batch_size):
-            yield common.normalize(data.images[i : i + batch_size], *data.stats)
+            x = data.images[i : i + batch_size].to(data.train_labels.device)
+            yield common.normalize(x, *data.stats)
 
     # Deviation: the memory starts from the network with recomputed batch-norm statistics (the
     # same network is the baseline); the official code uses the initial statistics.
@@ -820,7 +830,8 @@ def train_epoch(
     amp: bool = False,
 ) -> torch.Tensor:
     """One epoch of steps 2-5, logged every --log-every steps; takes and returns the weights."""
-    batches = epoch_indices(len(data.images), args.batch_size, epoch, args.seed, data.images.device)
+    device = data.train_labels.device  # the run's (the images may be kept on the CPU)
+    batches = epoch_indices(len(data.images), args.batch_size, epoch, args.seed, device)
     handled = 0
     losses = []
     changes = []

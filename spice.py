@@ -766,12 +766,15 @@ def network_outputs(
     model: nn.Module, images: torch.Tensor, stats, amp: bool = False, batch_size: int = 512
 ) -> torch.Tensor:
     """`model`'s outputs in eval mode for uint8 images (N, 3, H, W), without augmentation, in
-    their order: (N, ...) float, e.g. a backbone's (N, d) features."""
+    their order: (N, ...) float, e.g. a backbone's (N, d) features. The images may be kept on
+    the CPU (a memory-mapped folder): each batch goes to the model's device."""
     model.eval()
+    device = next(model.parameters()).device
     out = []
     for i in range(0, len(images), batch_size):
-        with torch.autocast(images.device.type, torch.bfloat16, enabled=amp):
-            out.append(model(common.normalize(images[i : i + batch_size], *stats)).float())
+        x = common.normalize(images[i : i + batch_size].to(device), *stats)
+        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+            out.append(model(x).float())
     outputs = torch.cat(out)
     assert len(outputs) == len(images), "one row per image, in order"
     return outputs

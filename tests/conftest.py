@@ -97,3 +97,23 @@ def torchrun(tmp_path):
         return done
 
     return run
+
+
+@pytest.fixture
+def shapes_folder(tmp_path, monkeypatch):
+    """`shapes_folder(train, test, size)`: an image folder (<folder>/<split>/<shape>/<i>.png) of
+    `train` + `test` shapes images at `size` px, its decoded cache under tmp_path."""
+    from PIL import Image
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    def write(train, test, size):
+        images, labels = common.make_shapes(train + test, seed=3, size=size)
+        for split, part in (("train", slice(0, train)), ("test", slice(train, train + test))):
+            for i, (image, label) in enumerate(zip(images[part], labels[part], strict=True)):
+                path = tmp_path / "folder" / split / common.SHAPE_NAMES[label] / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
+        return tmp_path / "folder"
+
+    return write

@@ -663,18 +663,10 @@ def test_a_global_batch_that_does_not_split_among_the_processes_is_refused(monke
 
 
 def test_a_memory_mapped_folder_trains_to_the_figures_of_one_in_memory(
-    tmp_path, monkeypatch, capsys
+    tmp_path, shapes_folder, capsys
 ):
-    from PIL import Image
-
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the decoded folder's cache
-    images, labels = common.make_shapes(80, seed=3, size=16)
-    for split, part in (("train", slice(0, 60)), ("test", slice(60, 80))):
-        for i, (image, label) in enumerate(zip(images[part], labels[part], strict=True)):
-            path = tmp_path / "folder" / split / common.SHAPE_NAMES[label] / f"{i}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
-    argv = ["--dataset", "imagefolder", "--data-dir", tmp_path / "folder", "--image-size", "16"]
+    folder = shapes_folder(60, 20, 16)
+    argv = ["--dataset", "imagefolder", "--data-dir", folder, "--image-size", "16"]
     argv += SMOKE[2:] + ["--device", "cpu"]
     argv = [str(a) for a in argv]
     mapped = fixmatch.main(argv + ["--memmap", "on", "--out-dir", str(tmp_path / "on")])

@@ -804,3 +804,19 @@ def test_two_processes_train_one_model_and_memory_write_once_and_resume(tmp_path
         assert resumed[key] == results[key], key
     assert resumed["memory_checksum"] == results["memory_checksum"]
     assert _log(tmp_path / "b") == _log(a)
+
+
+def test_a_memory_mapped_folder_trains_to_the_figures_of_one_in_memory(
+    tmp_path, shapes_folder, capsys
+):
+    folder = shapes_folder(120, 40, 16)
+    argv = ["--dataset", "imagefolder", "--data-dir", str(folder)] + SMOKE[2:]
+    argv += ["--batch-size", "60", "--num-clusters", "4", "--min-cluster", "5"]
+    mapped = odc.main(argv + ["--memmap", "on", "--out-dir", str(tmp_path / "on")])
+    said = capsys.readouterr().out
+    assert "data training: " in said and "kept on the CPU, batches gathered from it" in said
+    in_memory = odc.main(argv + ["--memmap", "off", "--out-dir", str(tmp_path / "off")])
+    figures = ("knn_acc", "linear_acc", "acc", "nmi", "memory_nmi")
+    assert all(mapped[k] == in_memory[k] for k in figures)
+    assert mapped["weights_checksum"] == in_memory["weights_checksum"]
+    assert mapped["memory_checksum"] == in_memory["memory_checksum"]
