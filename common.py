@@ -578,7 +578,8 @@ def place_images(
     """Where a data set's images live for training: on the device whole (as every small set), or,
     for `memmap="on"` or a set too large ("auto": more than half of the device's free memory; of
     the machine's available memory on the CPU), left on the CPU, memory-mapped when it was read
-    from an image folder's cache; then each batch is gathered from it (`take`). Says which."""
+    from an image folder's cache; then each batch is gathered from it (`take`). Says which. On
+    the CPU a map is used as it is (the system keeps what fits in memory) unless "off"."""
     device = torch.device(device)
     size = images.numel() * images.element_size()
     if device.type == "cuda":
@@ -594,8 +595,8 @@ def place_images(
     )
     if mapped:
         return images
-    if images.device == device:
-        return images.clone()  # into memory, from a memory-mapped file
+    if images.device == device:  # on the CPU: "off" reads a memory-mapped set into memory
+        return images.clone() if memmap == "off" else images
     return images.to(device)
 
 

@@ -115,6 +115,9 @@ class Args:
     """base width of the CIFAR ResNet-18 (64: the standard one, 512-d features)"""
     image_size: int = common.arg(32, at_least=8)
     """image side: image folders are resized to it, shapes drawn at it"""
+    memmap: Literal["auto", "on", "off"] = "auto"
+    """keep the training and test images on the CPU (an image folder memory-mapped from its
+    cache) and gather each batch from there: auto when they would fill over half the device"""
     moco_epochs: int = common.arg(1000, at_least=1)
     """MoCo epochs (the official CIFAR-10 command)"""
     moco_lr: float = common.arg(0.015, above=0)
@@ -691,16 +694,22 @@ def load_data(args: Args, device: torch.device) -> Data:
     options = dict(data_dir=args.data_dir, download=args.download, image_size=args.image_size)
     train_set = common.load_dataset(args.dataset, "train", **options)
     test_set = common.load_dataset(args.dataset, "test", **options)
-    images, labels = train_set.images.to(device), train_set.labels.to(device)  # what is clustered
-    eval_images, eval_labels = test_set.images.to(device), test_set.labels.to(device)
+    images, labels = train_set.images, train_set.labels.to(device)  # what is clustered
+    eval_images, eval_labels = test_set.images, test_set.labels.to(device)
     if args.protocol == "all":  # the paper's main table: cluster and evaluate train + test
         images, labels = torch.cat([images, eval_images]), torch.cat([labels, eval_labels])
+    # On the device whole, or kept on the CPU (--memmap): batches are gathered (`common.take`).
+    images = common.place_images(images, device, args.memmap, "clustered")
+    if args.protocol == "all":
         eval_images, eval_labels = images, labels  # aliases, no copies
+    else:
+        eval_images = common.place_images(eval_images, device, args.memmap, "evaluation")
     pretrain = images  # MoCo's images; STL-10 adds its 100,000 unlabelled ones, made for this
     # Deviation: STL-10: MoCo on train + unlabeled, stage 3 on WRN-28-2 (FixMatch's: WRN-37-2)
     if args.dataset == "stl10":
         unlabeled = common.load_dataset("stl10", "unlabeled", **options)
-        pretrain = torch.cat([images, unlabeled.images.to(device)])
+        everything = torch.cat([images.cpu(), unlabeled.images])
+        pretrain = common.place_images(everything, device, args.memmap, "MoCo's")
     num_clusters = args.num_clusters or train_set.num_classes
     if not 2 <= num_clusters <= min(len(images), args.self_batch):
         raise common.ConfigError(
@@ -968,7 +977,8 @@ def train_moco(args: Args, run: Run, images: torch.Tensor, data: Data | None = N
         losses, accs = [], []
         for b in range(steps):
             with run.book.timed(images=2 * args.batch_size):  # the global batch's images
-                x = images[common.share(order[b * args.batch_size : (b + 1) * args.batch_size])]
+                batch = common.share(order[b * args.batch_size : (b + 1) * args.batch_size])
+                x = common.take(images, batch, run.device)
                 x_q = run.inputs(moco_augment(x, rng))  # step 1: two views
                 x_k = run.inputs(moco_augment(x, rng))
                 with torch.autocast(run.device.type, torch.bfloat16, enabled=run.amp):
@@ -1075,7 +1085,7 @@ def train_self(args: Args, run: Run, backbone: nn.Module, data: Data) -> tuple[n
                 draw = order[d * size : (d + 1) * size]
                 # Under torchrun, each process runs the backbone on its share of the draw's views
                 # and gathers the features: the heads then see the whole draw in every process.
-                mine = images[common.share(draw)]
+                mine = common.take(images, common.share(draw), run.device)
                 weak_views = common.weak_augment(mine, generator=augment_rng)
                 weak = network_outputs(backbone, weak_views, run.stats, run.amp)  # (N, d)
                 strong_views = scan_strong_augment(mine, run.stats[0], generator=augment_rng)
@@ -1160,7 +1170,8 @@ def train_semi(
         f"cluster), oracle accuracy of their cluster labels {oracle:.4f}",
         flush=True,
     )
-    x_images, x_labels = images[reliable], preds[reliable]  # the clusters are the labels
+    x_images = common.take(images, reliable, run.device)  # on the device: a few per cluster
+    x_labels = preds[reliable]  # the clusters are the labels
     model = WideResNet(
         args.num_clusters, args.semi_depth, args.semi_widen_factor, args.semi_bn_momentum
     )
@@ -1185,7 +1196,7 @@ def train_semi(
             xi = uniform_indices(len(x_images), b, step, args.seed, run.device)
             ui = uniform_indices(len(images), args.semi_mu * b, step, args.seed + 1, run.device)
             xi, ui = common.share(xi), common.share(ui)  # under torchrun, this process's shares
-            u = images[ui]
+            u = common.take(images, ui, run.device)
             x = common.weak_augment(x_images[xi], generator=rng)
             u_weak = common.weak_augment(u, generator=rng)
             u_strong = semi_strong_augment(u, run.stats[0], generator=rng)

@@ -1017,3 +1017,18 @@ def test_a_global_batch_that_does_not_split_among_the_processes_is_refused(tmp_p
     with pytest.raises(SystemExit, match="--batch-size 256 is the batch over all 3 processes"):
         spice.main(TINY + ["--out-dir", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists(), "refused before anything is written"
+
+
+def test_a_memory_mapped_folder_trains_to_the_figures_of_one_in_memory(
+    tmp_path, shapes_folder, capsys
+):
+    folder = shapes_folder(90, 30, 8)  # three stages in a few seconds
+    argv = ["--dataset", "imagefolder", "--data-dir", str(folder)] + TINY[2:]
+    argv += ["--batch-size", "30", "--num-clusters", "3"]
+    mapped = spice.main(argv + ["--memmap", "on", "--out-dir", str(tmp_path / "on")])
+    said = capsys.readouterr().out
+    assert "data clustered: " in said and "kept on the CPU, batches gathered from it" in said
+    in_memory = spice.main(argv + ["--memmap", "off", "--out-dir", str(tmp_path / "off")])
+    for key in ("acc", "nmi", "ari", "kmeans_acc", "self_acc", "num_reliable", "weights_checksum"):
+        assert mapped[key] == in_memory[key], key
+    assert without_perf(tmp_path / "on") == without_perf(tmp_path / "off")
