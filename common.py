@@ -1670,7 +1670,7 @@ def start_processes(device_name: str = "auto") -> torch.device:
             torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if nccl else "gloo")
     if not is_writer():
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (open for the life of the process)
+        sys.stdout = open(os.devnull, "w")  # for the life of the process
     return device
 
 

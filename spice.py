@@ -764,7 +764,7 @@ def augment_stream(shared: torch.Generator, seed: int) -> torch.Generator:
     differently while `shared` goes on drawing alike in all of them."""
     if common.world_size() == 1:
         return shared
-    return common.rank_generator(seed, shared.device)
+    return common.rank_generator(seed + 1, shared.device)  # + 1: not the order's own stream
 
 
 # --------------------------------------------------------------------------------------------------
