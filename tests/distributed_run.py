@@ -31,7 +31,10 @@ if stop:
     real_save = common.save_checkpoint
 
     def save_then_stop(*a, **k):
-        real_save(*a, **k)
+        real_save(*a, **k)  # rank 0 writes; the others return at once
+        # Every process waits for rank 0's file: torchrun ends the others when one stops, and
+        # would otherwise end rank 0 in the middle of writing it.
+        torch.distributed.barrier()
         raise KeyboardInterrupt
 
     common.save_checkpoint = save_then_stop
