@@ -27,6 +27,7 @@ One training step (each name is a function below):
 
 Usage:
     python fixmatch.py --dataset cifar10 --num-labeled 250  # the paper's recipe: 2^20 steps, a GPU
+    torchrun --nproc_per_node 4 fixmatch.py --dataset cifar10 # 4 GPUs; --batch-size stays the total
     python fixmatch.py --dataset cifar10 --lambda-u 0        # the supervised-only baseline
     python fixmatch.py --dataset shapes                      # a small complete run on a CPU
     python fixmatch.py --dataset imagefolder --data-dir ../shared/data/cifar10 --num-labeled 4000

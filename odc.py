@@ -36,6 +36,7 @@ Algorithm (each name is a function or method below):
 
 Usage:
     python odc.py --dataset cifar10                   # the CIFAR-scale recipe below (GPU: hours)
+    torchrun --nproc_per_node 8 odc.py --dataset cifar10  # 8 GPUs; --batch-size stays the total
     python odc.py --dataset shapes                    # a small complete run on a CPU
     python odc.py --dataset imagefolder --data-dir DIR --image-size 64 \\
         --num-clusters 200 --min-cluster 20

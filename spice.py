@@ -40,6 +40,7 @@ Stage 3, SPICE-Semi (`train_semi`):
 
 Usage:
     python spice.py --dataset cifar10                      # the paper's recipe (GPU: days)
+    torchrun --nproc_per_node 4 spice.py --dataset cifar10 # 4 GPUs, as the official MoCo stage
     python spice.py --dataset shapes                       # all three stages on a CPU in minutes
     python spice.py --stage self --init-from runs/spice-cifar10-0/moco.pt --out-dir runs/self
     python spice.py --dataset imagefolder --data-dir DIR --image-size 64 --protocol all
