@@ -3,11 +3,14 @@ that all five evaluate, augment and log the same way.
 
 - Metrics: Hungarian matching in numpy, clustering accuracy, NMI and ARI (scikit-learn's, to the
   bit), segmentation confusion matrices and mIoU. `kmeans`: greedy k-means++ and chunked Lloyd.
-- Data: whole data sets as uint8 tensors (N, 3, H, W), the synthetic `shapes` and `shapes-seg`
-  that need no files, segmentation sets as (image, label map) pairs.
+- Data: whole data sets as uint8 tensors (N, 3, H, W) (image folders memory-mapped from their
+  decoded cache), the synthetic `shapes` and `shapes-seg` that need no files, segmentation sets
+  as (image, label map) pairs.
 - Augmentation on the device, batched, random parameters per sample: weak (flip + translate),
   strong (RandAugment + Cutout), photometric (colour jitter, grayscale, blur), geometric (random
   resized crop + flip, applied alike to images, label maps and feature maps).
+- Several processes under torchrun: each takes its share of every global batch, gradients
+  averaged, rank 0's decisions broadcast, rank 0 alone writes; all of it a no-op in one process.
 - Run plumbing: command line from a dataclass, out-dir rules, device, the RunBook (timing, log,
   resume), atomic checkpoints, results.json, pictures. `python common.py` benchmarks this device."""
 
