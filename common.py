@@ -2042,6 +2042,8 @@ def user_errors(script: str, out_dir=None):
     torchrun, rank 0 alone says it, and the process group is closed at the end."""
     try:
         yield
+        if world_size() > 1:  # every process done before the group closes (gloo aborts else)
+            torch.distributed.barrier()
     except ConfigError as e:
         raise SystemExit(f"{script}: error: {e}" if is_writer() else 2) from None
     except KeyboardInterrupt:
