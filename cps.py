@@ -138,6 +138,10 @@ class Args:
     twin: bool = True
     """after CPS, train its supervised twin (--cps-weight 0: the same labelled images, iterations
     and schedule, no unlabelled ones) in <out-dir>/twin, reported beside it (twin_miou)"""
+    full_twin: bool = False
+    """also train a supervised network on every training image, labelled (--labeled-ratio 1
+    --cps-weight 0, the same iterations) in <out-dir>/full_twin: the headroom that unlabelled
+    images could close at most (full_twin_miou)"""
     workers: int = common.arg(4, at_least=0)
     """DataLoader workers that decode the streamed data sets (VOC, Cityscapes) and pad a folder
     whose images differ in size"""
@@ -798,16 +802,19 @@ def cps_results(last: dict, cps_weight: float, num_labeled: int, args: Args) -> 
     }
 
 
-def train_twin(args: Args, out: Path) -> dict:
-    """The supervised twin's results: a run of its own in out/twin with --cps-weight 0 (resumed
-    from its checkpoint, or read back once finished), so that CPS's gain is measured in its run."""
-    folder = out / "twin"
+def train_twin(args: Args, out: Path, name: str = "twin", **changes) -> dict:
+    """A supervised twin's results: a run of its own in out/<name> with --cps-weight 0 and
+    `changes` (resumed from its checkpoint, or read back once finished), so that CPS's gain is
+    measured in its run."""
+    folder = out / name
     if (folder / "results.json").exists():
         return common.load_results(folder)
     print(f"supervised twin (--cps-weight 0) in {folder}", flush=True)
     resume = (folder / "checkpoint.pt").exists()
-    twin = dataclasses.replace(args, cps_weight=0.0, twin=False, out_dir=str(folder), resume=resume)
-    return train(twin)
+    twin = dataclasses.replace(
+        args, cps_weight=0.0, twin=False, full_twin=False, out_dir=str(folder), resume=resume
+    )
+    return train(dataclasses.replace(twin, **changes))
 
 
 def train(args: Args) -> dict:
@@ -891,11 +898,18 @@ def train(args: Args) -> dict:
     common.save_segmentation_rows(out / "segmentation.png", *shown)
     results = {**cps_results(evals[-1], cps_weight, len(labeled), args), **book.figures()}
     results["classes"] = classes  # their names, for --predict
+    rows = {}  # the baselines trained beside CPS, printed above it
     if args.twin and cps_weight > 0:
         twin = train_twin(args, out)
-        rows = {"supervised twin (--cps-weight 0)": twin, "CPS": results}
-        common.print_table({k: {f: r[f] for f in ("miou", "pixel_acc")} for k, r in rows.items()})
+        rows["supervised twin (--cps-weight 0)"] = twin
         results.update(twin_miou=twin["miou"], twin_pixel_acc=twin["pixel_acc"])
+    if args.full_twin and len(unlabeled) > 0:  # every training image labelled: the headroom
+        full = train_twin(args, out, "full_twin", labeled_ratio=1.0, labeled_list=None)
+        rows["every image labelled (--full-twin)"] = full
+        results.update(full_twin_miou=full["miou"], full_twin_pixel_acc=full["pixel_acc"])
+    if rows:
+        rows["CPS" if cps_weight > 0 else "supervised (--cps-weight 0)"] = results
+        common.print_table({k: {f: r[f] for f in ("miou", "pixel_acc")} for k, r in rows.items()})
     figures = " ".join(f"{k}={v:.4g}" for k, v in results.items() if isinstance(v, float))
     print(f"results: {figures}", flush=True)
     results["split"] = eval_split  # the split every figure is on

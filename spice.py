@@ -148,10 +148,11 @@ class Args:
     self_passes: int = common.arg(8, at_least=1)
     """SPICE-Self passes over each draw's pseudo-labels, in mini-batches of 128"""
     consistency_ratio: float = common.arg(0.99, at_least=0, at_most=1)
-    """share of the --semi-knn nearest neighbours that must agree for a label to be reliable"""
+    """share of the --num-neighbours nearest neighbours that must agree for a label to be
+    reliable"""
     confidence: float = common.arg(0.99, at_least=0, below=1)
     """top probability a label needs to be reliable"""
-    semi_knn: int = common.arg(100, at_least=1)
+    num_neighbours: int = common.arg(100, at_least=1)
     """nearest neighbours k of a reliable label (the paper's 100; capped at a tenth of the
     expected cluster size N / K, `NEIGHBOUR_SHARE`)"""
     semi_steps: int = common.arg(2**20, at_least=1)
@@ -446,7 +447,8 @@ def reliable_mask(
 
 
 def neighbour_count(k: int, n: int, num_clusters: int) -> int:
-    """--semi-knn, capped at NEIGHBOUR_SHARE of the expected cluster size n / K (at least 1)."""
+    """--num-neighbours, capped at NEIGHBOUR_SHARE of the expected cluster size n / K (at least
+    1)."""
     return max(1, min(k, int(NEIGHBOUR_SHARE * n / num_clusters), n))
 
 
@@ -470,9 +472,9 @@ def reliable_samples(
         raise common.ConfigError(
             f"no reliable image in cluster(s) {empty} (predicted sizes {sizes}; "
             f"{int(reliable.sum())} reliable in all, {counts.tolist()} per cluster): lower "
-            f"--consistency-ratio (now {ratio}), --confidence (now {threshold}) or --semi-knn "
-            f"(k = {k} here), or train the earlier stages longer (self.pt is kept: --stage "
-            f"semi --init-from it)"
+            f"--consistency-ratio (now {ratio}), --confidence (now {threshold}) or "
+            f"--num-neighbours (k = {k} here), or train the earlier stages longer (self.pt is "
+            f"kept: --stage semi --init-from it)"
         )
     n_min = int(counts.min())
     keep = []
@@ -1145,11 +1147,12 @@ def train_semi(
     torch.manual_seed(args.seed + 2)
     embedding = F.normalize(network_outputs(backbone, images, run.stats, run.amp), dim=1)
     preds, confidence = clusters_of(nn.Sequential(backbone, head), images, run)
-    k = neighbour_count(args.semi_knn, len(images), args.num_clusters)
-    if k != args.semi_knn:
+    k = neighbour_count(args.num_neighbours, len(images), args.num_clusters)
+    if k != args.num_neighbours:
         print(
-            f"semi: k = {k} neighbours, capped from --semi-knn {args.semi_knn} at a tenth of "
-            f"the expected cluster size ({len(images)} images / {args.num_clusters} clusters)",
+            f"semi: k = {k} neighbours, capped from --num-neighbours {args.num_neighbours} at a "
+            f"tenth of the expected cluster size ({len(images)} images / {args.num_clusters} "
+            f"clusters)",
             flush=True,
         )
     neighbours = knn_indices(embedding, k=k)

@@ -815,6 +815,40 @@ def test_a_cps_run_trains_its_supervised_twin_on_the_same_labels_and_resumes_int
         assert resumed[key] == result[key], key
 
 
+@pytest.mark.slow  # about 10 s: a run and its fully labelled twin
+def test_the_full_twin_trains_on_every_training_label_for_the_same_iterations(
+    tmp_path, small_shapes_seg, monkeypatch, capsys
+):
+    # --full-twin: the headroom. A supervised run on all 48 training images' labels (not CPS's 6),
+    # with CPS's iterations and batch, in its own folder, reported under fixed keys.
+    streams = []  # per run: (out folder, cps weight, the labelled pool)
+    real_batches, real_train = cps.training_batches, cps.train
+    runs = []
+
+    def batches(source, pool, seed, *rest):
+        if len(streams) < len(runs):
+            streams.append((runs[-1].out_dir, runs[-1].cps_weight, pool.tolist()))
+        return real_batches(source, pool, seed, *rest)
+
+    def train(args):
+        runs.append(args)
+        return real_train(args)
+
+    monkeypatch.setattr(cps, "training_batches", batches)
+    monkeypatch.setattr(cps, "train", train)
+    result = cps.main(SMOKE + ["--full-twin", "--out-dir", str(tmp_path / "a")])
+    (_, _, labelled), (full_dir, full_weight, everything) = streams
+    assert len(labelled) == 6 and everything == list(range(48)), "every image, labelled"
+    assert full_dir == str(tmp_path / "a" / "full_twin") and full_weight == 0
+    assert runs[1].iterations == runs[0].iterations and runs[1].batch_size == runs[0].batch_size
+    full = json.loads((tmp_path / "a" / "full_twin" / "results.json").read_text())
+    assert result["full_twin_miou"] == full["miou"] and full["num_labeled"] == 48
+    assert result["full_twin_pixel_acc"] == full["pixel_acc"]
+    out = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("every image labelled (--full-twin)") for line in out)
+    assert "full_twin_miou" not in cps.main(SMOKE + ["--out-dir", str(tmp_path / "b")])
+
+
 def test_predict_segments_new_images_each_at_its_own_size(
     tmp_path, small_shapes_seg, new_images, capsys
 ):

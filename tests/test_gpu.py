@@ -293,7 +293,7 @@ def spice_argv(suite) -> dict[str, list[str]]:
         ["--backbone-width", "4", "--image-size", "16", "--batch-size", "16", "--bn-groups", "2"]
         + ["--log-every", "1", "--num-heads", "2", "--self-passes", "1", "--self-batch", "40"]
         + ["--semi-depth", "10", "--semi-widen-factor", "1", "--semi-batch-size", "4"]
-        + ["--semi-mu", "1", "--semi-knn", "5", "--num-clusters", "2"],
+        + ["--semi-mu", "1", "--num-neighbours", "5", "--num-clusters", "2"],
     )
     moco = [*flags, "--stage", "moco", *sized(["--moco-epochs", "30"], ["--moco-epochs", "1"])]
     self_stage = [*flags, "--stage", "self", "--init-from", str(suite.root / "spice-moco")]
