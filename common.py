@@ -1664,14 +1664,26 @@ def start_processes(device_name: str = "auto") -> torch.device:
     local_rank = int(os.environ["LOCAL_RANK"])
     device = select_device(device_name)
     count = torch.cuda.device_count()
-    if device.type == "cuda" and device.index is None:
+    spread = device.type == "cuda" and device.index is None  # auto or cuda: GPU LOCAL_RANK
+    if spread:
         device = torch.device("cuda", local_rank % count)
     if not torch.distributed.is_initialized():
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", processes))
-        nccl = device.type == "cuda" and count >= local_processes
+        # NCCL wants a GPU of its own per process; processes that share one talk through gloo
+        nccl = spread and count >= local_processes
         if device.type == "cuda":
             torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if nccl else "gloo")
+        if device.type == "cuda" and not nccl and is_writer():
+            shared = f"{count} GPU(s)" if spread else f"GPU {device.index}"
+            hint = ""
+            if count >= local_processes:
+                hint = "; --device cuda gives each process a GPU of its own"
+            print(
+                f"--device {device_name}: the {local_processes} processes on this machine share "
+                f"{shared}, so they talk through gloo (slower than NCCL){hint}",
+                flush=True,
+            )
     if not is_writer():
         sys.stdout = open(os.devnull, "w")  # for the life of the process
     return device

@@ -3,6 +3,7 @@ totals, resume), atomic checkpoints, results.json, pictures and the self-benchma
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -416,3 +417,37 @@ def test_user_errors_end_in_one_line(tmp_path, capsys):
             raise KeyboardInterrupt
     error = capsys.readouterr().err
     assert str(tmp_path / "checkpoint.pt") in error and "--resume" in error
+
+
+@pytest.mark.parametrize(
+    ("flag", "gpus", "device", "backend", "told"),
+    [
+        ("cuda", 2, "cuda:1", "nccl", None),  # a GPU per process: LOCAL_RANK's, NCCL
+        ("auto", 2, "cuda:1", "nccl", None),
+        ("cuda:0", 2, "cuda:0", "gloo", "share GPU 0.*--device cuda gives each process"),
+        ("cuda", 1, "cuda:0", "gloo", "share 1 GPU"),  # fewer GPUs than processes
+        ("cpu", 2, "cpu", "gloo", None),
+    ],
+)
+def test_under_torchrun_each_process_picks_its_gpu_and_nccl_only_with_one_each(
+    monkeypatch, capsys, flag, gpus, device, backend, told
+):
+    # Rank 1 of 2 processes on one machine. NCCL refuses two processes on one GPU, so an explicit
+    # --device cuda:0 (every process on GPU 0) must not get it.
+    for key, value in {"WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", chosen.append)
+    assert common.start_processes(flag) == torch.device(device)
+    assert chosen[-1] == backend
+    if device != "cpu":
+        assert chosen[0] == torch.device(device)
+    out = capsys.readouterr().out
+    if told is None:
+        assert "gloo" not in out
+    else:
+        assert f"--device {flag}" in out and re.search(told, out)
