@@ -1,5 +1,7 @@
 """Shared test helpers."""
 
+import json
+
 import pytest
 import torch
 
@@ -74,7 +76,12 @@ def torchrun(tmp_path):
     run by torch.distributed.run in `processes` CPU processes (gloo; one thread each) through
     tests/distributed_run.py; `stop` ends every process after the first checkpoint (status
     130), `record` is a file for the gathered batch indices. Returns the CompletedProcess; a
-    failure other than the stop fails the test with the processes' output."""
+    failure other than the stop fails the test with the processes' output.
+
+    `torchrun.resumed_after_stop(script, argv, out, **position)`: the run in `out` stopped after
+    its first checkpoint, which must be at `position` (e.g. step=3), then resumed under the same
+    processes; returns the resumed run's results.json. `torchrun.checksum(state)`: a state
+    dict's sum, as `common.weights_checksum` sums one process's networks."""
     import os
     import subprocess
     import sys
@@ -96,6 +103,20 @@ def torchrun(tmp_path):
             pytest.fail(f"torchrun {script} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
         return done
 
+    def resumed_after_stop(script, argv, out, **position):
+        stopped = run(script, [*argv, "--out-dir", out], stop=True)
+        assert stopped.returncode != 0, "the run was stopped"
+        checkpoint = common.load_checkpoint(Path(out) / "checkpoint.pt")
+        for key, value in position.items():
+            assert checkpoint[key] == value, f"the first checkpoint's {key}"
+        run(script, [*argv, "--out-dir", out, "--resume"])
+        return json.loads((Path(out) / "results.json").read_text())
+
+    def checksum(state: dict) -> float:
+        return float(sum(t.double().sum() for t in state.values()))
+
+    run.resumed_after_stop = resumed_after_stop
+    run.checksum = checksum
     return run
 
 

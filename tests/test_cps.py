@@ -949,10 +949,6 @@ def _segfolder(root: Path) -> Path:
     return root
 
 
-def _checksum(state: dict) -> float:  # as common.weights_checksum sums one process's networks
-    return float(sum(t.double().sum() for t in state.values()))
-
-
 @pytest.mark.slow  # three launches of two processes: 80-120 s on two busy cores
 def test_two_processes_train_both_networks_and_the_twin_write_once_and_resume(tmp_path, torchrun):
     data = _segfolder(tmp_path / "data")
@@ -968,7 +964,7 @@ def test_two_processes_train_both_networks_and_the_twin_write_once_and_resume(tm
     checksums = results["weights_checksum"]
     assert len(checksums) == 2 and checksums[0] == checksums[1]
     saved = common.load_checkpoint(a / "checkpoint.pt")
-    total = _checksum(saved["net1"]) + _checksum(saved["net2"])
+    total = torchrun.checksum(saved["net1"]) + torchrun.checksum(saved["net2"])
     assert checksums[0] == pytest.approx(total, rel=1e-12)
     assert len(saved["augment_rng"]) == 2, "each process's augmentation stream is kept"
     twin = json.loads((a / "twin" / "results.json").read_text())
@@ -994,11 +990,7 @@ def test_two_processes_train_both_networks_and_the_twin_write_once_and_resume(tm
 
     # Stopped after its first checkpoint (iteration 2) and resumed under two processes, the run
     # ends with the uninterrupted run's figures, networks and logs.
-    stopped = torchrun("cps.py", argv + ["--out-dir", tmp_path / "b"], stop=True)
-    assert stopped.returncode != 0
-    assert common.load_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 2
-    torchrun("cps.py", argv + ["--out-dir", tmp_path / "b", "--resume"])
-    resumed = json.loads((tmp_path / "b" / "results.json").read_text())
+    resumed = torchrun.resumed_after_stop("cps.py", argv, tmp_path / "b", step=2)
     for key in ("miou", "pixel_acc", "twin_miou", "weights_checksum"):
         assert resumed[key] == results[key], key
     for folder in ("", "twin"):

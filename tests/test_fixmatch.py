@@ -616,10 +616,6 @@ def test_predict_classifies_a_folder_as_the_evaluation_does(tmp_path, new_images
         fixmatch.main(["--predict", str(folder), "--out-dir", str(tmp_path / "none")])
 
 
-def _checksum(state: dict) -> float:  # as common.weights_checksum sums one process's networks
-    return float(sum(t.double().sum() for t in state.values()))
-
-
 @pytest.mark.slow  # three launches of two processes: about 40 s on two cores
 def test_two_processes_train_one_model_write_once_and_resume(tmp_path, torchrun):
     argv = SMOKE + ["--seed", "1"]
@@ -630,7 +626,7 @@ def test_two_processes_train_one_model_write_once_and_resume(tmp_path, torchrun)
     checksums = results["weights_checksum"]
     assert len(checksums) == 2 and checksums[0] == checksums[1]
     saved = common.load_checkpoint(a / "checkpoint.pt")
-    assert checksums[0] == pytest.approx(_checksum(saved["ema"]), rel=1e-12)
+    assert checksums[0] == pytest.approx(torchrun.checksum(saved["ema"]), rel=1e-12)
     assert len(saved["augment_rng"]) == 2, "each process's augmentation stream is kept"
     # One writer: one log, its lines once each (steps 2, 3, 4, 6 and the evaluations at 3, 6).
     assert [r["step"] for r in _log(a)] == [2, 3, 4, 6, 6]
@@ -645,11 +641,7 @@ def test_two_processes_train_one_model_write_once_and_resume(tmp_path, torchrun)
 
     # Stopped after its first checkpoint (step 3) and resumed under two processes, the run ends
     # with the uninterrupted run's figures and weights.
-    stopped = torchrun("fixmatch.py", argv + ["--out-dir", tmp_path / "b"], stop=True)
-    assert stopped.returncode != 0
-    assert common.load_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 3
-    torchrun("fixmatch.py", argv + ["--out-dir", tmp_path / "b", "--resume"])
-    resumed = json.loads((tmp_path / "b" / "results.json").read_text())
+    resumed = torchrun.resumed_after_stop("fixmatch.py", argv, tmp_path / "b", step=3)
     assert resumed["acc"] == results["acc"]
     assert resumed["weights_checksum"] == checksums
     assert _log(tmp_path / "b") == _log(a)

@@ -763,10 +763,6 @@ def test_a_batch_that_leaves_a_process_fewer_than_two_images_is_refused(monkeypa
     assert not (tmp_path / "run").exists(), "nothing is written"
 
 
-def _checksum(state: dict) -> float:  # as common.weights_checksum sums one process's state
-    return float(sum(t.double().sum() for t in state.values()))
-
-
 def _log(folder) -> list[dict]:  # log.jsonl without the timing entries
     lines = (folder / "log.jsonl").read_text().splitlines()
     return [{k: v for k, v in json.loads(line).items() if "perf/" not in k} for line in lines]
@@ -783,7 +779,7 @@ def test_two_processes_train_one_model_and_memory_write_once_and_resume(tmp_path
     for key, part in (("weights_checksum", "model"), ("memory_checksum", "memory")):
         checksums = results[key]
         assert len(checksums) == 2 and checksums[0] == checksums[1], key
-        assert checksums[0] == pytest.approx(_checksum(saved[part]), rel=1e-12), key
+        assert checksums[0] == pytest.approx(torchrun.checksum(saved[part]), rel=1e-12), key
     assert len(saved["augment_rng"]) == 2, "each process's augmentation stream is kept"
     # One writer: one log, its lines once each (the baseline; 20 steps an epoch, logged after
     # 10 and 20; an evaluation after each epoch), as one process logs them.
@@ -794,11 +790,7 @@ def test_two_processes_train_one_model_and_memory_write_once_and_resume(tmp_path
 
     # Stopped after its first checkpoint (epoch 1) and resumed under two processes, the run ends
     # with the uninterrupted run's figures, network and memory.
-    stopped = torchrun("odc.py", argv + ["--out-dir", tmp_path / "b"], stop=True)
-    assert stopped.returncode != 0
-    assert common.load_checkpoint(tmp_path / "b" / "checkpoint.pt")["epoch"] == 1
-    torchrun("odc.py", argv + ["--out-dir", tmp_path / "b", "--resume"])
-    resumed = json.loads((tmp_path / "b" / "results.json").read_text())
+    resumed = torchrun.resumed_after_stop("odc.py", argv, tmp_path / "b", epoch=1)
     for key in ("linear_acc", "knn_acc", "acc", "nmi", "memory_nmi", "weights_checksum"):
         assert resumed[key] == results[key], key
     assert resumed["memory_checksum"] == results["memory_checksum"]

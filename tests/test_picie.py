@@ -984,10 +984,6 @@ def test_batches_of_one_image_per_process_are_refused_at_small_sizes(monkeypatch
         picie.load_data(args, torch.device("cpu"))
 
 
-def _checksum(state: dict) -> float:  # as common.weights_checksum sums one process's networks
-    return float(sum(t.double().sum() for t in state.values()))
-
-
 @pytest.mark.slow
 def test_two_processes_train_one_model_write_once_and_resume(tmp_path, monkeypatch, torchrun):
     # A streamed set (Cityscapes, decoded by the DataLoader): 48 training images, 3 steps of 16
@@ -1002,7 +998,7 @@ def test_two_processes_train_one_model_write_once_and_resume(tmp_path, monkeypat
     checksums = results["weights_checksum"]
     assert len(checksums) == 2 and checksums[0] == checksums[1]
     saved = common.load_checkpoint(a / "checkpoint.pt")
-    assert checksums[0] == pytest.approx(_checksum(saved["model"]), rel=1e-12)
+    assert checksums[0] == pytest.approx(torchrun.checksum(saved["model"]), rel=1e-12)
     # One writer: one log, its lines once each (the baseline; per epoch its clustering, training
     # at 2 of 3 steps and the end, and the evaluation).
     steps = [r["step"] for r in records_of(a)]
@@ -1029,11 +1025,7 @@ def test_two_processes_train_one_model_write_once_and_resume(tmp_path, monkeypat
     # Stopped after its first checkpoint (epoch 1) and resumed under two processes, the run ends
     # with the uninterrupted run's figures and weights.
     b = tmp_path / "b"
-    stopped = torchrun("picie.py", argv + ["--out-dir", b], stop=True)
-    assert stopped.returncode != 0
-    assert common.load_checkpoint(b / "checkpoint.pt")["epoch"] == 1
-    torchrun("picie.py", argv + ["--out-dir", b, "--resume"])
-    resumed = json.loads((b / "results.json").read_text())
+    resumed = torchrun.resumed_after_stop("picie.py", argv, b, epoch=1)
     for k in figures:
         assert resumed[k] == results[k], k
     assert resumed["weights_checksum"] == checksums

@@ -976,10 +976,6 @@ def test_augmentations_have_a_stream_per_process_only_under_torchrun(monkeypatch
     assert not torch.equal(draws[0], draws[1]), "the processes augment differently"
 
 
-def _checksum(state: dict) -> float:  # as common.weights_checksum sums one process's networks
-    return float(sum(t.double().sum() for t in state.values()))
-
-
 @pytest.mark.slow  # three launches of two processes: about 60 s on two cores
 def test_two_processes_train_one_model_write_once_and_resume(tmp_path, torchrun):
     # All three stages under two processes: one writer, the same final EMA model in both.
@@ -990,7 +986,7 @@ def test_two_processes_train_one_model_write_once_and_resume(tmp_path, torchrun)
     assert len(checksums) == 2 and checksums[0] == checksums[1]
     saved = common.load_checkpoint(a / "checkpoint.pt")
     assert saved["stage"] == "semi" and len(saved["rng"]) == 2, "each process's stream is kept"
-    assert checksums[0] == pytest.approx(_checksum(saved["ema"]), rel=1e-12)
+    assert checksums[0] == pytest.approx(torchrun.checksum(saved["ema"]), rel=1e-12)
     # One log, its lines once each: MoCo's 2 epochs and their kNN diagnostics, SPICE-Self's 5
     # draws of 1000 and its epoch, SPICE-Semi's evaluation at step 3, its log line and evaluation
     # at step 6 (what one process logs).
@@ -1000,12 +996,8 @@ def test_two_processes_train_one_model_write_once_and_resume(tmp_path, torchrun)
     assert 0 <= results["acc"] <= 1 and 0 <= results["self_acc"] <= 1
     # SPICE-Semi alone from stage 2's file, stopped after its first checkpoint (step 3) and
     # resumed under two processes: the uninterrupted run's figures and weights.
-    semi = TINY + ["--stage", "semi", "--init-from", a / "self.pt", "--out-dir", tmp_path / "b"]
-    stopped = torchrun("spice.py", semi, stop=True)
-    assert stopped.returncode != 0
-    assert common.load_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 3
-    torchrun("spice.py", semi + ["--resume"])
-    resumed = json.loads((tmp_path / "b" / "results.json").read_text())
+    semi = TINY + ["--stage", "semi", "--init-from", a / "self.pt"]
+    resumed = torchrun.resumed_after_stop("spice.py", semi, tmp_path / "b", step=3)
     for key in ("acc", "nmi", "ari", "num_reliable", "weights_checksum"):
         assert resumed[key] == results[key], key
     assert without_perf(tmp_path / "b") == without_perf(a)[-3:], "SPICE-Semi's lines, once each"
