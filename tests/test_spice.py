@@ -1,8 +1,8 @@
 """spice.py: the pieces of the three stages on constructed inputs with known answers (the
 official strong views, head selection over all epochs, the stuck-head diagnostics, the capped
-neighbours), a smoke run of every stage (alone, from the previous stage's file, and resumed) and
-bad input. No learning test yet: a CPU setting where each stage beats the one before is still
-to be found (README, SPICE: Results)."""
+neighbours), a smoke run of every stage (alone, from the previous stage's file, and resumed),
+bad input, and a learning test of stage 2 against k-means on a real MoCo embedding. SPICE-Semi
+beating SPICE-Self at every seed is still to be found (README, SPICE: Results)."""
 
 import json
 import math
@@ -1023,3 +1023,19 @@ def test_a_memory_mapped_folder_trains_to_the_figures_of_one_in_memory(
     for key in ("acc", "nmi", "ari", "kmeans_acc", "self_acc", "num_reliable", "weights_checksum"):
         assert mapped[key] == in_memory[key], key
     assert without_perf(tmp_path / "on") == without_perf(tmp_path / "off")
+
+
+@pytest.mark.slow
+def test_spice_self_beats_k_means_on_the_moco_embedding_it_starts_from(tmp_path):
+    # shapes with its defaults but 96 MoCo epochs (the default 32 leave an embedding too weak at
+    # some seeds). Measured on the code of 2026-12-02, three runs at once on the 2-core CPU
+    # (about 12 min each; 7 min alone), ACC on the test split, seeds 0 / 1 / 2:
+    #   k-means on the MoCo embedding   0.379 / 0.345 / 0.389
+    #   SPICE-Self (selected head)      0.418 / 0.386 / 0.422  (gains 3.9, 4.1, 3.3 points)
+    #   SPICE (SPICE-Semi)              0.403 / 0.404 / 0.427  (-1.5, +1.8, +0.5 on SPICE-Self)
+    # The margin on k-means is under the smallest gain. Stage 3 does not beat stage 2 at every
+    # seed, so this test asserts only that it keeps stage 2's accuracy within 3 points.
+    argv = ["--dataset", "shapes", "--moco-epochs", "96", "--seed", "0", "--threads", "1"]
+    result = spice.main(argv + ["--device", "cpu", "--out-dir", str(tmp_path / "run")])
+    assert result["self_acc"] >= result["kmeans_acc"] + 0.02
+    assert result["acc"] >= result["self_acc"] - 0.03
