@@ -83,8 +83,11 @@ def torchrun(tmp_path):
     processes; returns the resumed run's results.json. `torchrun.checksum(state)`: a state
     dict's sum, as `common.weights_checksum` sums one process's networks."""
     import os
+    import shutil
     import subprocess
     import sys
+    import uuid
+    import warnings
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
@@ -95,13 +98,41 @@ def torchrun(tmp_path):
         command += ["--stop-after-first-checkpoint"] if stop else []
         command += ["--record-batches", str(record)] if record else []
         command += [str(root / script), *map(str, argv)]
+        # PYTHONFAULTHANDLER: a process that aborts prints where Python was when it did
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+        env["PYTHONFAULTHANDLER"] = "1"
+        out = Path(argv[argv.index("--out-dir") + 1]) if "--out-dir" in argv else None
+        before = tmp_path / f"before-{uuid.uuid4().hex}"  # the out-dir as this launch found it
+        if out is not None and out.exists():
+            shutil.copytree(out, before)
         done = subprocess.run(
             command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
         )
+        if done.returncode != 0 and not stop and aborted_at_exit(done):
+            # Rarely (once in two CI runs of ~20 launches; 0 in 60 launches here), one gloo
+            # process aborts in the C++ teardown after the run has finished and printed its
+            # results. Not the scripts' doing as far as we can tell: launch once more, from the
+            # out-dir as it was, and say so.
+            warnings.warn(
+                f"torchrun {script}: a process aborted at exit; launched once more", stacklevel=2
+            )
+            for path in (out, record):
+                if path is not None and Path(path).is_dir():
+                    shutil.rmtree(path)
+                elif path is not None and Path(path).exists():
+                    Path(path).unlink()
+            if before.exists():
+                shutil.copytree(before, out)
+            done = subprocess.run(
+                command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+            )
         if done.returncode != 0 and not stop:
             pytest.fail(f"torchrun {script} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
         return done
+
+    def aborted_at_exit(done):  # results printed, then "terminate called" from C++
+        finished = any(line.startswith("results: ") for line in done.stdout.splitlines())
+        return finished and "terminate called without an active exception" in done.stderr
 
     def resumed_after_stop(script, argv, out, **position):
         stopped = run(script, [*argv, "--out-dir", out], stop=True)

@@ -451,3 +451,29 @@ def test_under_torchrun_each_process_picks_its_gpu_and_nccl_only_with_one_each(
         assert "gloo" not in out
     else:
         assert f"--device {flag}" in out and re.search(told, out)
+
+
+ABORTS_ONCE_AT_EXIT = """
+import pathlib, sys
+out = pathlib.Path(sys.argv[sys.argv.index("--out-dir") + 1])
+assert not (out / "results.json").exists(), "the second launch found the first one's files"
+out.mkdir(exist_ok=True)
+(out / "results.json").write_text("{}")
+print("results: acc=1", flush=True)
+tried = out.parent / "tried"
+if not tried.exists():  # the first launch: finished, then the abort gloo rarely gives at exit
+    tried.write_text("1")
+    print("terminate called without an active exception", file=sys.stderr, flush=True)
+    sys.exit(1)
+"""
+
+
+@pytest.mark.slow  # one torchrun start: about 15 s
+def test_the_torchrun_harness_relaunches_once_after_an_abort_at_exit_from_the_out_dir_as_it_was(
+    tmp_path, torchrun
+):
+    script = tmp_path / "aborts_once.py"
+    script.write_text(ABORTS_ONCE_AT_EXIT)
+    with pytest.warns(UserWarning, match="aborted at exit; launched once more"):
+        done = torchrun(str(script), ["--out-dir", tmp_path / "run"], processes=1)
+    assert done.returncode == 0 and (tmp_path / "tried").exists()
